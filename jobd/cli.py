@@ -1,0 +1,169 @@
+"""`jobd serve`: the server's command line. Every flag is also a JOBD_* environment variable.
+Parses and checks options, then hands a `ServerConfig` to `jobd.server`."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import asyncclick as click
+
+from jobd.engine import EngineConfig, JobdError, Limits
+from jobd.server import ServerConfig, run_server
+from jobd.units import parse_duration, parse_size
+
+MiB = 1024 * 1024
+
+
+class _Size(click.ParamType):
+    name = "SIZE"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+class _Duration(click.ParamType):
+    name = "DURATION"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        if isinstance(value, int | float):
+            return float(value)
+        try:
+            return parse_duration(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+def _listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise click.BadParameter(f"{value!r}: use HOST:PORT, e.g. 127.0.0.1:9090")
+    return host, int(port)
+
+
+SIZE, DURATION = _Size(), _Duration()
+DEFAULTS = EngineConfig(data_dir=Path("."))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+def main() -> None:
+    """jobd: run Linux commands for remote clients over gRPC with mutual TLS.
+
+    Each job runs in its own cgroup with CPU, memory, IO and process limits.
+    Start the server with `jobd serve` (as root); talk to it with `jobd-client`.
+    """
+
+
+def _opt(name: str, env: str, **kw: Any) -> Any:
+    return click.option(name, envvar=env, show_envvar=True, **kw)
+
+
+@main.command()
+@_opt("--listen", "JOBD_LISTEN", default="127.0.0.1:9090", help="Address to serve on.")
+@_opt("--cert", "JOBD_CERT", type=click.Path(dir_okay=False, path_type=Path), required=True,
+      help="Server certificate (PEM).")
+@_opt("--key", "JOBD_KEY", type=click.Path(dir_okay=False, path_type=Path), required=True,
+      help="Server private key (PEM).")
+@_opt("--client-ca", "JOBD_CLIENT_CA", type=click.Path(dir_okay=False, path_type=Path),
+      required=True, help="CA that signs client certificates (PEM).")
+@_opt("--data-dir", "JOBD_DATA_DIR", type=click.Path(file_okay=False, path_type=Path),
+      default=Path("/var/lib/jobd"), help="Where job output is kept (mode 0700).")
+@_opt("--run-as", "JOBD_RUN_AS", default="nobody",
+      help="Unprivileged user jobs run as ('root' only if you mean it).")
+@_opt("--no-cgroups", "JOBD_NO_CGROUPS", is_flag=True,
+      help="Run jobs without any resource limits when cgroups are unusable.")
+@_opt("--cgroup-name", "JOBD_CGROUP_NAME", default="jobd",
+      help="Name of jobd's cgroup tree under the cgroup it was started in.")
+@_opt("--io-device", "JOBD_IO_DEVICE", multiple=True, metavar="MAJ:MIN",
+      help="Block device(s) io limits apply to [default: the data dir's disk].")
+@_opt("--default-cpus", "JOBD_DEFAULT_CPUS", type=float, default=DEFAULTS.default_limits.cpus,
+      help="CPUs a job gets when it asks for none.")
+@_opt("--default-memory", "JOBD_DEFAULT_MEMORY", type=SIZE, default="512M",
+      help="Memory a job gets when it asks for none (no swap).")
+@_opt("--default-pids", "JOBD_DEFAULT_PIDS", type=int, default=DEFAULTS.default_limits.pids,
+      help="Processes a job may have when it asks for no limit.")
+@_opt("--default-io-read", "JOBD_DEFAULT_IO_READ", type=SIZE, default="0",
+      help="Read bytes/s when a job asks for none (0: unlimited).")
+@_opt("--default-io-write", "JOBD_DEFAULT_IO_WRITE", type=SIZE, default="0",
+      help="Write bytes/s when a job asks for none (0: unlimited).")
+@_opt("--max-cpus", "JOBD_MAX_CPUS", type=float, default=DEFAULTS.max_limits.cpus,
+      help="Most CPUs a job may ask for (0: no maximum).")
+@_opt("--max-memory", "JOBD_MAX_MEMORY", type=SIZE, default=str(DEFAULTS.max_limits.memory_bytes),
+      help="Most memory a job may ask for (0: no maximum).")
+@_opt("--max-pids", "JOBD_MAX_PIDS", type=int, default=DEFAULTS.max_limits.pids,
+      help="Most processes a job may ask for (0: no maximum).")
+@_opt("--stop-grace", "JOBD_STOP_GRACE", type=DURATION, default="5s",
+      help="Time between SIGTERM and SIGKILL when a stop names none.")
+@_opt("--log-level", "JOBD_LOG_LEVEL", default="info",
+      type=click.Choice(["debug", "info", "warning", "error"]), help="Log verbosity.")
+async def serve(
+    listen: str,
+    cert: Path,
+    key: Path,
+    client_ca: Path,
+    data_dir: Path,
+    run_as: str,
+    no_cgroups: bool,
+    cgroup_name: str,
+    io_device: tuple[str, ...],
+    default_cpus: float,
+    default_memory: int,
+    default_pids: int,
+    default_io_read: int,
+    default_io_write: int,
+    max_cpus: float,
+    max_memory: int,
+    max_pids: int,
+    stop_grace: float,
+    log_level: str,
+) -> None:
+    """Serve the jobd API over mutual TLS until SIGTERM or SIGINT.
+
+    On SIGTERM/SIGINT it stops accepting, ends open calls, stops every job, removes its
+    cgroups and exits 0. A jobd started after a crash first kills and removes whatever its
+    predecessor's cgroup tree still holds.
+    """
+    logging.basicConfig(
+        level=log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    host, port = _listen(listen)
+    engine = EngineConfig(
+        data_dir=data_dir.absolute(),
+        run_as=None if run_as == "" else run_as,
+        cgroup_name=cgroup_name,
+        allow_no_cgroups=no_cgroups,
+        default_limits=Limits(
+            cpus=default_cpus,
+            memory_bytes=default_memory,
+            pids=default_pids,
+            io_read_bps=default_io_read,
+            io_write_bps=default_io_write,
+        ),
+        max_limits=Limits(cpus=max_cpus, memory_bytes=max_memory, pids=max_pids),
+        stop_grace=stop_grace,
+        io_devices=io_device or None,
+    )
+    config = ServerConfig(
+        host=host, port=port, cert=cert, key=key, client_ca=client_ca, engine=engine
+    )
+    try:
+        await run_server(config)
+    except (JobdError, OSError) as exc:
+        click.echo(f"jobd: {exc}", err=True)
+        sys.exit(1)
+
+
+def cli() -> None:
+    main(_anyio_backend="trio")

@@ -1,0 +1,30 @@
+"""The jobd engine: jobs, their cgroups and their output, owned by one trio nursery.
+
+Imports only the standard library, trio and trio-util; it knows nothing of gRPC, TLS or the
+command line (an import-linter contract in pyproject.toml keeps it so).
+"""
+
+from ._cgroup import Layout, Mode, detect_layout
+from ._errors import CgroupError, InvalidArgument, JobdError, NotFound, Unavailable
+from ._manager import EngineConfig, JobManager, open_job_manager
+from ._types import Chunk, JobInfo, Limits, State, Stream, Usage
+
+__all__ = [
+    "CgroupError",
+    "Chunk",
+    "EngineConfig",
+    "InvalidArgument",
+    "JobInfo",
+    "JobManager",
+    "JobdError",
+    "Layout",
+    "Limits",
+    "Mode",
+    "NotFound",
+    "State",
+    "Stream",
+    "Unavailable",
+    "Usage",
+    "detect_layout",
+    "open_job_manager",
+]

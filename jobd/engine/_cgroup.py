@@ -1,0 +1,481 @@
+"""cgroup drivers: find the host's layout (pure v2, hybrid, none), build jobd's tree under the
+cgroup the process was started in, and give each job a leaf with limits, usage and kill.
+Imports only the standard library and trio: no knowledge of jobs, output or the network.
+
+Theory of operation. A job's *membership* lives in one place per hierarchy: the shim
+(`_shim.py`) writes its own pid into every `cgroup.procs` of the job's leaves before it execs
+the command, so nothing the job forks can start outside them. On pure v2 one leaf carries
+membership, limits and kill. On the hybrid layout (v2 mounted without controllers at
+/sys/fs/cgroup/unified, controllers on v1 hierarchies) the v2 leaf carries membership,
+`cgroup.events` and `cgroup.kill`, and a v1 leaf per controller carries limits and usage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import errno
+import logging
+import os
+import signal
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from ._errors import CgroupError, InvalidArgument
+from ._types import Limits, Usage
+
+log = logging.getLogger(__name__)
+
+CPU_PERIOD_USEC = 100_000
+# v1 controllers jobd uses on hybrid hosts, and what for.
+V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "blkio")
+V2_CONTROLLERS = ("cpu", "memory", "pids", "io")
+
+
+class Mode(enum.Enum):
+    V2 = "v2"  # everything through one cgroup2 hierarchy
+    HYBRID = "hybrid"  # v2 for membership and kill, v1 controllers for limits and usage
+    NONE = "none"  # no cgroups: process groups only, no limits (operator must allow it)
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Where the hierarchies are mounted and where this process sits in each."""
+
+    mode: Mode
+    unified: Path | None = None  # our own cgroup in the v2 hierarchy (absolute path)
+    v1: dict[str, Path] = field(default_factory=dict)  # controller -> our own cgroup in it
+
+    def describe(self) -> str:
+        parts = [f"mode {self.mode.value}"]
+        if self.unified:
+            parts.append(f"v2 at {self.unified}")
+        parts += [f"{name} at {path}" for name, path in sorted(self.v1.items())]
+        return ", ".join(parts)
+
+
+def detect_layout(
+    mountinfo: str | None = None, proc_cgroup: str | None = None, *, root: Path = Path("/")
+) -> Layout:
+    """Read /proc/self/mountinfo and /proc/self/cgroup (or the given texts, for tests).
+
+    `root` prefixes every mount point, so a test can point the driver at a fake tree.
+    """
+    if mountinfo is None:
+        mountinfo = Path("/proc/self/mountinfo").read_text()
+    if proc_cgroup is None:
+        proc_cgroup = Path("/proc/self/cgroup").read_text()
+
+    v2_mount: Path | None = None
+    v1_mounts: dict[str, Path] = {}
+    for line in mountinfo.splitlines():
+        pre, _, post = line.partition(" - ")
+        fields, post_fields = pre.split(), post.split()
+        if len(fields) < 5 or len(post_fields) < 3:
+            continue
+        fstype, mount_point, super_opts = post_fields[0], fields[4], post_fields[2]
+        if fields[3] != "/":
+            continue  # a bind mount of a sub-tree: our paths would not line up; skip it
+        if fstype == "cgroup2" and v2_mount is None:
+            v2_mount = root / mount_point.lstrip("/")
+        elif fstype == "cgroup":
+            for opt in super_opts.split(","):
+                if opt in V1_CONTROLLERS:
+                    v1_mounts.setdefault(opt, root / mount_point.lstrip("/"))
+
+    own: dict[str, str] = {}
+    for line in proc_cgroup.splitlines():
+        hier_id, controllers, path = line.split(":", 2)
+        if hier_id == "0" and controllers == "":
+            own[""] = path
+        for name in controllers.split(","):
+            if name in V1_CONTROLLERS:
+                own[name] = path
+
+    unified = v2_mount / own[""].lstrip("/") if v2_mount and "" in own else None
+    v1 = {
+        name: mount / own[name].lstrip("/")
+        for name, mount in v1_mounts.items()
+        if name in own
+    }
+    if unified is None:
+        return Layout(Mode.NONE)
+    available = set((v2_mount / "cgroup.controllers").read_text().split()) if v2_mount else set()
+    if {"memory", "pids"} <= available:
+        return Layout(Mode.V2, unified=unified)
+    if all(name in v1 for name in V1_CONTROLLERS):
+        return Layout(Mode.HYBRID, unified=unified, v1=v1)
+    return Layout(Mode.NONE)
+
+
+def block_device_of(path: Path) -> str:
+    """The "MAJ:MIN" of the whole disk holding `path` (io limits apply to disks, not
+    partitions)."""
+    dev = os.stat(path).st_dev
+    major, minor = os.major(dev), os.minor(dev)
+    sys_dev = Path(f"/sys/dev/block/{major}:{minor}")
+    if (sys_dev / "partition").exists():
+        parent = (sys_dev.resolve().parent / "dev").read_text().strip()
+        return parent
+    if major == 0 or not sys_dev.exists():
+        raise CgroupError(
+            f"{path} is not on a block device (device {major}:{minor}); io limits need one: "
+            "pass --io-device MAJ:MIN or put the data dir on a disk"
+        )
+    return f"{major}:{minor}"
+
+
+def _write(path: Path, value: str) -> None:
+    try:
+        with open(path, "w") as f:
+            f.write(value)
+    except OSError as exc:
+        raise CgroupError(f"cannot write {value!r} to {path}: {exc.strerror}") from exc
+
+
+def _read(path: Path) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def _keyed(text: str) -> dict[str, int]:
+    """Parse "key value" lines (cpu.stat, memory.events, memory.oom_control, cgroup.events)."""
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        with contextlib.suppress(ValueError):
+            out[key] = int(value)
+    return out
+
+
+def _pids(procs_file: Path) -> list[int]:
+    try:
+        return [int(p) for p in _read(procs_file).split()]
+    except FileNotFoundError:
+        return []
+
+
+class JobCgroup:
+    """The leaves of one job: one per hierarchy in use."""
+
+    def __init__(self, tree: CgroupTree, name: str) -> None:
+        self._tree = tree
+        self.name = name
+        self.unified = tree.unified_jobs / name if tree.unified_jobs else None
+        self.v1 = {ctrl: base / name for ctrl, base in tree.v1_jobs.items()}
+
+    @property
+    def dirs(self) -> list[Path]:
+        return ([self.unified] if self.unified else []) + list(self.v1.values())
+
+    @property
+    def procs_files(self) -> list[str]:
+        """Every `cgroup.procs` the shim must join, v1 first, the v2 leaf (kill unit) last."""
+        return [str(d / "cgroup.procs") for d in (*self.v1.values(), self.unified) if d]
+
+    def create(self, limits: Limits) -> None:
+        made: list[Path] = []
+        try:
+            for d in self.dirs:
+                d.mkdir()
+                made.append(d)
+            self._set_limits(limits)
+        except FileExistsError as exc:
+            self._rmdir_all(made)
+            raise CgroupError(f"cgroup {exc.filename} already exists") from exc
+        except BaseException:
+            self._rmdir_all(made)
+            raise
+
+    def _set_limits(self, limits: Limits) -> None:
+        tree = self._tree
+        if tree.layout.mode is Mode.V2:
+            assert self.unified is not None
+            d = self.unified
+            if limits.cpus:
+                _write(d / "cpu.max", f"{round(limits.cpus * CPU_PERIOD_USEC)} {CPU_PERIOD_USEC}")
+            if limits.memory_bytes:
+                _write(d / "memory.max", str(limits.memory_bytes))
+                _write(d / "memory.swap.max", "0")
+            if limits.pids:
+                _write(d / "pids.max", str(limits.pids))
+            io = []
+            if limits.io_read_bps:
+                io.append(f"rbps={limits.io_read_bps}")
+            if limits.io_write_bps:
+                io.append(f"wbps={limits.io_write_bps}")
+            for dev in tree.io_devices if io else ():
+                _write(d / "io.max", f"{dev} {' '.join(io)}")
+        elif tree.layout.mode is Mode.HYBRID:
+            if limits.cpus:
+                cpu = self.v1["cpu"]
+                _write(cpu / "cpu.cfs_period_us", str(CPU_PERIOD_USEC))
+                _write(cpu / "cpu.cfs_quota_us", str(round(limits.cpus * CPU_PERIOD_USEC)))
+            if limits.memory_bytes:
+                mem = self.v1["memory"]
+                _write(mem / "memory.limit_in_bytes", str(limits.memory_bytes))
+                # No swap: memory+swap may not exceed memory. Absent when swap accounting is off.
+                if (mem / "memory.memsw.limit_in_bytes").exists():
+                    _write(mem / "memory.memsw.limit_in_bytes", str(limits.memory_bytes))
+            if limits.pids:
+                _write(self.v1["pids"] / "pids.max", str(limits.pids))
+            blkio = self.v1["blkio"]
+            for dev in tree.io_devices:
+                if limits.io_read_bps:
+                    _write(blkio / "blkio.throttle.read_bps_device", f"{dev} {limits.io_read_bps}")
+                if limits.io_write_bps:
+                    _write(
+                        blkio / "blkio.throttle.write_bps_device", f"{dev} {limits.io_write_bps}"
+                    )
+
+    def pids(self) -> list[int]:
+        if self.unified:
+            return _pids(self.unified / "cgroup.procs")
+        return []
+
+    def populated(self) -> bool:
+        if self.unified is None:
+            return False
+        try:
+            return _keyed(_read(self.unified / "cgroup.events")).get("populated", 0) != 0
+        except FileNotFoundError:
+            return False
+
+    def signal_all(self, sig: int) -> None:
+        """Send `sig` to every process in the job. SIGKILL uses `cgroup.kill` where the kernel
+        has it, which also catches processes forked while we iterate."""
+        assert self.unified is not None
+        if sig == signal.SIGKILL and (self.unified / "cgroup.kill").exists():
+            _write(self.unified / "cgroup.kill", "1")
+            return
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    async def wait_empty(self) -> None:
+        """Return once no process is left in the job's cgroup."""
+        delay = 0.001
+        while self.populated():
+            # cgroup.events signals changes with POLLPRI, which trio's epoll loop does not
+            # watch; a short back-off poll is simple and costs nothing measurable.
+            await trio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    def usage(self) -> Usage:
+        """CPU time, peak memory and OOM kills, live while running and final after."""
+        try:
+            return self._usage()
+        except (FileNotFoundError, ValueError):
+            return Usage()
+
+    def _usage(self) -> Usage:
+        if self._tree.layout.mode is Mode.V2:
+            assert self.unified is not None
+            d = self.unified
+            cpu = _keyed(_read(d / "cpu.stat")).get("usage_usec", 0)
+            peak_file = d / "memory.peak"
+            peak = int(_read(peak_file)) if peak_file.exists() else int(_read(d / "memory.current"))
+            ooms = _keyed(_read(d / "memory.events")).get("oom_kill", 0)
+            return Usage(cpu_usec=cpu, memory_peak_bytes=peak, oom_kills=ooms)
+        if self._tree.layout.mode is Mode.HYBRID:
+            cpu = int(_read(self.v1["cpuacct"] / "cpuacct.usage")) // 1000
+            mem = self.v1["memory"]
+            peak = int(_read(mem / "memory.max_usage_in_bytes"))
+            ooms = _keyed(_read(mem / "memory.oom_control")).get("oom_kill", 0)
+            return Usage(cpu_usec=cpu, memory_peak_bytes=peak, oom_kills=ooms)
+        return Usage()
+
+    def remove(self) -> None:
+        self._rmdir_all(self.dirs)
+
+    def _rmdir_all(self, dirs: Iterable[Path]) -> None:
+        for d in dirs:
+            self._tree.rmdir(d)
+
+
+class ProcessGroup:
+    """Stand-in for a job's cgroup when the operator runs jobd without cgroups: the job's
+    process group is the unit (a child that calls setsid escapes it; no limits, no usage)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.pgid = 0  # set once the job's main process exists
+        self.procs_files: list[str] = []
+
+    def create(self, limits: Limits) -> None:
+        pass
+
+    def populated(self) -> bool:
+        if self.pgid <= 0:  # never signal pgid 0: that is our own process group
+            return False
+        try:
+            os.killpg(self.pgid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def signal_all(self, sig: int) -> None:
+        if self.pgid <= 0:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pgid, sig)
+
+    async def wait_empty(self) -> None:
+        delay = 0.001
+        while self.populated():
+            await trio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    def usage(self) -> Usage:
+        return Usage()
+
+    def remove(self) -> None:
+        pass
+
+
+class CgroupTree:
+    """jobd's own sub-tree: `<start cgroup>/<name>/jobs/<job id>` in every hierarchy used.
+
+    On pure v2 the server process moves into `<name>/server` so that the cgroup it was
+    started in holds no process and can delegate controllers (the "no internal processes"
+    rule); it moves back when the tree is closed.
+    """
+
+    def __init__(self, layout: Layout, name: str, *, io_devices: Iterable[str] = ()) -> None:
+        if not name or "/" in name or name.startswith("."):
+            raise InvalidArgument(f"bad cgroup name {name!r}: use a plain directory name")
+        self.layout = layout
+        self.name = name
+        self.io_devices = tuple(io_devices)
+        self.unified_root = layout.unified / name if layout.unified else None
+        self.unified_jobs = self.unified_root / "jobs" if self.unified_root else None
+        v1_roots = {ctrl: path / name for ctrl, path in layout.v1.items()}
+        self.v1_jobs = {ctrl: path / "jobs" for ctrl, path in v1_roots.items()}
+        self._v1_roots = v1_roots
+        self._moved_self = False
+
+    @property
+    def _all_roots(self) -> list[Path]:
+        return ([self.unified_root] if self.unified_root else []) + list(self._v1_roots.values())
+
+    def open(self) -> None:
+        """Create the tree (reaping a crashed predecessor's leftovers first)."""
+        if self.layout.mode is Mode.NONE:
+            return
+        self.reap_stale()
+        try:
+            for root in self._all_roots:
+                root.mkdir(exist_ok=True)
+                (root / "jobs").mkdir(exist_ok=True)
+            if self.layout.mode is Mode.V2:
+                self._delegate_v2()
+        except PermissionError as exc:
+            raise CgroupError(
+                f"cannot create {exc.filename}: jobd needs root to manage cgroups "
+                "(or pass --no-cgroups to run jobs without limits)"
+            ) from exc
+
+    def _delegate_v2(self) -> None:
+        assert self.layout.unified is not None and self.unified_root is not None
+        start = self.layout.unified
+        server_leaf = self.unified_root / "server"
+        server_leaf.mkdir(exist_ok=True)
+        if os.getpid() in _pids(start / "cgroup.procs"):
+            _write(server_leaf / "cgroup.procs", str(os.getpid()))
+            self._moved_self = True
+        wanted = " ".join(f"+{c}" for c in V2_CONTROLLERS)
+        for d in (start, self.unified_root, self.unified_root / "jobs"):
+            available = set(_read(d / "cgroup.controllers").split())
+            missing = set(V2_CONTROLLERS) - available
+            if missing:
+                raise CgroupError(
+                    f"controllers {', '.join(sorted(missing))} are not available in {d}; "
+                    "delegate them to jobd's cgroup"
+                )
+            try:
+                _write(d / "cgroup.subtree_control", wanted)
+            except CgroupError as exc:
+                others = [p for p in _pids(d / "cgroup.procs") if p != os.getpid()]
+                raise CgroupError(
+                    f"{exc}; the cgroup jobd was started in must hold no other process "
+                    f"(it holds {len(others)}): start jobd in a cgroup of its own, e.g. a "
+                    "systemd service with Delegate=yes"
+                ) from exc
+
+    def leaf(self, name: str) -> JobCgroup:
+        return JobCgroup(self, name)
+
+    def stale_leaves(self) -> Iterator[str]:
+        seen: set[str] = set()
+        for root in self._all_roots:
+            jobs = root / "jobs"
+            if jobs.is_dir():
+                for entry in sorted(jobs.iterdir()):
+                    if entry.is_dir() and entry.name not in seen:
+                        seen.add(entry.name)
+                        yield entry.name
+
+    def reap_stale(self) -> list[str]:
+        """Kill and remove whatever a predecessor (crashed, SIGKILLed) left in the tree.
+
+        Synchronous on purpose: it runs once at start-up, before anything is served."""
+        reaped = []
+        for name in list(self.stale_leaves()):
+            leaf = self.leaf(name)
+            for _ in range(1000):
+                pids = set(leaf.pids())
+                for d in leaf.v1.values():
+                    pids.update(_pids(d / "cgroup.procs"))
+                if not pids and not leaf.populated():
+                    break
+                for pid in pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                os.sched_yield()
+                trio_free_sleep(0.01)
+            else:
+                raise CgroupError(f"could not empty stale cgroup {name}; remove it by hand")
+            leaf.remove()
+            reaped.append(name)
+        if reaped:
+            log.warning("reaped %d job cgroup(s) left by a previous jobd: %s",
+                        len(reaped), ", ".join(reaped))
+        return reaped
+
+    def close(self) -> None:
+        """Remove the (by now empty) tree and move the server back where it started."""
+        if self.layout.mode is Mode.NONE:
+            return
+        if self._moved_self:
+            assert self.layout.unified is not None
+            _write(self.layout.unified / "cgroup.procs", str(os.getpid()))
+            self._moved_self = False
+        for root in self._all_roots:
+            for leaf in (root / "jobs", root / "server", root):
+                if leaf.is_dir():
+                    self.rmdir(leaf)
+
+    def rmdir(self, path: Path) -> None:
+        """Remove one cgroup directory; tests of fake trees override this (files in a plain
+        directory, unlike cgroupfs control files, keep rmdir from working)."""
+        for _ in range(100):
+            try:
+                path.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError as exc:
+                # EBUSY: the kernel may still be tearing down the last exited task.
+                if exc.errno != errno.EBUSY:
+                    raise CgroupError(f"cannot remove cgroup {path}: {exc.strerror}") from exc
+                trio_free_sleep(0.001)
+        raise CgroupError(f"cannot remove cgroup {path}: still busy")
+
+
+def trio_free_sleep(seconds: float) -> None:
+    """A blocking sleep for the few synchronous start-up and teardown paths."""
+    time.sleep(seconds)

@@ -1,0 +1,24 @@
+"""The engine's one exception tree. Messages are for people: they say what is wrong and,
+where there is one, the fix. The server maps each class to a gRPC status in one place."""
+
+from __future__ import annotations
+
+
+class JobdError(Exception):
+    """Base of every error the engine raises on purpose."""
+
+
+class InvalidArgument(JobdError):
+    """The request cannot be carried out as given; nothing was created or changed."""
+
+
+class NotFound(JobdError):
+    """No job has this id."""
+
+
+class Unavailable(JobdError):
+    """The engine is shutting down and takes no new work."""
+
+
+class CgroupError(JobdError):
+    """cgroups are missing, unusable, or not writable by this process."""

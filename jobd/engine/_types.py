@@ -1,0 +1,79 @@
+"""Plain values the engine hands out: limits, states, usage and job snapshots.
+Depends on nothing but the standard library."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class Stream(enum.IntEnum):
+    """Which pipe a chunk of output came from (numbers match the API's enum)."""
+
+    STDOUT = 1
+    STDERR = 2
+
+
+class State(enum.IntEnum):
+    """A job's life: RUNNING, then exactly one of the final states (numbers match the API)."""
+
+    RUNNING = 1
+    EXITED = 2  # main process exited by itself: exit_code
+    STOPPED = 3  # ended by a stop request: signal
+    KILLED = 4  # killed by any other signal (OOM included): signal
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Resource limits of one job. 0 means "not set" (server default, or unlimited)."""
+
+    cpus: float = 0.0
+    memory_bytes: int = 0
+    pids: int = 0
+    io_read_bps: int = 0
+    io_write_bps: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    cpu_usec: int = 0
+    memory_peak_bytes: int = 0
+    oom_kills: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class JobInfo:
+    """A snapshot of one job, as status and list report it."""
+
+    id: str
+    owner: str
+    command: tuple[str, ...]
+    state: State
+    exit_code: int = 0
+    signal: int = 0
+    oom_killed: bool = False
+    started_at: float = 0.0  # Unix time
+    ended_at: float = 0.0  # Unix time, 0 while running
+    limits: Limits = field(default_factory=Limits)
+    usage: Usage = field(default_factory=Usage)
+
+    def status_word(self) -> str:
+        """The status as DESIGN.md has the CLI print it."""
+        if self.state is State.RUNNING:
+            return "running"
+        if self.state is State.EXITED:
+            return f"exited (code {self.exit_code})"
+        if self.oom_killed:
+            return "oom-killed"
+        word = "stopped" if self.state is State.STOPPED else "killed"
+        return f"{word} (signal {self.signal})"
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """One piece of a job's combined output. `offset` counts bytes of the combined stream."""
+
+    stream: Stream
+    offset: int
+    time: float  # Unix time the engine read it
+    data: bytes

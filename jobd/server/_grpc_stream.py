@@ -1,0 +1,537 @@
+"""purerpc's per-connection machinery (h2 connection, socket, streams), fixed for jobd: the one
+module that touches purerpc's and h2's private internals (shared/PURERPC.md rows 2, 5, 6, 8, 9,
+10). Knows nothing of services, identity or TLS setup; must not import jobd.engine.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import enum
+import logging
+import ssl
+import struct
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import anyio
+import anyio.abc
+import anyio.streams.tls
+import h2.errors
+import h2.events
+import h2.settings
+import trio
+from purerpc.grpc_proto import GRPCProtoSocket, GRPCProtoStream
+from purerpc.grpc_socket import GRPCStreamState, SocketWrapper
+from purerpc.grpclib.connection import GRPCConfiguration, GRPCConnection
+from purerpc.grpclib.events import (
+    Event,
+    MessageReceived,
+    RequestEnded,
+    RequestReceived,
+    WindowUpdated,
+)
+from purerpc.grpclib.exceptions import MessageTooLargeError
+from purerpc.grpclib.headers import sanitize_headers
+from purerpc.grpclib.status import Status, StatusCode
+
+__all__ = [
+    "ReaderEnd",
+    "ServerSocket",
+    "ServerStream",
+    "TrioByteStream",
+    "goaway_frame",
+    "percent_encode_grpc_message",
+]
+
+log = logging.getLogger(__name__)
+
+# Bytes asked of the TLS stream per read. purerpc asks for 1 MiB, which makes the ssl module
+# allocate a 1 MiB buffer on every read however little arrived.
+_RECEIVE_SIZE = 65536
+# The writer joins queued frames into one TLS write up to this size (fewer records, syscalls).
+_WRITE_BATCH = 256 * 1024
+# h2 opens every connection window at the RFC 7540 default.
+_H2_DEFAULT_WINDOW = 65535
+# gRPC frames each message with a 1-byte compressed flag and a 4-byte length.
+_GRPC_FRAME_HEADER = 5
+
+
+# --------------------------------------------------------------------------------------------
+# The byte stream purerpc reads and writes
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _as_anyio_errors() -> Iterator[None]:
+    """Translate trio's stream errors into anyio's, the only ones purerpc treats as a normal
+    end of connection (row 2: a client that drops TCP without close_notify made trio raise its
+    own BrokenResourceError and purerpc log "Got exception in main dispatch loop")."""
+    try:
+        yield
+    except trio.BrokenResourceError as exc:
+        raise anyio.BrokenResourceError from exc
+    except trio.ClosedResourceError as exc:
+        raise anyio.ClosedResourceError from exc
+    except (ssl.SSLError, OSError) as exc:  # trio wraps these, but a raw one is the same thing
+        raise anyio.BrokenResourceError from exc
+
+
+class TrioByteStream(anyio.abc.ByteStream):
+    """A handshaken `trio.SSLStream` as the anyio `ByteStream` purerpc's `SocketWrapper` expects,
+    with the extra attributes it asks for (`SocketAttribute.raw_socket` for its socket options)
+    and the TLS ones a handler may want."""
+
+    def __init__(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
+        self._stream = stream
+
+    async def receive(self, max_bytes: int = _RECEIVE_SIZE) -> bytes:
+        with _as_anyio_errors():
+            data = await self._stream.receive_some(max_bytes)
+        if not data:
+            raise anyio.EndOfStream
+        return bytes(data)
+
+    async def send(self, item: bytes) -> None:
+        with _as_anyio_errors():
+            await self._stream.send_all(item)
+
+    async def send_eof(self) -> None:
+        raise NotImplementedError("a TLS stream cannot be half-closed")
+
+    async def aclose(self) -> None:
+        with _as_anyio_errors():
+            await self._stream.aclose()
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        # purerpc only calls setsockopt on raw_socket, which trio's socket wrapper provides.
+        sock = self._stream.transport_stream.socket
+        ssl_stream = self._stream
+        socket_attribute = anyio.abc.SocketAttribute
+        tls_attribute = anyio.streams.tls.TLSAttribute
+        return {
+            socket_attribute.raw_socket: lambda: sock,
+            socket_attribute.family: lambda: sock.family,
+            socket_attribute.local_address: lambda: sock.getsockname(),
+            socket_attribute.local_port: lambda: sock.getsockname()[1],
+            socket_attribute.remote_address: lambda: sock.getpeername(),
+            socket_attribute.remote_port: lambda: sock.getpeername()[1],
+            tls_attribute.peer_certificate: lambda: ssl_stream.getpeercert(False),
+            tls_attribute.peer_certificate_binary: lambda: ssl_stream.getpeercert(True),
+            tls_attribute.alpn_protocol: lambda: ssl_stream.selected_alpn_protocol(),
+            tls_attribute.tls_version: lambda: ssl_stream.version(),
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# The sans-IO gRPC connection
+# --------------------------------------------------------------------------------------------
+
+
+def percent_encode_grpc_message(message: str) -> str:
+    """Encode a status message as the gRPC HTTP/2 spec requires and no more: UTF-8 bytes
+    outside 0x20-0x7E, and '%', become %XX (row 5: purerpc encoded ':' and ' ' too)."""
+    return "".join(
+        chr(b) if 0x20 <= b <= 0x7E and b != 0x25 else f"%{b:02X}" for b in message.encode()
+    )
+
+
+def goaway_frame(last_stream_id: int, error_code: int) -> bytes:
+    """An HTTP/2 GOAWAY frame (RFC 7540 §6.8). Built here because h2 3.2 moves the connection to
+    CLOSED when it sends one itself, after which it refuses to send anything on the streams
+    still in flight; a graceful drain has to keep answering them."""
+    payload = struct.pack(">II", last_stream_id & 0x7FFFFFFF, error_code)
+    return struct.pack(">I", len(payload))[1:] + struct.pack(">BBI", 0x7, 0, 0) + payload
+
+
+class StreamReset(Event):  # type: ignore[misc]  # purerpc is untyped
+    """The peer reset a stream (RST_STREAM); purerpc dropped this event (row 6)."""
+
+    def __init__(self, stream_id: int, error_code: int) -> None:
+        self.stream_id = stream_id
+        self.error_code = error_code
+
+
+class MessageTooLarge(Event):  # type: ignore[misc]
+    """A request message on this stream is over the limit; purerpc raised out of the reader
+    instead, which dropped the whole connection (row 9)."""
+
+    def __init__(self, stream_id: int) -> None:
+        self.stream_id = stream_id
+
+
+class PeerGoAway(Event):  # type: ignore[misc]
+    """The peer sent GOAWAY: it is leaving, and h2 will send nothing more."""
+
+    def __init__(self, error_code: int) -> None:
+        self.error_code = error_code
+
+
+class _ServerConnection(GRPCConnection):  # type: ignore[misc]
+    """purerpc's sans-IO gRPC-over-h2 connection with jobd's limits, per-stream handling of
+    resets and oversized messages, exact flow-control accounting, and spec-conform status
+    messages."""
+
+    def __init__(
+        self, config: GRPCConfiguration, *, max_concurrent_streams: int, connection_window: int
+    ) -> None:
+        # Read by _set_h2_connection_local_settings, which purerpc's __init__ calls.
+        self._max_concurrent_streams = max_concurrent_streams
+        # A stream's window must hold one whole message: its bytes are acknowledged only once the
+        # message is complete and its handler takes it. purerpc grants twice its 32 MiB limit.
+        self._stream_window = config.max_message_length + _GRPC_FRAME_HEADER
+        self._connection_window = max(connection_window, self._stream_window)
+        # Flow-controlled bytes received per stream and not yet given back to the peer.
+        self._unacked: dict[int, int] = {}
+        super().__init__(config)
+
+    def _set_h2_connection_local_settings(self) -> None:
+        # purerpc advertises 65,536 concurrent streams and 16 MiB frames; keep h2's frame default.
+        codes = h2.settings.SettingCodes
+        self.h2_connection.local_settings = h2.settings.Settings(
+            client=False,
+            initial_values={
+                codes.MAX_CONCURRENT_STREAMS: self._max_concurrent_streams,
+                codes.INITIAL_WINDOW_SIZE: self._stream_window,
+                codes.MAX_HEADER_LIST_SIZE: self.MAX_HEADER_LIST_SIZE,
+            },
+        )
+
+    def initiate_connection(self) -> None:
+        self.h2_connection.initiate_connection()
+        # purerpc opens the connection window by 1 GiB; open it only as far as the limits say.
+        self.h2_connection.increment_flow_control_window(
+            self._connection_window - _H2_DEFAULT_WINDOW
+        )
+
+    def _data_received(self, event: h2.events.DataReceived) -> list[Event]:
+        stream_id = event.stream_id
+        if stream_id not in self.message_read_buffers:
+            # A call that was refused, rejected or has finished: nobody will read these bytes,
+            # so give them back now or the connection window would shrink for good.
+            if event.flow_controlled_length:
+                self.h2_connection.acknowledge_received_data(
+                    event.flow_controlled_length, stream_id
+                )
+            return []
+        self._unacked[stream_id] = self._unacked.get(stream_id, 0) + event.flow_controlled_length
+        try:
+            events: list[Event] = super()._data_received(event)
+        except MessageTooLargeError:
+            del self.message_read_buffers[stream_id]  # drop what is buffered and what follows
+            return [MessageTooLarge(stream_id)]
+        return events
+
+    def acknowledge_received_data(self, stream_id: int, flow_controlled_length: int) -> None:
+        left = self._unacked.get(stream_id, 0) - flow_controlled_length
+        if left > 0:
+            self._unacked[stream_id] = left
+        else:
+            self._unacked.pop(stream_id, None)
+        super().acknowledge_received_data(stream_id, flow_controlled_length)
+
+    def release_stream(self, stream_id: int) -> None:
+        """Forget a stream's buffers and give back every byte it received but nobody read."""
+        self.message_read_buffers.pop(stream_id, None)
+        unacked = self._unacked.pop(stream_id, 0)
+        if unacked:
+            self.h2_connection.acknowledge_received_data(unacked, stream_id)
+
+    def _stream_reset(self, event: h2.events.StreamReset) -> list[Event]:
+        return [StreamReset(event.stream_id, event.error_code)]
+
+    def _connection_terminated(self, event: h2.events.ConnectionTerminated) -> list[Event]:
+        return [PeerGoAway(event.error_code)]
+
+    def respond_status(
+        self,
+        stream_id: int,
+        status: Status,
+        content_type_suffix: str = "",
+        custom_metadata: Any = (),
+    ) -> None:
+        # purerpc's own, but with the gRPC percent-encoding (row 5).
+        headers = [
+            (":status", "200"),
+            ("content-type", "application/grpc" + content_type_suffix),
+            *self._status_headers(status),
+            *sanitize_headers(custom_metadata),
+        ]
+        self.h2_connection.send_headers(stream_id, headers, end_stream=True)
+
+    def end_response(self, stream_id: int, status: Status, custom_metadata: Any = ()) -> None:
+        headers = [*self._status_headers(status), *sanitize_headers(custom_metadata)]
+        self.h2_connection.send_headers(stream_id, headers, end_stream=True)
+
+    @staticmethod
+    def _status_headers(status: Status) -> list[tuple[str, str]]:
+        headers = [("grpc-status", str(status.int_value))]
+        if status.status_message:
+            headers.append(("grpc-message", percent_encode_grpc_message(status.status_message)))
+        return headers
+
+
+# --------------------------------------------------------------------------------------------
+# The socket: outbound queue, reader, streams
+# --------------------------------------------------------------------------------------------
+
+
+class _BoundedSocket(SocketWrapper):  # type: ignore[misc]
+    """purerpc's SocketWrapper (socket options, reads, one writer task) with a bounded outbound
+    queue. purerpc's flush() only woke the writer: a handler producing faster than the peer
+    reads queued without limit and never yielded (row 8). Here bytes move from h2 into our own
+    queue, and flush() yields, then waits while more than `max_queued` bytes await the socket."""
+
+    def __init__(
+        self,
+        connection: _ServerConnection,
+        stream: anyio.abc.ByteStream,
+        *,
+        max_queued: int,
+        on_broken: Callable[[], None],
+    ) -> None:
+        super().__init__(connection, stream)
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self.queued = 0  # bytes not yet handed to the TLS stream
+        self._max_queued = max_queued
+        self._drained = trio.lowlevel.ParkingLot()
+        self._on_broken = on_broken
+        self.broken = False
+
+    def _append(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self.queued += len(data)
+        self._flush_event.set()
+
+    def kick(self) -> None:
+        """Queue whatever h2 has produced and wake the writer; never blocks (the reader uses it:
+        a peer that does not read must not stop us reading its resets and window updates)."""
+        data = self._grpc_connection.data_to_send()
+        if data:
+            self._append(data)
+
+    def send_raw(self, frame: bytes) -> None:
+        """Queue a frame built outside h2, after everything h2 has produced so far."""
+        self.kick()
+        self._append(frame)
+
+    async def flush(self) -> None:
+        self.kick()
+        await trio.lowlevel.checkpoint()  # a cancellation point, and fairness for a busy handler
+        while self.queued > self._max_queued and not self.broken:
+            await self._drained.park()
+        # If broken, the connection's scope is already cancelled: the caller's next checkpoint
+        # ends it, so there is nothing to raise here.
+
+    async def _writer_thread(self) -> None:  # purerpc's name; started by SocketWrapper.__aenter__
+        while True:
+            if self._chunks:
+                batch = [self._chunks.popleft()]
+                size = len(batch[0])
+                while self._chunks and size + len(self._chunks[0]) <= _WRITE_BATCH:
+                    batch.append(self._chunks.popleft())
+                    size += len(batch[-1])
+                try:
+                    await self._stream.send(b"".join(batch))
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    self.broken = True
+                    self._drained.unpark_all()
+                    self._on_broken()
+                    return
+                self.queued -= size
+                if self.queued <= self._max_queued:
+                    self._drained.unpark_all()
+            elif self._running:
+                await self._flush_event.wait()
+                self._flush_event = anyio.Event()
+            else:
+                return
+
+
+class ServerStream(GRPCProtoStream):  # type: ignore[misc]
+    """One call. Its handler task runs inside `cancel_scope`; the reader cancels that when the
+    peer resets the stream (row 6), the connection when the call must end early (`abort`)."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.cancel_scope = trio.CancelScope()
+        # What to answer once cancelled; None when nothing can be (the peer reset the stream).
+        self.abort_status: Status | None = None
+        self.reset_by_peer = False
+        self.mid_message = False
+
+    def abort(self, status: Status) -> None:
+        if self.abort_status is None and not self.reset_by_peer:
+            self.abort_status = status
+        self.cancel_scope.cancel()
+
+    def peer_reset(self) -> None:
+        self.reset_by_peer = True
+        self.abort_status = None
+        self.cancel_scope.cancel()
+
+    @property
+    def can_respond(self) -> bool:
+        """True while a status can still be sent: not reset, not closed by us, not cut off in
+        the middle of a message."""
+        return not self.reset_by_peer and not self.mid_message and self.state in (
+            GRPCStreamState.OPEN,
+            GRPCStreamState.HALF_CLOSED_REMOTE,
+        )
+
+    def wake_for_window(self) -> None:
+        # purerpc's _set_flow_control_update is async only to set this event.
+        self._flow_control_update_event.set()
+
+    def deliver(self, event: Event) -> None:
+        self._incoming_events[0].send_nowait(event)
+
+    async def _send(self, message: bytes, compress: bool = False) -> None:
+        # Remembered so that a call cut short mid-message is reset rather than given trailers
+        # after half a message.
+        self.mid_message = True
+        await super()._send(message, compress)
+        self.mid_message = False
+
+    def close_channels(self) -> None:
+        # purerpc never closes the memory channel it makes per stream; anyio warns on collection.
+        for channel in self._incoming_events:
+            channel.close()
+
+
+class ReaderEnd(enum.Enum):
+    """Why `ServerSocket.run_reader` returned."""
+
+    PEER_GONE = "peer closed or broke the connection"
+    PEER_GOAWAY = "peer sent GOAWAY"
+    PROTOCOL_ERROR = "peer broke the protocol"
+
+
+class ServerSocket(GRPCProtoSocket):  # type: ignore[misc]
+    """One server-side HTTP/2 connection: purerpc's GRPCSocket with jobd's connection and
+    socket wrapper, and a reader that routes resets, oversized messages and streams refused
+    after GOAWAY instead of purerpc's `listen()`.
+
+        async with ServerSocket(config, byte_stream, ...) as sock:   # writer runs, SETTINGS sent
+            await sock.run_reader(start_call)                          # until the peer is done
+    """
+
+    StreamClass = ServerStream
+
+    def __init__(
+        self,
+        config: GRPCConfiguration,
+        stream: anyio.abc.ByteStream,
+        *,
+        max_concurrent_streams: int,
+        connection_window: int,
+        max_queued: int,
+        on_broken: Callable[[], None],
+    ) -> None:
+        super().__init__(config, stream, receive_buffer_size=_RECEIVE_SIZE)
+        # purerpc's __init__ builds its own connection and socket wrapper; use jobd's.
+        self._grpc_connection = _ServerConnection(
+            config,
+            max_concurrent_streams=max_concurrent_streams,
+            connection_window=connection_window,
+        )
+        self._socket = _BoundedSocket(
+            self._grpc_connection, stream, max_queued=max_queued, on_broken=on_broken
+        )
+        self._streams: dict[int, ServerStream]
+        self._goaway_last_stream_id: int | None = None
+
+    @property
+    def queued_bytes(self) -> int:
+        """Outbound bytes not yet handed to the TLS stream (row 8's cap applies to this)."""
+        return self._socket.queued
+
+    @property
+    def h2(self) -> Any:
+        return self._grpc_connection.h2_connection
+
+    async def run_reader(self, start_call: Callable[[ServerStream], None]) -> ReaderEnd:
+        """Read and route frames until the peer is gone, leaves, or breaks the protocol.
+        `start_call(stream)` must start the call's handler; it is called synchronously."""
+        while True:
+            try:
+                data = await self._socket.recv(self._receive_buffer_size)
+            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                return ReaderEnd.PEER_GONE
+            try:
+                events = self._grpc_connection.receive_data(data)
+            except Exception as exc:  # h2's or purerpc's ProtocolError, a malformed header
+                log.debug("closing connection: %s: %s", type(exc).__name__, exc)
+                with contextlib.suppress(Exception):  # h2 may already have queued its GOAWAY
+                    self.h2.close_connection(h2.errors.ErrorCodes.PROTOCOL_ERROR)
+                self._socket.kick()
+                return ReaderEnd.PROTOCOL_ERROR
+            self._socket.kick()  # SETTINGS/PING acks, window updates
+            for event in events:
+                if isinstance(event, PeerGoAway):
+                    return ReaderEnd.PEER_GOAWAY
+                self._route(event, start_call)
+            self._socket.kick()  # refusals and resets _route produced
+
+    def _route(self, event: Event, start_call: Callable[[ServerStream], None]) -> None:
+        if isinstance(event, WindowUpdated):
+            if event.stream_id == 0:
+                for stream in self._streams.values():
+                    stream.wake_for_window()
+            elif (stream := self._streams.get(event.stream_id)) is not None:
+                stream.wake_for_window()
+        elif isinstance(event, RequestReceived):
+            last = self._goaway_last_stream_id
+            if last is not None and event.stream_id > last:
+                # Opened after our GOAWAY: refused, so the client may safely retry it elsewhere.
+                self.h2.reset_stream(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+                self._grpc_connection.release_stream(event.stream_id)
+                return
+            new = self._allocate_stream(event.stream_id)
+            new.deliver(event)
+            start_call(new)
+        elif isinstance(event, (MessageReceived, RequestEnded)):
+            stream = self._streams.get(event.stream_id)
+            if stream is None:  # finished or reset meanwhile; keep the window accounting whole
+                self._grpc_connection.release_stream(event.stream_id)
+                return
+            stream.deliver(event)
+            if isinstance(event, RequestEnded):
+                stream._close_remote()
+        elif isinstance(event, StreamReset):
+            stream = self._streams.pop(event.stream_id, None)
+            if stream is not None:
+                stream.peer_reset()
+        elif isinstance(event, MessageTooLarge):
+            stream = self._streams.get(event.stream_id)
+            if stream is not None:
+                limit = self._grpc_connection.config.max_message_length
+                stream.abort(
+                    Status(
+                        StatusCode.RESOURCE_EXHAUSTED,
+                        f"request message is larger than the server's limit of {limit} bytes",
+                    )
+                )
+
+    def send_goaway(self) -> None:
+        """Announce a graceful close: GOAWAY(NO_ERROR) naming the last stream we will serve.
+        Calls already open go on; streams opened later are refused (`_route`)."""
+        if self._goaway_last_stream_id is None:
+            self._goaway_last_stream_id = self.h2.highest_inbound_stream_id
+            self._socket.send_raw(goaway_frame(self._goaway_last_stream_id, 0))
+
+    def release(self, stream: ServerStream) -> None:
+        """Forget a finished call. A client still sending is told to stop (RST_STREAM NO_ERROR,
+        RFC 7540 §8.1); a call cut short mid-message is reset (CANCEL): nothing can follow
+        half a message."""
+        self._streams.pop(stream.stream_id, None)
+        if not stream.reset_by_peer and stream.state is not GRPCStreamState.CLOSED:
+            code = h2.errors.ErrorCodes.CANCEL
+            if stream.state is GRPCStreamState.HALF_CLOSED_LOCAL and not stream.mid_message:
+                code = h2.errors.ErrorCodes.NO_ERROR
+            with contextlib.suppress(Exception):  # h2 may have closed the stream or connection
+                self.h2.reset_stream(stream.stream_id, code)
+        self._grpc_connection.release_stream(stream.stream_id)
+        stream.close_channels()
+        self._socket.kick()

@@ -1,0 +1,203 @@
+"""The JobService handlers: adapt the engine to the jobd.v1 API, authorize every call and map
+engine errors to gRPC statuses in one place. Knows nothing of sockets or TLS: the caller's
+identity arrives through `current_identity`, set by the transport from the peer certificate.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import purerpc
+import trio
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from jobd import engine
+from jobd.v1 import jobd_grpc
+from jobd.v1 import jobd_pb2 as pb
+
+from ._transport import Identity, current_identity
+
+audit = logging.getLogger("jobd.audit")
+log = logging.getLogger(__name__)
+
+ADMIN_ROLE = "admin"
+
+
+@contextmanager
+def map_errors() -> Iterator[None]:
+    """Translate the engine's errors into gRPC statuses: the one place this happens."""
+    try:
+        yield
+    except engine.InvalidArgument as exc:
+        raise purerpc.InvalidArgumentError(str(exc)) from exc
+    except engine.NotFound as exc:
+        raise purerpc.NotFoundError(str(exc)) from exc
+    except engine.Unavailable as exc:
+        raise purerpc.UnavailableError(str(exc)) from exc
+    except engine.JobdError as exc:
+        # Not caused by the client (cgroups, setup): say what failed, log it for the operator.
+        log.error("engine failure: %s", exc)
+        raise purerpc.InternalError(f"server failure: {exc}") from exc
+
+
+def _timestamp(t: float) -> Timestamp | None:
+    if not t:
+        return None
+    ts = Timestamp()
+    ts.FromNanoseconds(int(t * 1e9))
+    return ts
+
+
+def _limits_to_pb(limits: engine.Limits) -> pb.Limits:
+    return pb.Limits(
+        cpus=limits.cpus,
+        memory_bytes=limits.memory_bytes,
+        pids=limits.pids,
+        io_read_bps=limits.io_read_bps,
+        io_write_bps=limits.io_write_bps,
+    )
+
+
+def job_to_pb(job: engine.JobInfo) -> pb.Job:
+    return pb.Job(
+        id=job.id,
+        owner=job.owner,
+        command=list(job.command),
+        state=int(job.state),
+        exit_code=job.exit_code,
+        signal=job.signal,
+        started_at=_timestamp(job.started_at),
+        ended_at=_timestamp(job.ended_at),
+        limits=_limits_to_pb(job.limits),
+        usage=pb.Usage(
+            cpu_usec=job.usage.cpu_usec,
+            memory_peak_bytes=job.usage.memory_peak_bytes,
+            oom_kills=job.usage.oom_kills,
+        ),
+    )
+
+
+def _grace(request: pb.StopRequest) -> float | None:
+    if not request.HasField("grace"):
+        return None
+    grace: Duration = request.grace
+    seconds = grace.ToNanoseconds() / 1e9
+    if seconds < 0 or not math.isfinite(seconds):
+        raise purerpc.InvalidArgumentError(f"grace must be >= 0, not {seconds:g} s")
+    return seconds
+
+
+@dataclass(slots=True)
+class _Call:
+    """One RPC, for the audit log."""
+
+    method: str
+    identity: Identity | None
+    job_id: str = ""
+    code: str = "OK"
+
+
+class JobService(jobd_grpc.JobServiceServicer):  # type: ignore[misc]
+    """Every handler: who is calling, may they, do it, log it."""
+
+    def __init__(self, jobs: engine.JobManager) -> None:
+        self._jobs = jobs
+
+    @contextmanager
+    def _call(self, method: str, job_id: str = "") -> Iterator[_Call]:
+        call = _Call(method, current_identity.get(None), job_id)
+        start = time.perf_counter()
+        try:
+            if call.identity is None:
+                raise purerpc.UnauthenticatedError(
+                    "client certificate has no usable identity (subject CN)"
+                )
+            with map_errors():
+                yield call
+        except purerpc.RpcFailedError as exc:
+            call.code = exc.status.status_code.name
+            raise
+        except BaseException as exc:
+            call.code = "CANCELLED" if isinstance(exc, trio.Cancelled) else "UNKNOWN"
+            raise
+        finally:
+            user = call.identity.user if call.identity else "-"
+            audit.info(
+                "rpc user=%s method=%s job=%s code=%s duration_ms=%.1f",
+                user,
+                method,
+                call.job_id or "-",
+                call.code,
+                (time.perf_counter() - start) * 1000,
+            )
+
+    def _authorized(self, call: _Call, job_id: str) -> engine.JobInfo:
+        """The job, if the caller may act on it (its owner, or an admin)."""
+        job = self._jobs.status(job_id)
+        call.job_id = job.id
+        identity = call.identity
+        assert identity is not None
+        if job.owner != identity.user and ADMIN_ROLE not in identity.roles:
+            raise purerpc.PermissionDeniedError(
+                f"job {job.id} belongs to another user; {identity.user} may act only on "
+                "their own jobs"
+            )
+        return job
+
+    async def Start(self, request: pb.StartRequest) -> pb.Job:
+        with self._call("Start") as call:
+            assert call.identity is not None
+            lim = request.limits
+            job = await self._jobs.start(
+                call.identity.user,
+                list(request.command),
+                env=dict(request.env),
+                working_dir=request.working_dir,
+                limits=engine.Limits(
+                    cpus=lim.cpus,
+                    memory_bytes=lim.memory_bytes,
+                    pids=lim.pids,
+                    io_read_bps=lim.io_read_bps,
+                    io_write_bps=lim.io_write_bps,
+                ),
+            )
+            call.job_id = job.id
+            return job_to_pb(job)
+
+    async def Stop(self, request: pb.StopRequest) -> pb.Job:
+        with self._call("Stop", request.id) as call:
+            self._authorized(call, request.id)
+            return job_to_pb(await self._jobs.stop(request.id, _grace(request)))
+
+    async def Status(self, request: pb.JobRequest) -> pb.Job:
+        with self._call("Status", request.id) as call:
+            return job_to_pb(self._authorized(call, request.id))
+
+    async def List(self, request: pb.ListRequest) -> pb.ListResponse:
+        with self._call("List") as call:
+            assert call.identity is not None
+            owner = None if ADMIN_ROLE in call.identity.roles else call.identity.user
+            return pb.ListResponse(jobs=[job_to_pb(j) for j in self._jobs.list(owner)])
+
+    async def Output(self, request: pb.OutputRequest) -> AsyncIterator[pb.OutputChunk]:
+        # An async generator that others iterate: no nursery or cancel scope spans a yield
+        # here; `_call` is a plain (non-async) context manager around the iteration.
+        with self._call("Output", request.id) as call:
+            self._authorized(call, request.id)
+            chunks = self._jobs.read_output(request.id, request.offset, follow=request.follow)
+            try:
+                async for chunk in chunks:
+                    yield pb.OutputChunk(
+                        data=chunk.data,
+                        stream=int(chunk.stream),
+                        offset=chunk.offset,
+                        time=_timestamp(chunk.time),
+                    )
+            finally:
+                await chunks.aclose()  # type: ignore[attr-defined]

@@ -1,0 +1,35 @@
+# jobd tasks. Run `bash tools/setup.sh` once first; it installs `just` into .venv/bin.
+
+set positional-arguments
+
+venv := justfile_directory() / ".venv/bin"
+python := venv / "python"
+
+default:
+    @{{venv}}/just --list
+
+# install jobd and its development tools into .venv
+install:
+    bash tools/setup.sh
+
+# regenerate the protobuf and purerpc code from proto/ (commit the result)
+proto:
+    {{python}} tools/gen_proto.py
+
+# create development certificates in certs/ (kept if present; --force to replace)
+certs *args:
+    {{python}} tools/devcerts.py --dir certs "$@"
+
+# ruff, mypy and the import contracts
+lint:
+    {{venv}}/ruff check .
+    {{venv}}/mypy jobd client tools
+    {{venv}}/lint-imports
+
+# run the test suite (needs root for the cgroup tests)
+test *args:
+    {{venv}}/pytest "$@"
+
+# run the server as root on 127.0.0.1:9090 with development certificates
+serve *args: (certs)
+    {{venv}}/jobd serve --listen 127.0.0.1:9090 --cert certs/server.pem --key certs/server.key --client-ca certs/ca.pem --data-dir data "$@"

@@ -1,0 +1,461 @@
+"""The engine on real processes and real cgroups of this machine."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from jobd.engine import (
+    CgroupError,
+    EngineConfig,
+    InvalidArgument,
+    JobManager,
+    Layout,
+    Limits,
+    Mode,
+    NotFound,
+    State,
+    Stream,
+    Unavailable,
+    detect_layout,
+    open_job_manager,
+)
+
+pytestmark = pytest.mark.cgroups
+MiB = 1024 * 1024
+
+
+async def output_of(engine: JobManager, job_id: str, offset: int = 0) -> bytes:
+    return b"".join([c.data async for c in engine.read_output(job_id, offset, follow=True)])
+
+
+async def wait_for_output(engine: JobManager, job_id: str, marker: bytes) -> bytes:
+    """Follow the job's output until `marker` appears; returns what was read."""
+    seen = b""
+    async for chunk in engine.read_output(job_id, follow=True):
+        seen += chunk.data
+        if marker in seen:
+            return seen
+    raise AssertionError(f"job ended without printing {marker!r}; printed {seen!r}")
+
+
+def leaf_dirs(config: EngineConfig, job_id: str) -> list[Path]:
+    layout = detect_layout()
+    bases = [layout.unified, *layout.v1.values()]
+    return [b / config.cgroup_name / "jobs" / job_id for b in bases if b]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purposes (its parent has not reaped it yet).
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+# ----------------------------------------------------------------- states
+
+
+async def test_exit_code_and_output(engine: JobManager) -> None:
+    job = await engine.start("alice", ["sh", "-c", "echo out; echo err >&2; exit 7"])
+    assert job.state is State.RUNNING and job.owner == "alice"
+    assert await output_of(engine, job.id) in (b"out\nerr\n", b"err\nout\n")
+    final = await engine.stop(job.id)  # stopping an ended job returns its final state
+    assert final.state is State.EXITED and final.exit_code == 7
+    assert final.status_word() == "exited (code 7)"
+    assert final.ended_at >= final.started_at > 0
+
+
+async def test_killed_by_signal(engine: JobManager) -> None:
+    job = await engine.start("alice", ["sh", "-c", "kill -USR1 $$"])
+    await output_of(engine, job.id)
+    final = engine.status(job.id)
+    assert final.state is State.KILLED and final.signal == signal.SIGUSR1
+    assert final.status_word() == f"killed (signal {int(signal.SIGUSR1)})"
+
+
+async def test_streams_are_labelled(engine: JobManager) -> None:
+    job = await engine.start("alice", ["sh", "-c", "printf a; sleep 0.05; printf b >&2"])
+    chunks = [c async for c in engine.read_output(job.id, follow=True)]
+    assert [(c.stream, c.offset, c.data) for c in chunks] == [
+        (Stream.STDOUT, 0, b"a"),
+        (Stream.STDERR, 1, b"b"),
+    ]
+
+
+async def test_runs_as_nobody_with_minimal_env(engine: JobManager) -> None:
+    os.environ["JOBD_SECRET_OF_SERVER"] = "leak"
+    try:
+        job = await engine.start(
+            "alice", ["sh", "-c", "id -u; env | sort"], env={"GREETING": "hi"}, working_dir="/tmp"
+        )
+        out = (await output_of(engine, job.id)).decode()
+    finally:
+        del os.environ["JOBD_SECRET_OF_SERVER"]
+    lines = out.splitlines()
+    assert lines[0] == "65534"
+    env = dict(line.split("=", 1) for line in lines[1:])
+    assert env["GREETING"] == "hi" and env["PWD"] == "/tmp"
+    assert "JOBD_SECRET_OF_SERVER" not in env
+    assert env["PATH"].startswith("/usr/local/sbin")
+
+
+async def test_in_leaf_before_exec(engine: JobManager, engine_config: EngineConfig) -> None:
+    """The command and a child it forks at once are inside every leaf of the job: the shim
+    joined them before exec, so there is no window to fork outside."""
+    job = await engine.start("alice", ["sh", "-c", "cat /proc/$$/cgroup; cat /proc/self/cgroup"])
+    out = (await output_of(engine, job.id)).decode()
+    suffix = f"/{engine_config.cgroup_name}/jobs/{job.id}"
+    for controller in ("memory", "cpu", "pids", "blkio", ""):
+        lines = [line for line in out.splitlines() if line.split(":")[1] == controller]
+        assert len(lines) == 2, (controller, out)  # the shell and its child
+        assert all(line.endswith(suffix) for line in lines), (controller, lines)
+
+
+async def test_job_cannot_leave_its_cgroup(engine: JobManager) -> None:
+    job = await engine.start(
+        "alice",
+        ["sh", "-c", "echo $$ > /sys/fs/cgroup/unified/cgroup.procs && echo escaped"],
+    )
+    out = await output_of(engine, job.id)
+    assert b"escaped" not in out and b"Permission denied" in out
+
+
+# ----------------------------------------------------------------- stop
+
+
+async def test_stop_kills_setsid_and_double_forked(engine: JobManager) -> None:
+    script = (
+        "setsid sleep 1000 & echo $!; "
+        "sh -c 'sleep 1000 & echo $!' ; "  # double fork: grandchild re-parented away
+        "sh -c 'trap \"\" TERM; exec sleep 1000' & echo $!; "  # ignores SIGTERM
+        "echo ready; sleep 1000"
+    )
+    job = await engine.start("alice", ["sh", "-c", script])
+    seen = await wait_for_output(engine, job.id, b"ready")
+    pids = [int(x) for x in seen.split()[:3]]
+    assert all(alive(p) for p in pids)
+    final = await engine.stop(job.id, grace=0.5)
+    assert final.state is State.STOPPED and final.signal == signal.SIGTERM
+    assert not [p for p in pids if alive(p)]
+    assert final.status_word() == "stopped (signal 15)"
+
+
+async def test_leftovers_killed_when_main_exits(
+    engine: JobManager, engine_config: EngineConfig
+) -> None:
+    job = await engine.start("alice", ["sh", "-c", "setsid sleep 1000 & echo $!"])
+    out = await output_of(engine, job.id)  # ends only once the cgroup is empty
+    assert not alive(int(out))
+    final = engine.status(job.id)
+    assert final.state is State.EXITED and final.exit_code == 0
+    assert not any(d.exists() for d in leaf_dirs(engine_config, job.id))
+
+
+async def test_term_first(engine: JobManager) -> None:
+    job = await engine.start(
+        "alice", ["sh", "-c", "trap 'echo got-term; exit 0' TERM; echo ready; sleep 1000 & wait"]
+    )
+    await wait_for_output(engine, job.id, b"ready")
+    final = await engine.stop(job.id, grace=3600)
+    assert b"got-term" in await output_of(engine, job.id)
+    assert final.state is State.STOPPED and final.signal == signal.SIGTERM
+
+
+async def test_kill_after_grace(engine: JobManager, autojump_clock: trio.abc.Clock) -> None:
+    """A job that ignores SIGTERM is SIGKILLed once the grace period has passed (only time
+    is waited on here: the job ignores the signal, nothing races the clock)."""
+    job = await engine.start("alice", ["sh", "-c", "trap '' TERM; echo ready; sleep 1000"])
+    await wait_for_output(engine, job.id, b"ready")
+    before = trio.current_time()
+    final = await engine.stop(job.id, grace=30)
+    assert trio.current_time() - before >= 30
+    assert final.state is State.STOPPED and final.signal == signal.SIGKILL
+
+
+async def test_shorter_grace_overrides(engine: JobManager) -> None:
+    job = await engine.start("alice", ["sh", "-c", "trap '' TERM; echo ready; sleep 1000"])
+    await wait_for_output(engine, job.id, b"ready")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(engine.stop, job.id, 3600.0)
+        await trio.testing.wait_all_tasks_blocked()
+        final = await engine.stop(job.id, grace=0)
+    assert final.state is State.STOPPED and final.signal == signal.SIGKILL
+
+
+async def test_stop_grace_zero_kills_now(engine: JobManager) -> None:
+    job = await engine.start("alice", ["sleep", "1000"])
+    final = await engine.stop(job.id, grace=0)
+    assert final.state is State.STOPPED and final.signal == signal.SIGKILL
+
+
+# ----------------------------------------------------------------- limits
+
+
+async def test_memory_limit_oom(engine: JobManager) -> None:
+    job = await engine.start(
+        "alice",
+        ["/usr/bin/python3", "-c", "b = bytearray(256 * 2**20); print('survived')"],
+        limits=Limits(memory_bytes=32 * MiB),
+    )
+    out = await output_of(engine, job.id)
+    final = engine.status(job.id)
+    assert b"survived" not in out
+    assert final.state is State.KILLED and final.signal == signal.SIGKILL
+    assert final.oom_killed and final.usage.oom_kills >= 1
+    assert final.status_word() == "oom-killed"
+    assert final.limits.memory_bytes == 32 * MiB
+
+
+async def test_pids_limit_holds_under_fork_loop(engine: JobManager) -> None:
+    script = (
+        "import os, time\n"
+        "n = 0\n"
+        "for _ in range(100):\n"
+        "    try:\n"
+        "        pid = os.fork()\n"
+        "    except OSError:\n"
+        "        continue\n"
+        "    if pid == 0:\n"
+        "        time.sleep(1000)\n"
+        "        os._exit(0)\n"
+        "    n += 1\n"
+        "print('forked', n, flush=True)\n"
+        "time.sleep(1000)\n"
+    )
+    job = await engine.start("alice", ["/usr/bin/python3", "-c", script], limits=Limits(pids=10))
+    out = await wait_for_output(engine, job.id, b"\n")
+    assert out == b"forked 9\n"  # 10 processes: the parent and nine children
+    layout = detect_layout()
+    pids_dir = layout.v1["pids"] if layout.mode is Mode.HYBRID else layout.unified
+    assert pids_dir is not None
+    leaf = next(pids_dir.glob(f"jobd-test-*/jobs/{job.id}"))
+    assert (leaf / "pids.max").read_text().strip() == "10"
+    assert int((leaf / "pids.current").read_text()) <= 10
+    final = await engine.stop(job.id, grace=0)
+    assert final.state is State.STOPPED
+
+
+async def test_cpu_limit_shows_in_usage(engine: JobManager) -> None:
+    """With 0.2 CPUs a busy loop gets at most about a fifth of the wall time. A slower or
+    busier machine only lowers the ratio, so this cannot flake upwards."""
+    job = await engine.start("alice", ["sh", "-c", "while :; do :; done"], limits=Limits(cpus=0.2))
+    start = trio.current_time()
+    # Usage is a kernel counter with no change notification: polling it is the only way.
+    while engine.status(job.id).usage.cpu_usec < 300_000:  # noqa: ASYNC110
+        await trio.sleep(0.05)
+    wall = trio.current_time() - start
+    cpu = engine.status(job.id).usage.cpu_usec / 1e6
+    await engine.stop(job.id, grace=0)
+    assert cpu / wall < 0.5, (cpu, wall)
+
+
+async def test_io_limit_written_for_data_disk(
+    engine: JobManager, engine_config: EngineConfig
+) -> None:
+    job = await engine.start(
+        "alice", ["sleep", "1000"], limits=Limits(io_read_bps=1 * MiB, io_write_bps=2 * MiB)
+    )
+    layout = detect_layout()
+    dev = os.stat(engine_config.data_dir)
+    if layout.mode is Mode.HYBRID:
+        leaf = layout.v1["blkio"] / engine_config.cgroup_name / "jobs" / job.id
+        read = (leaf / "blkio.throttle.read_bps_device").read_text()
+        write = (leaf / "blkio.throttle.write_bps_device").read_text()
+        assert f" {MiB}" in read and f" {2 * MiB}" in write
+        assert read.split(":")[0] == str(os.major(dev.st_dev))
+    await engine.stop(job.id, grace=0)
+
+
+async def test_default_and_max_limits(engine: JobManager) -> None:
+    job = await engine.start("alice", ["true"])
+    assert job.limits.memory_bytes == 512 * MiB and job.limits.cpus == 1.0
+    with pytest.raises(InvalidArgument, match="exceeds the server maximum"):
+        await engine.start("alice", ["true"], limits=Limits(cpus=10_000))
+    with pytest.raises(InvalidArgument, match=">= 0"):
+        await engine.start("alice", ["true"], limits=Limits(memory_bytes=-1))
+    with pytest.raises(InvalidArgument, match="finite"):
+        await engine.start("alice", ["true"], limits=Limits(cpus=math.nan))
+    with pytest.raises(InvalidArgument, match="below the minimum"):
+        await engine.start("alice", ["true"], limits=Limits(memory_bytes=4096))
+
+
+# ----------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("command", "working_dir", "env", "message"),
+    [
+        ([], "", {}, "empty command"),
+        ([""], "", {}, "empty command"),
+        (["echo", "a\0b"], "", {}, "NUL byte"),
+        (["no-such-program-jobd"], "", {}, "not found in PATH"),
+        (["/etc/passwd"], "", {}, "Permission denied"),
+        (["/no/such/file"], "", {}, "No such file"),
+        (["true"], "/no/such/dir", {}, "does not exist"),
+        (["true"], "relative/dir", {}, "absolute path"),
+        (["true"], "/root", {}, "Permission denied"),
+        (["true"], "", {"A=B": "c"}, "environment variable name"),
+        (["true"], "", {"": "c"}, "environment variable name"),
+        (["true"], "", {"A": "c\0"}, "NUL byte"),
+    ],
+)
+async def test_bad_input_creates_nothing(
+    engine: JobManager,
+    engine_config: EngineConfig,
+    command: list[str],
+    working_dir: str,
+    env: dict[str, str],
+    message: str,
+) -> None:
+    with pytest.raises(InvalidArgument, match=message):
+        await engine.start("alice", command, env=env, working_dir=working_dir)
+    assert engine.list() == []
+    jobs_dirs = [d.parent for d in leaf_dirs(engine_config, "x")]
+    assert not [p for d in jobs_dirs for p in d.iterdir() if p.is_dir()]
+    assert not any((engine_config.data_dir / "output").iterdir())
+
+
+async def test_unknown_and_malformed_ids(engine: JobManager) -> None:
+    with pytest.raises(NotFound):
+        engine.status("00000000-0000-4000-8000-000000000000")
+    with pytest.raises(InvalidArgument, match="malformed job id"):
+        await engine.stop("../../etc")
+    with pytest.raises(InvalidArgument, match="offset"):
+        engine.read_output("00000000-0000-4000-8000-000000000000", -1)
+
+
+async def test_list_by_owner(engine: JobManager) -> None:
+    a = await engine.start("alice", ["true"])
+    b = await engine.start("bob", ["true"])
+    assert [j.id for j in engine.list("alice")] == [a.id]
+    assert {j.id for j in engine.list()} == {a.id, b.id}
+
+
+# ----------------------------------------------------------------- output
+
+
+async def test_output_many_readers_one_stalled(engine: JobManager) -> None:
+    job = await engine.start("alice", ["sh", "-c", "head -c 3000000 /dev/urandom | od -x"])
+    results: list[bytes] = []
+
+    async def follower() -> None:
+        results.append(await output_of(engine, job.id))
+
+    async with trio.open_nursery() as nursery:
+        stalled = engine.read_output(job.id, follow=True)
+        first = await stalled.__anext__()  # then reads nothing until the job ended
+        for _ in range(3):
+            nursery.start_soon(follower)
+    rest = b"".join([c.data async for c in stalled])
+    whole = await output_of(engine, job.id)
+    assert len(whole) > 8 * MiB
+    assert all(r == whole for r in results)
+    assert first.data + rest == whole
+    # resume exactly from any offset
+    for offset in (1, 65535, 65536, len(whole) // 2, len(whole)):
+        assert await output_of(engine, job.id, offset) == whole[offset:]
+    assert engine.status(job.id).state is State.EXITED
+
+
+# ----------------------------------------------------------------- lifecycle
+
+
+async def test_shutdown_stops_jobs_and_readers(engine_config: EngineConfig) -> None:
+    """Leaving the manager with running jobs and open followers stops every job, ends every
+    follower and leaves no process and no cgroup."""
+    followed: list[bytes] = []
+    async with trio.open_nursery() as readers:
+        async with open_job_manager(engine_config) as engine:
+            jobs = [await engine.start("alice", ["sh", "-c", "echo up; sleep 1000"]) for _ in "abc"]
+            for job in jobs:
+                await wait_for_output(engine, job.id, b"up")
+
+            async def follow(job_id: str) -> None:
+                followed.append(await output_of(engine, job_id))
+
+            for job in jobs:
+                readers.start_soon(follow, job.id)
+            await trio.testing.wait_all_tasks_blocked()
+    assert followed == [b"up\n"] * 3
+    for job in jobs:
+        assert not any(d.exists() for d in leaf_dirs(engine_config, job.id))
+        assert engine.status(job.id).state is State.STOPPED
+    with pytest.raises(Unavailable):
+        await engine.start("alice", ["true"])
+    assert not any(p.name.startswith(engine_config.cgroup_name) for p in _tree_roots())
+
+
+def _tree_roots() -> list[Path]:
+    layout = detect_layout()
+    return [p for b in [layout.unified, *layout.v1.values()] if b for p in b.iterdir()]
+
+
+async def test_cancelled_manager_kills_everything(engine_config: EngineConfig) -> None:
+    with trio.CancelScope() as scope:
+        async with open_job_manager(engine_config) as engine:
+            job = await engine.start("alice", ["sh", "-c", "setsid sleep 1000 & echo $!; wait"])
+            pid = int(await wait_for_output(engine, job.id, b"\n"))
+            scope.cancel()
+            await trio.sleep_forever()
+    assert not alive(pid)
+    assert engine.status(job.id).state is State.KILLED
+    assert not any(p.name.startswith(engine_config.cgroup_name) for p in _tree_roots())
+
+
+async def test_reaps_predecessors_leftovers(engine_config: EngineConfig) -> None:
+    """A jobd killed by SIGKILL leaves its leaves and their processes; the next one kills and
+    removes them before it starts anything."""
+    layout = detect_layout()
+    name = "0f0f0f0f-0000-4000-8000-000000000000"
+    leaves = [
+        base / engine_config.cgroup_name / "jobs" / name
+        for base in [layout.unified, *layout.v1.values()]
+        if base
+    ]
+    for leaf in leaves:
+        leaf.mkdir(parents=True)
+    orphan = await trio.lowlevel.open_process(["sleep", "1000"])
+    try:
+        for leaf in leaves:
+            (leaf / "cgroup.procs").write_text(str(orphan.pid))
+        async with open_job_manager(engine_config):
+            assert await orphan.wait() == -signal.SIGKILL
+            assert not any(leaf.exists() for leaf in leaves)
+    finally:
+        orphan.kill()
+        await orphan.wait()
+
+
+async def test_refuses_without_cgroups_unless_allowed(tmp_path: Path) -> None:
+    config = EngineConfig(data_dir=tmp_path, layout=Layout(Mode.NONE))
+    with pytest.raises(CgroupError, match="--no-cgroups"):
+        async with open_job_manager(config):
+            pass
+    allowed = EngineConfig(data_dir=tmp_path, layout=Layout(Mode.NONE), allow_no_cgroups=True)
+    async with open_job_manager(allowed) as engine:
+        job = await engine.start("alice", ["sh", "-c", "sleep 1000 & echo $!; exit 3"])
+        pid = int(await output_of(engine, job.id))
+        assert engine.status(job.id).exit_code == 3
+        assert not alive(pid)  # the process group is the unit without cgroups
+
+
+async def test_engine_imports_nothing_of_the_network() -> None:
+    code = (
+        "import sys, jobd.engine; "
+        "bad = {'purerpc', 'anyio', 'h2', 'google.protobuf', 'asyncclick', 'jobd.server'}; "
+        "print(sorted(bad & set(sys.modules)))"
+    )
+    out = await trio.run_process([sys.executable, "-c", code], capture_stdout=True)
+    assert out.stdout.strip() == b"[]"

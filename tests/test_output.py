@@ -1,0 +1,344 @@
+"""OutputStore: lossless replay from any offset, live multicast, bounded memory."""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import pathlib
+import random
+import tempfile
+import tracemalloc
+import weakref
+from collections.abc import Iterator
+from unittest import mock
+
+import pytest
+import trio
+import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jobd.engine import _output
+from jobd.engine._errors import InvalidArgument, NotFound
+from jobd.engine._output import MAX_CHUNK, OutputReader, OutputStore
+from jobd.engine._types import Chunk, Stream
+
+OUT, ERR = Stream.STDOUT, Stream.STDERR
+
+
+@pytest.fixture
+def clock() -> Iterator[itertools.count[int]]:
+    """Stamps chunk i with time i, so tests can tell which write a chunk's time came from."""
+    ticks = itertools.count()
+    with mock.patch.object(_output, "_now", lambda: float(next(ticks))):
+        yield ticks
+
+
+class Model:
+    """What was written, byte by byte: the expected stream and time of every offset."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.streams: list[Stream] = []
+        self.times: list[float] = []
+
+    def write(self, store: OutputStore, stream: Stream, data: bytes) -> None:
+        store.write(stream, data)
+        # Under the `clock` fixture (or the like), write number n is stamped with time n.
+        time = float(store.statistics().chunks - 1)
+        self.data += data
+        self.streams += [stream] * len(data)
+        self.times += [time] * len(data)
+
+    def check(self, chunks: list[Chunk], start: int, *, times: bool = True) -> None:
+        """Chunks are contiguous from `start`, byte-exact, labelled with the right stream,
+        stamped with the time of the write holding their first byte, and never oversized."""
+        assert b"".join(c.data for c in chunks) == self.data[start:]
+        offset = start
+        for c in chunks:
+            assert c.offset == offset
+            assert 0 < len(c.data) <= MAX_CHUNK
+            assert set(self.streams[c.offset : c.offset + len(c.data)]) == {c.stream}
+            if times:
+                assert c.time == self.times[c.offset]
+            offset += len(c.data)
+
+
+async def collect(reader: OutputReader) -> list[Chunk]:
+    return [chunk async for chunk in reader]
+
+
+def make_store(tmp_path: pathlib.Path, memory_tail: int = 256 * 1024) -> OutputStore:
+    return OutputStore(tmp_path, "job", memory_tail=memory_tail)
+
+
+async def test_replay_is_byte_exact_with_offsets_streams_and_times(
+    tmp_path: pathlib.Path, clock: itertools.count[int]
+) -> None:
+    store = make_store(tmp_path, memory_tail=0)  # everything from the files
+    store.write(OUT, b"hello ")
+    store.write(OUT, b"world\n")
+    store.write(ERR, b"oops\n")
+    store.write(OUT, b"")  # ignored: no chunk, no time stamp
+    store.write(OUT, b"bye\n")
+    assert store.size == 21
+    assert store.statistics().chunks == 4
+
+    chunks = await collect(store.read(0, follow=False))
+    # Same-stream neighbours merge (keeping the first one's time); streams never do.
+    assert chunks == [
+        Chunk(OUT, 0, 0.0, b"hello world\n"),
+        Chunk(ERR, 12, 2.0, b"oops\n"),
+        Chunk(OUT, 17, 3.0, b"bye\n"),
+    ]
+    # Mid-chunk: cut to start at the offset, with the time of the write holding that byte.
+    assert await collect(store.read(8, follow=False)) == [
+        Chunk(OUT, 8, 1.0, b"rld\n"),
+        Chunk(ERR, 12, 2.0, b"oops\n"),
+        Chunk(OUT, 17, 3.0, b"bye\n"),
+    ]
+    assert (tmp_path / "job.out").read_bytes() == b"hello world\noops\nbye\n"
+    store.remove()
+
+
+@pytest.mark.parametrize("memory_tail", [0, 1000, 256 * 1024])
+async def test_resume_from_arbitrary_offsets(tmp_path: pathlib.Path, memory_tail: int) -> None:
+    rng = random.Random(memory_tail)
+    store = make_store(tmp_path, memory_tail)
+    model = Model()
+    boundaries = []
+    for _ in range(300):
+        boundaries.append(store.size)
+        model.write(store, rng.choice([OUT, ERR]), rng.randbytes(rng.choice([1, 3, 17, 500])))
+    # Every chunk boundary and its neighbours (mid-chunk), the end, and random offsets.
+    starts = {b + d for b in boundaries for d in (-1, 0, 1) if b + d >= 0}
+    starts |= {store.size, *(rng.randrange(store.size) for _ in range(100))}
+    for start in sorted(starts):
+        model.check(await collect(store.read(start, follow=False)), start, times=False)
+    store.remove()
+
+
+async def test_large_writes_are_split_and_small_ones_merged(tmp_path: pathlib.Path) -> None:
+    store = make_store(tmp_path, memory_tail=0)
+    model = Model()
+    model.write(store, OUT, bytes(3 * MAX_CHUNK + 5))  # larger than one chunk
+    for _ in range(1000):  # many tiny writes: more than one index batch
+        model.write(store, ERR, b"x")
+    chunks = await collect(store.read(0, follow=False))
+    model.check(chunks, 0, times=False)
+    assert [len(c.data) for c in chunks][:4] == [MAX_CHUNK] * 3 + [5]
+    assert len(chunks) < 4 + 1000 // 100
+    store.remove()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    writes=st.lists(st.tuples(st.sampled_from([OUT, ERR]), st.binary(max_size=300)), max_size=60),
+    memory_tail=st.sampled_from([0, 250, 600, 4096]),
+    start=st.integers(min_value=0, max_value=20000),
+)
+async def test_replay_matches_model(
+    writes: list[tuple[Stream, bytes]], memory_tail: int, start: int
+) -> None:
+    ticks = itertools.count()
+    with (
+        tempfile.TemporaryDirectory() as directory,
+        mock.patch.object(_output, "_now", lambda: float(next(ticks))),
+    ):
+        store = OutputStore(pathlib.Path(directory), "job", memory_tail=memory_tail)
+        model = Model()
+        for stream, data in writes:
+            model.write(store, stream, data)
+        start = min(start, store.size)
+        model.check(await collect(store.read(start, follow=False)), start)
+        assert store.statistics().memory_bytes <= memory_tail
+        store.remove()
+
+
+async def test_followers_get_everything_while_one_stalls(tmp_path: pathlib.Path) -> None:
+    memory_tail = 16 * 1024
+    store = make_store(tmp_path, memory_tail)
+    model = Model()
+    rng = random.Random(1)
+    received: dict[str, list[Chunk]] = {}
+    stalled = trio.Event()
+    resume = trio.Event()
+
+    async def follow(name: str, offset: int = 0) -> None:
+        received[name] = []
+        async for chunk in store.read(offset, follow=True):
+            received[name].append(chunk)
+            if name == "slow" and not resume.is_set():
+                stalled.set()
+                await resume.wait()  # stops pulling: a reader that has gone quiet
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(follow, "early")  # before any data
+        await trio.testing.wait_all_tasks_blocked()
+        assert store.statistics().readers_waiting == 1
+        model.write(store, OUT, b"first\n")
+        nursery.start_soon(follow, "slow")
+        nursery.start_soon(follow, "fast")
+        nursery.start_soon(follow, "late", 3)
+        await stalled.wait()
+        # Write 40x the tail while "slow" sleeps; write() is synchronous, so it cannot block
+        # on anyone. Let the others run now and then, so they read both live and from disk.
+        for i in range(2000):
+            model.write(store, rng.choice([OUT, ERR]), rng.randbytes(rng.randrange(1, 700)))
+            if i % 300 == 0:
+                await trio.testing.wait_all_tasks_blocked()
+        assert store.size > 40 * memory_tail
+        await trio.testing.wait_all_tasks_blocked()
+        for name in ("early", "fast"):
+            model.check(received[name], 0, times=False)
+        model.check(received["late"], 3, times=False)
+        assert b"".join(c.data for c in received["slow"]) == b"first\n"
+        assert store.statistics().memory_bytes <= memory_tail
+        resume.set()  # the stalled reader catches up from the files
+        await trio.testing.wait_all_tasks_blocked()
+        model.check(received["slow"], 0, times=False)
+        store.close()  # every follower ends once it has delivered everything
+    store.remove()
+
+
+async def test_follow_waits_beyond_the_end_and_close_ends_it(tmp_path: pathlib.Path) -> None:
+    store = make_store(tmp_path)
+    store.write(OUT, b"abc")
+    got: list[Chunk] = []
+
+    async def follow() -> None:
+        got.extend(await collect(store.read(5, follow=True)))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(follow)
+        await trio.testing.wait_all_tasks_blocked()
+        store.write(ERR, b"de")  # up to offset 5: still nothing for this reader
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == []
+        store.write(ERR, b"fgh")
+        store.close()
+    assert [(c.offset, c.data) for c in got] == [(5, b"fgh")]
+    store.remove()
+
+
+async def test_follow_false_ends_at_the_current_end(tmp_path: pathlib.Path) -> None:
+    store = make_store(tmp_path)
+    store.write(OUT, b"one\n")
+    reader = store.read(0, follow=False)
+    store.write(ERR, b"two\n")  # after read(): not part of this reading
+    assert [c.data for c in await collect(reader)] == [b"one\n"]
+    assert [c.data for c in await collect(store.read(0, follow=False))] == [b"one\n", b"two\n"]
+    assert await collect(store.read(8, follow=False)) == []  # at the end
+    assert await collect(store.read(100, follow=False)) == []  # beyond it
+    store.remove()
+
+
+async def test_followers_of_a_closed_store_end(tmp_path: pathlib.Path) -> None:
+    store = make_store(tmp_path)
+    store.write(OUT, b"done")
+    store.close()
+    store.close()  # idempotent
+    assert store.closed
+    assert [c.data for c in await collect(store.read(0, follow=True))] == [b"done"]
+    assert await collect(store.read(10, follow=True)) == []
+    with pytest.raises(RuntimeError, match="closed"):
+        store.write(OUT, b"more")
+    store.remove()
+
+
+async def test_memory_stays_bounded(tmp_path: pathlib.Path) -> None:
+    memory_tail = 64 * 1024
+    store = make_store(tmp_path, memory_tail)
+    rng = random.Random(2)
+    pool = rng.randbytes(1 << 20)
+    # Mostly tiny writes (the per-entry overhead is what could escape the bound), some
+    # larger than the whole tail.
+    sizes = rng.choices([1, 2, 10, 100, 1000, 70_000, 300_000], [30, 20, 20, 20, 9, 1, 1], k=60_000)
+    sizes += [rng.randrange(2, 10) for _ in range(20_000)]  # end with a tail of tiny entries
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for size in sizes:
+            start = rng.randrange(len(pool) - size)
+            store.write(rng.choice([OUT, ERR]), pool[start : start + size])
+            assert store.statistics().memory_bytes <= memory_tail
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    # The tail's estimate of per-entry overhead is honest: what the store really holds after
+    # many MiB is its bound plus a small constant (the list of entries, the last chunk).
+    assert grown < memory_tail + 16 * 1024
+    store.remove()
+
+
+async def test_cancelled_and_closed_readers_leave_nothing(tmp_path: pathlib.Path) -> None:
+    store = make_store(tmp_path)
+    store.write(OUT, b"x" * 10)
+    reader = store.read(0, follow=True)
+    refs = [weakref.ref(reader)]
+
+    with trio.CancelScope() as scope:
+        async for _ in reader:
+            scope.cancel()  # the next step (a wait for more output) is cancelled
+    assert scope.cancelled_caught
+    assert reader.offset == 10  # nothing lost: it resumes after what it delivered
+    assert store.statistics().readers_waiting == 0
+
+    other = store.read(0, follow=True)
+    refs.append(weakref.ref(other))
+    assert (await other.__anext__()).data == b"x" * 10
+    await other.aclose()
+    assert await collect(other) == []
+
+    async with trio.open_nursery() as nursery:  # cancelled while parked
+        nursery.start_soon(collect, store.read(10, follow=True))
+        await trio.testing.wait_all_tasks_blocked()
+        assert store.statistics().readers_waiting == 1
+        nursery.cancel_scope.cancel()
+    assert store.statistics().readers_waiting == 0
+
+    del reader, other
+    gc.collect()
+    assert all(ref() is None for ref in refs)
+    store.write(OUT, b"y")  # and the writer is unaffected
+    store.remove()
+
+
+async def test_negative_offset_is_rejected(tmp_path: pathlib.Path) -> None:
+    store = make_store(tmp_path)
+    for follow in (False, True):
+        with pytest.raises(InvalidArgument, match="offset must be >= 0"):
+            store.read(-1, follow=follow)
+    store.remove()
+
+
+async def test_remove_deletes_files_and_fails_open_readers(tmp_path: pathlib.Path) -> None:
+    store = make_store(tmp_path)
+    store.write(OUT, b"data")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.idx", "job.out"]
+    reader = store.read(0, follow=True)
+    store.remove()
+    store.remove()  # idempotent
+    assert list(tmp_path.iterdir()) == []
+    assert store.closed
+    with pytest.raises(NotFound, match="removed"):
+        await reader.__anext__()
+
+
+async def test_remove_wakes_a_parked_follower(tmp_path: pathlib.Path) -> None:
+    store = make_store(tmp_path)
+    with pytest.RaisesGroup(pytest.RaisesExc(NotFound, match="removed")):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(collect, store.read(0, follow=True))
+            await trio.testing.wait_all_tasks_blocked()
+            store.remove()
+
+
+def test_files_are_private_and_never_shared(tmp_path: pathlib.Path) -> None:
+    store = make_store(tmp_path)
+    assert (tmp_path / "job.out").stat().st_mode & 0o777 == 0o600
+    with pytest.raises(FileExistsError):
+        make_store(tmp_path)
+    with pytest.raises(ValueError, match="plain file name"):
+        OutputStore(tmp_path, "../job")
+    store.remove()
