@@ -1,6 +1,6 @@
 """A purerpc client connection to jobd over TLS, with two of purerpc's gaps filled: the
-caller bounds the connect, and calls waiting on a connection that ended fail instead of
-waiting forever. The only client module that touches purerpc internals.
+caller bounds the connect, and a connection that ends fails the calls on it (purerpc alone
+leaves them waiting forever). The only client module that touches purerpc internals.
 
     async with open_job_service("127.0.0.1", 9090, ssl_context, connect_timeout=10) as stub:
         job = await stub.Status(pb.JobRequest(id=job_id))
@@ -8,52 +8,80 @@ waiting forever. The only client module that touches purerpc internals.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 import trio
+from anyio.abc import ByteStream
 from anyio.streams.tls import TLSAttribute
 from purerpc.grpc_proto import GRPCProtoSocket
 from purerpc.grpclib.config import GRPCConfiguration
 
 from jobd.v1.jobd_grpc import JobServiceStub
 
-__all__ = ["NotGrpcError", "open_job_service"]
+__all__ = ["ConnectionLost", "NotGrpcError", "open_job_service"]
 
 
 class NotGrpcError(Exception):
     """The peer completed TLS but did not agree to speak HTTP/2 (ALPN h2): not a gRPC server."""
 
 
-class _Socket(GRPCProtoSocket):  # type: ignore[misc]  # purerpc is untyped
-    """purerpc's client connection, except that when its reader stops (the peer closed the
-    connection, reset it or broke the protocol) every open call ends: each waiting
-    `receive_message` raises `anyio.EndOfStream` instead of waiting forever.
+class ConnectionLost(Exception):
+    """The server closed or reset the connection; answered tells whether it ever sent data
+    (if not, it most likely rejected our certificate: TLS 1.3 decides that after the
+    handshake, and a trio server sends no alert)."""
+
+    def __init__(self, *, answered: bool, reset: bool, in_handshake: bool = False) -> None:
+        super().__init__("connection reset" if reset else "connection closed")
+        self.answered = answered
+        self.reset = reset
+        self.in_handshake = in_handshake
+
+
+class _Watched:
+    """The TLS stream as purerpc reads it, except that its end raises ConnectionLost.
+
+    purerpc's reader task treats the end of the stream as a normal return and the calls
+    waiting on the connection wait forever; an exception instead fails the reader's task
+    group, which cancels those calls and reports it.
     """
 
-    _ended = False
+    def __init__(self, stream: ByteStream) -> None:
+        self._stream = stream
+        self._answered = False
 
-    async def _reader_thread(self) -> None:
+    def extra(self, attribute: Any, *default: Any) -> Any:
+        return self._stream.extra(attribute, *default)
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
         try:
-            await super()._reader_thread()
-        finally:
-            self._ended = True
-            for stream in list(self._streams.values()):
-                stream._incoming_events[0].close()
+            data = await self._stream.receive(max_bytes)
+        except (anyio.EndOfStream, anyio.BrokenResourceError) as exc:
+            raise self._lost(exc) from exc
+        self._answered = True
+        return data
 
-    def _allocate_stream(self, stream_id: int) -> Any:
-        stream = super()._allocate_stream(stream_id)
-        if self._ended:
-            stream._incoming_events[0].close()
-        return stream
+    async def send(self, item: bytes) -> None:
+        try:
+            await self._stream.send(item)
+        except anyio.BrokenResourceError as exc:
+            raise self._lost(exc) from exc
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+    def _lost(self, exc: BaseException) -> ConnectionLost:
+        reset = isinstance(exc.__cause__, ConnectionResetError)
+        return ConnectionLost(answered=self._answered, reset=reset)
 
 
 class _Channel:
     """What `purerpc.Client` reads from a channel: the connection and the authority."""
 
-    def __init__(self, host: str, port: int, grpc_socket: _Socket) -> None:
+    def __init__(self, host: str, port: int, grpc_socket: Any) -> None:
         self._host = host
         self._port = port
         self._grpc_socket = grpc_socket
@@ -61,21 +89,26 @@ class _Channel:
 
 @asynccontextmanager
 async def open_job_service(
-    host: str, port: int, ssl_context: Any, *, connect_timeout: float
+    host: str, port: int, ssl_context: ssl.SSLContext, *, connect_timeout: float
 ) -> AsyncIterator[JobServiceStub]:
     """Connect (TCP, then the TLS handshake; at most connect_timeout seconds, else
     `trio.TooSlowError`) and yield a JobService stub on the connection.
 
     The server's certificate is checked against host (anyio passes it as server_hostname).
     """
-    with trio.fail_after(connect_timeout):
-        stream = await anyio.connect_tcp(
-            host, port, ssl_context=ssl_context, tls=True, tls_standard_compatible=False
-        )
+    try:
+        with trio.fail_after(connect_timeout):
+            stream = await anyio.connect_tcp(
+                host, port, ssl_context=ssl_context, tls=True, tls_standard_compatible=False
+            )
+    except (anyio.EndOfStream, anyio.BrokenResourceError) as exc:
+        reset = isinstance(exc.__cause__, ConnectionResetError)
+        raise ConnectionLost(answered=False, reset=reset, in_handshake=True) from exc
     try:
         if stream.extra(TLSAttribute.alpn_protocol, None) != "h2":
             raise NotGrpcError("it does not speak HTTP/2 (no ALPN h2): is it a jobd server?")
-        async with _Socket(GRPCConfiguration(client_side=True), stream) as grpc_socket:
+        grpc_socket = GRPCProtoSocket(GRPCConfiguration(client_side=True), _Watched(stream))
+        async with grpc_socket:
             yield JobServiceStub(_Channel(host, port, grpc_socket))  # type: ignore[no-untyped-call]
     finally:
         await anyio.aclose_forcefully(stream)

@@ -154,7 +154,7 @@ serve` serves with them. Unary calls give up after --timeout seconds (10);
     show_default=True,
     type=click.FloatRange(min=0, min_open=True),
     metavar="SECONDS",
-    help="How long a unary call may take.",
+    help="How long a unary call (all but logs -f, run's follow) may take.",
 )
 @click.pass_context
 async def cli(
@@ -167,31 +167,8 @@ async def cli(
     unary_timeout: float,
 ) -> None:
     app: App = ctx.ensure_object(App)
-    user_on_command_line = ctx.get_parameter_source("user") is ParameterSource.COMMANDLINE
-    hint = ""
-    if (
-        user_on_command_line
-        and (cert or key)
-        and (
-            ctx.get_parameter_source("cert") is ParameterSource.COMMANDLINE
-            or ctx.get_parameter_source("key") is ParameterSource.COMMANDLINE
-        )
-    ):
-        raise click.UsageError("use either --user or --cert/--key, not both")
-    if (cert or key) and not user_on_command_line:
-        if not (cert and key):
-            raise click.UsageError("--cert and --key go together: pass both")
-    else:
-        name = user or DEFAULT_USER
-        if not name or "/" in name:
-            raise click.BadParameter(f"{name!r} is not a user name", param_hint="--user")
-        cert, key = str(CERTS / f"{name}.pem"), str(CERTS / f"{name}.key")
-        hint = ": run `just certs` or pass --cert/--key"
-    ca_hint = (
-        ": run `just certs` or pass --ca"
-        if ctx.get_parameter_source("ca") in (ParameterSource.DEFAULT, None)
-        else ""
-    )
+    cert, key, cert_hint = _client_files(ctx, cert, key, user)
+    ca_hint = ": run `just certs` or pass --ca" if _is_default(ctx, "ca") else ""
     app.settings = Settings(
         host=server[0],
         port=server[1],
@@ -199,19 +176,56 @@ async def cli(
         cert=Path(cert),
         key=Path(key),
         timeout=unary_timeout,
-        cert_hint=hint,
+        cert_hint=cert_hint,
         ca_hint=ca_hint,
     )
+
+
+def _is_default(ctx: click.Context, name: str) -> bool:
+    return ctx.get_parameter_source(name) in (ParameterSource.DEFAULT, None)
+
+
+def _client_files(
+    ctx: click.Context, cert: str | None, key: str | None, user: str | None
+) -> tuple[str, str, str]:
+    """The certificate and key to present, and how to get them when they are the defaults.
+
+    --cert/--key beat --user, except that --user on the command line beats JOBD_CERT and
+    JOBD_KEY from the environment.
+    """
+    source = ctx.get_parameter_source
+    user_typed = source("user") is ParameterSource.COMMANDLINE
+    if user_typed and ParameterSource.COMMANDLINE in (source("cert"), source("key")):
+        raise click.UsageError("use either --user or --cert/--key, not both")
+    if (cert or key) and not user_typed:
+        if not (cert and key):
+            raise click.UsageError("--cert and --key go together: pass both")
+        return cert, key, ""
+    name = user or DEFAULT_USER
+    if "/" in name:
+        raise click.BadParameter(f"{name!r} is not a user name", param_hint="--user")
+    hint = ": run `just certs` or pass --cert/--key"
+    return str(CERTS / f"{name}.pem"), str(CERTS / f"{name}.key"), hint
 
 
 def _limit_options(command: F) -> F:
     """--cpus, --memory, --pids, --io-read, --io-write, --env, --workdir (start and run)."""
     options = [
-        click.option("--cpus", type=click.FloatRange(min=0), help="CPU cores, e.g. 0.5."),
-        click.option("--memory", type=SIZE, help="Memory limit, e.g. 512M, 1G, 1.5GiB."),
-        click.option("--pids", type=click.IntRange(min=0), help="Most processes at once."),
-        click.option("--io-read", type=RATE, help="Read bytes per second, e.g. 10M/s."),
-        click.option("--io-write", type=RATE, help="Write bytes per second, e.g. 10M/s."),
+        click.option(
+            "--cpus", type=click.FloatRange(min=0), metavar="N", help="CPU cores, e.g. 0.5."
+        ),
+        click.option(
+            "--memory", type=SIZE, metavar="SIZE", help="Memory limit, e.g. 512M, 1G, 1.5GiB."
+        ),
+        click.option(
+            "--pids", type=click.IntRange(min=0), metavar="N", help="Most processes at once."
+        ),
+        click.option(
+            "--io-read", type=RATE, metavar="SIZE/s", help="Read bytes per second, e.g. 10M/s."
+        ),
+        click.option(
+            "--io-write", type=RATE, metavar="SIZE/s", help="Write bytes per second, e.g. 10M/s."
+        ),
         click.option(
             "--env",
             "env",
@@ -282,7 +296,7 @@ async def stop(app: App, job_id: str, grace: float | None) -> None:
 @click.argument("job_id", metavar="ID")
 @click.pass_obj
 async def status(app: App, job_id: str, as_json: bool) -> None:
-    """Print a job's status: running, exited (code N), stopped (signal N), …"""
+    """Print a job's status word: running, exited (code N), …"""
     async with open_api(app.require_settings()) as api:
         job = await api.status(job_id)
     if as_json:
@@ -322,7 +336,7 @@ async def list_(app: App, as_json: bool) -> None:
 @_limit_options
 @click.pass_obj
 async def run(app: App, /, command: tuple[str, ...], **limits: Any) -> int:
-    """Start CMD, follow its output, exit with its code (Ctrl-C stops it).
+    """Start CMD, follow its output, exit with its code.
 
     Exits with the job's exit code, or 128 + the signal that ended it (137 when
     oom-killed). Ctrl-C stops the job with the server's grace period and exits

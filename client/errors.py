@@ -18,7 +18,7 @@ import h2.exceptions
 import purerpc
 import trio
 
-from ._channel import NotGrpcError
+from ._channel import ConnectionLost, NotGrpcError
 
 __all__ = ["ClientError", "OutputClosed", "describe", "find_cause", "map_errors"]
 
@@ -51,6 +51,7 @@ _PRIORITY: tuple[type[BaseException], ...] = (
     h2.exceptions.ProtocolError,
     purerpc.ProtocolError,
     trio.TooSlowError,
+    ConnectionLost,
     OSError,
     anyio.BrokenResourceError,
     anyio.EndOfStream,
@@ -118,6 +119,19 @@ def describe(exc: BaseException, server: str, timeout: float) -> str:
         )
     if isinstance(exc, h2.exceptions.ProtocolError | purerpc.ProtocolError):
         return f"the server at {server} broke the gRPC protocol ({exc}): is it a jobd server?"
+    if isinstance(exc, ConnectionLost):
+        how = "reset" if exc.reset else "closed"
+        if exc.in_handshake:
+            return (
+                f"the server at {server} {how} the connection during the TLS handshake: "
+                "does it speak TLS 1.3?"
+            )
+        if exc.answered:
+            return f"the server at {server} {how} the connection"
+        return (
+            f"the server at {server} {how} the connection without answering: "
+            "did it reject our certificate (--cert/--key, --user)?"
+        )
     if isinstance(exc, trio.TooSlowError):
         return f"the server at {server} did not answer within {timeout:g} s"
     if isinstance(exc, OSError):

@@ -50,9 +50,14 @@ def exit_status(job: pb.Job) -> int:
 
 
 def job_json(job: pb.Job) -> dict[str, Any]:
-    """Every field of job under its proto name (proto3 JSON mapping), plus `status`."""
+    """Every field of job under its proto name (proto3 JSON mapping), plus `status`.
+    Limits and usage always appear (zeros if the server sent none); ended_at once ended."""
+    full = pb.Job()
+    full.CopyFrom(job)
+    full.limits.SetInParent()
+    full.usage.SetInParent()
     fields: dict[str, Any] = json_format.MessageToDict(
-        job, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        full, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
     fields["status"] = status_word(job)
     return fields

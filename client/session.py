@@ -7,6 +7,7 @@ the TLS context, and `Api`, the JobService calls with the client's deadlines and
 
 from __future__ import annotations
 
+import math
 import ssl
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing, asynccontextmanager
@@ -23,13 +24,19 @@ from jobd.v1.jobd_grpc import JobServiceStub
 from ._channel import open_job_service
 from .errors import ClientError, map_errors
 
-__all__ = ["DEFAULT_TIMEOUT", "STOP_WAIT", "Api", "Settings", "make_ssl_context", "open_api"]
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "SERVER_DEFAULT_GRACE",
+    "Api",
+    "Settings",
+    "make_ssl_context",
+    "open_api",
+]
 
-DEFAULT_TIMEOUT = 10.0
-# Stop returns once the job's processes are gone: after the grace period at most. Without
-# --grace the client cannot know the server's default (5 s unless configured), so it waits
-# this much beyond the unary timeout.
-STOP_WAIT = 30.0
+DEFAULT_TIMEOUT: float = 10
+# Stop returns once the job's processes are gone, so its deadline is the unary timeout plus
+# the grace period: the one asked for, else the server's default as DESIGN.md states it.
+SERVER_DEFAULT_GRACE = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,9 +60,9 @@ def make_ssl_context(settings: Settings) -> ssl.SSLContext:
     """TLS 1.3 only, the server verified against the CA and its host name, our certificate
     presented, ALPN h2. Missing or unusable files raise ClientError."""
     for path, what, hint in (
-        (settings.ca, "CA certificate", settings.ca_hint),
         (settings.cert, "certificate", settings.cert_hint),
         (settings.key, "key", settings.cert_hint),
+        (settings.ca, "CA certificate", settings.ca_hint),
     ):
         if not path.is_file():
             raise ClientError(f"no {what} at {path}{hint}")
@@ -98,9 +105,12 @@ class Api:
             with trio.fail_after(deadline):
                 return await method(request)
         except trio.TooSlowError:
-            raise ClientError(
-                f"the server at {self._settings.server} did not answer within {deadline:g} s"
-            ) from None
+            raise self._too_slow(deadline) from None
+
+    def _too_slow(self, seconds: float) -> ClientError:
+        return ClientError(
+            f"the server at {self._settings.server} did not answer within {seconds:g} s"
+        )
 
     async def start(self, request: pb.StartRequest) -> pb.Job:
         job: pb.Job = await self._unary(self._stub.Start, request)
@@ -112,7 +122,7 @@ class Api:
             duration = Duration()
             duration.FromNanoseconds(int(grace * 1e9))
             request.grace.CopyFrom(duration)
-        wait = STOP_WAIT if grace is None else grace
+        wait = SERVER_DEFAULT_GRACE if grace is None else grace
         job: pb.Job = await self._unary(self._stub.Stop, request, extra_wait=wait)
         return job
 
@@ -127,10 +137,23 @@ class Api:
     async def output(
         self, job_id: str, *, follow: bool, offset: int = 0
     ) -> AsyncGenerator[pb.OutputChunk]:
-        """The job's output chunks from offset; with follow, until the job's output ends."""
+        """The job's output chunks from offset; with follow, until the job's output ends.
+
+        A follow waits as long as the job runs. Without follow the server has everything at
+        hand, so each chunk (or the end) must come within the unary timeout.
+        """
         request = pb.OutputRequest(id=job_id, follow=follow, offset=offset)
+        patience = math.inf if follow else self._settings.timeout
         async with aclosing(self._stub.Output(request)) as chunks:
-            async for chunk in chunks:
+            while True:
+                # The deadline covers the wait only: never yield inside a cancel scope.
+                try:
+                    with trio.fail_after(patience):
+                        chunk = await anext(chunks)
+                except StopAsyncIteration:
+                    return
+                except trio.TooSlowError:
+                    raise self._too_slow(patience) from None
                 yield chunk
 
 

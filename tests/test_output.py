@@ -68,6 +68,10 @@ async def collect(reader: OutputReader) -> list[Chunk]:
     return [chunk async for chunk in reader]
 
 
+def files(directory: pathlib.Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
 def make_store(tmp_path: pathlib.Path, memory_tail: int = 256 * 1024) -> OutputStore:
     return OutputStore(tmp_path, "job", memory_tail=memory_tail)
 
@@ -315,11 +319,11 @@ async def test_negative_offset_is_rejected(tmp_path: pathlib.Path) -> None:
 async def test_remove_deletes_files_and_fails_open_readers(tmp_path: pathlib.Path) -> None:
     store = make_store(tmp_path)
     store.write(OUT, b"data")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.idx", "job.out"]
+    assert files(tmp_path) == ["job.idx", "job.out"]
     reader = store.read(0, follow=True)
     store.remove()
     store.remove()  # idempotent
-    assert list(tmp_path.iterdir()) == []
+    assert files(tmp_path) == []
     assert store.closed
     with pytest.raises(NotFound, match="removed"):
         await reader.__anext__()

@@ -388,14 +388,14 @@ class CgroupTree:
             _write(server_leaf / "cgroup.procs", str(os.getpid()))
             self._moved_self = True
         wanted = " ".join(f"+{c}" for c in V2_CONTROLLERS)
+        # What was delegated to the cgroup we started in is what we can hand down.
+        missing = set(V2_CONTROLLERS) - set(_read(start / "cgroup.controllers").split())
+        if missing:
+            raise CgroupError(
+                f"controllers {', '.join(sorted(missing))} are not available in {start}; "
+                "delegate them to jobd's cgroup (e.g. systemd Delegate=yes)"
+            )
         for d in (start, self.unified_root, self.unified_root / "jobs"):
-            available = set(_read(d / "cgroup.controllers").split())
-            missing = set(V2_CONTROLLERS) - available
-            if missing:
-                raise CgroupError(
-                    f"controllers {', '.join(sorted(missing))} are not available in {d}; "
-                    "delegate them to jobd's cgroup"
-                )
             try:
                 _write(d / "cgroup.subtree_control", wanted)
             except CgroupError as exc:

@@ -104,6 +104,7 @@ class OutputStore:
         self._size = 0
         self._records = 0
         self._closed = False
+        self._complete = False  # closed by its writer, not cut short by remove()
         self._removed = False
         # The tail: contiguous chunks ending at `_size`, oldest first. A deque, so eviction
         # frees at once; bisecting it is cheap since the overhead charge bounds its length
@@ -154,6 +155,7 @@ class OutputStore:
         """Mark the end of output. Followers end once they have delivered everything."""
         if not self._closed:
             self._closed = True
+            self._complete = not self._removed
             self._wake()
 
     def remove(self) -> None:
@@ -165,8 +167,8 @@ class OutputStore:
         """
         if self._removed:
             return
-        self.close()
         self._removed = True
+        self.close()
         self._tail.clear()
         self._tail_bytes = 0
         os.close(self._data_fd)
@@ -194,11 +196,11 @@ class OutputStore:
     # -- internals used by OutputReader ----------------------------------------------------
 
     def _remember(self, chunk: Chunk) -> None:
-        # Keeps the tail contiguous up to `_size`: a chunk too big to fit is kept as its
-        # suffix, and if not even that fits the tail is emptied (readers then use the files).
+        # Keeps the tail contiguous up to `_size` (readers trust that): a chunk bigger than the
+        # whole tail replaces it by its own suffix.
         room = self._memory_tail - _ENTRY_OVERHEAD
         if room <= 0:
-            return
+            return  # too small for any entry: the tail stays empty, readers use the files
         if len(chunk.data) > room:
             cut = len(chunk.data) - room
             chunk = Chunk(chunk.stream, chunk.offset + cut, chunk.time, chunk.data[cut:])
@@ -319,8 +321,13 @@ class OutputReader:
     async def __anext__(self) -> Chunk:
         store = self._store
         while not self._done:
-            store._check_present()
             limit = store.size if self._end is None else min(self._end, store.size)
+            if store._complete and self._pos >= limit:
+                # Everything was delivered: end cleanly, even if the files are gone by now
+                # (a manager shutting down removes them right after closing).
+                self._done = True
+                break
+            store._check_present()
             if self._pos < limit:
                 # Replay never waits on anything, so let other tasks (and cancellation) in
                 # before each chunk. After it, recheck: remove() may have run meanwhile.
