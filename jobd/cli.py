@@ -70,11 +70,12 @@ def _opt(name: str, env: str, **kw: Any) -> Any:
 
 @main.command()
 @_opt("--listen", "JOBD_LISTEN", default="127.0.0.1:9090", help="Address to serve on.")
-@_opt("--cert", "JOBD_CERT", type=click.Path(dir_okay=False, path_type=Path), required=True,
-      help="Server certificate (PEM).")
-@_opt("--key", "JOBD_KEY", type=click.Path(dir_okay=False, path_type=Path), required=True,
-      help="Server private key (PEM).")
-@_opt("--client-ca", "JOBD_CLIENT_CA", type=click.Path(dir_okay=False, path_type=Path),
+@_opt("--cert", "JOBD_CERT", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+      required=True, help="Server certificate (PEM).")
+@_opt("--key", "JOBD_KEY", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+      required=True, help="Server private key (PEM).")
+@_opt("--client-ca", "JOBD_CLIENT_CA",
+      type=click.Path(exists=True, dir_okay=False, path_type=Path),
       required=True, help="CA that signs client certificates (PEM).")
 @_opt("--data-dir", "JOBD_DATA_DIR", type=click.Path(file_okay=False, path_type=Path),
       default=Path("/var/lib/jobd"), help="Where job output is kept (mode 0700).")
@@ -160,9 +161,17 @@ async def serve(
     )
     try:
         await run_server(config)
-    except (JobdError, OSError) as exc:
-        click.echo(f"jobd: {exc}", err=True)
+    except* (JobdError, OSError) as group:
+        for exc in _leaves(group):
+            click.echo(f"jobd: {exc}", err=True)
         sys.exit(1)
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return out
 
 
 def cli() -> None:

@@ -148,7 +148,8 @@ def issue_cert(
     """
     key = ec.generate_private_key(ec.SECP256R1())
     attributes = [x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, ou) for ou in ous]
-    attributes.append(x509.NameAttribute(NameOID.COMMON_NAME, cn))
+    if cn:  # no CN at all is allowed, for tests of certificates without an identity
+        attributes.append(x509.NameAttribute(NameOID.COMMON_NAME, cn))
     start, end = _validity(not_before, not_after, LEAF_VALIDITY)
     usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
     builder = (

@@ -168,6 +168,13 @@ class JobManager:
         self._nursery: trio.Nursery | None = None
         self._output_dir = config.data_dir / "output"
 
+    def refuse_new_jobs(self) -> None:
+        """From now on `start` raises Unavailable (the server is shutting down)."""
+        self._closing = True
+
+    def running_count(self) -> int:
+        return sum(1 for job in self._jobs.values() if not job.ended.is_set())
+
     @property
     def cgroup_mode(self) -> Mode:
         return self._tree.layout.mode if self._tree else Mode.NONE

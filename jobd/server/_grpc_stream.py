@@ -17,8 +17,11 @@ from typing import Any
 import anyio
 import anyio.abc
 import anyio.streams.tls
+import h2.config
+import h2.connection
 import h2.errors
 import h2.events
+import h2.exceptions
 import h2.settings
 import trio
 from purerpc.grpc_proto import GRPCProtoSocket, GRPCProtoStream
@@ -168,6 +171,20 @@ class PeerGoAway(Event):  # type: ignore[misc]
         self.error_code = error_code
 
 
+class _H2Connection(h2.connection.H2Connection):  # type: ignore[misc]  # h2 is untyped
+    """h2 3.2's connection, ignoring a WINDOW_UPDATE on a stream it has closed and already
+    forgotten. RFC 7540 §5.1 says such frames MUST be ignored; h2 3.2 made them a connection
+    error, so a busy grpcio connection (which acknowledges data after the trailers arrive)
+    lost every call on it. purerpc's monkeypatch covers only streams h2 still remembers."""
+
+    def _receive_window_update_frame(self, frame: Any) -> tuple[list[Any], list[Any]]:
+        try:
+            frames_events: tuple[list[Any], list[Any]] = super()._receive_window_update_frame(frame)
+        except h2.exceptions.StreamClosedError:  # closed; NoSuchStreamError (idle) propagates
+            return [], []
+        return frames_events
+
+
 class _ServerConnection(GRPCConnection):  # type: ignore[misc]
     """purerpc's sans-IO gRPC-over-h2 connection with jobd's limits, per-stream handling of
     resets and oversized messages, exact flow-control accounting, and spec-conform status
@@ -185,6 +202,12 @@ class _ServerConnection(GRPCConnection):  # type: ignore[misc]
         # Flow-controlled bytes received per stream and not yet given back to the peer.
         self._unacked: dict[int, int] = {}
         super().__init__(config)
+        # purerpc's __init__ made a plain H2Connection; redo its setup on ours.
+        self.h2_connection = _H2Connection(
+            h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
+        )
+        self.h2_connection.clear_outbound_data_buffer()
+        self._set_h2_connection_local_settings()
 
     def _set_h2_connection_local_settings(self) -> None:
         # purerpc advertises 65,536 concurrent streams and 16 MiB frames; keep h2's frame default.
@@ -283,6 +306,8 @@ class _BoundedSocket(SocketWrapper):  # type: ignore[misc]
     reads queued without limit and never yielded (row 8). Here bytes move from h2 into our own
     queue, and flush() yields, then waits while more than `max_queued` bytes await the socket."""
 
+    _flush_event: anyio.Event  # purerpc's: set to wake the writer
+
     def __init__(
         self,
         connection: _ServerConnection,
@@ -375,9 +400,14 @@ class ServerStream(GRPCProtoStream):  # type: ignore[misc]
     def can_respond(self) -> bool:
         """True while a status can still be sent: not reset, not closed by us, not cut off in
         the middle of a message."""
-        return not self.reset_by_peer and not self.mid_message and self.state in (
-            GRPCStreamState.OPEN,
-            GRPCStreamState.HALF_CLOSED_REMOTE,
+        return (
+            not self.reset_by_peer
+            and not self.mid_message
+            and self.state
+            in (
+                GRPCStreamState.OPEN,
+                GRPCStreamState.HALF_CLOSED_REMOTE,
+            )
         )
 
     def wake_for_window(self) -> None:
@@ -475,11 +505,12 @@ class ServerSocket(GRPCProtoSocket):  # type: ignore[misc]
             self._socket.kick()  # refusals and resets _route produced
 
     def _route(self, event: Event, start_call: Callable[[ServerStream], None]) -> None:
+        stream = self._streams.get(getattr(event, "stream_id", 0))
         if isinstance(event, WindowUpdated):
             if event.stream_id == 0:
-                for stream in self._streams.values():
-                    stream.wake_for_window()
-            elif (stream := self._streams.get(event.stream_id)) is not None:
+                for each in self._streams.values():
+                    each.wake_for_window()
+            elif stream is not None:
                 stream.wake_for_window()
         elif isinstance(event, RequestReceived):
             last = self._goaway_last_stream_id
@@ -492,7 +523,6 @@ class ServerSocket(GRPCProtoSocket):  # type: ignore[misc]
             new.deliver(event)
             start_call(new)
         elif isinstance(event, (MessageReceived, RequestEnded)):
-            stream = self._streams.get(event.stream_id)
             if stream is None:  # finished or reset meanwhile; keep the window accounting whole
                 self._grpc_connection.release_stream(event.stream_id)
                 return
@@ -500,11 +530,10 @@ class ServerSocket(GRPCProtoSocket):  # type: ignore[misc]
             if isinstance(event, RequestEnded):
                 stream._close_remote()
         elif isinstance(event, StreamReset):
-            stream = self._streams.pop(event.stream_id, None)
             if stream is not None:
+                del self._streams[event.stream_id]
                 stream.peer_reset()
         elif isinstance(event, MessageTooLarge):
-            stream = self._streams.get(event.stream_id)
             if stream is not None:
                 limit = self._grpc_connection.config.max_message_length
                 stream.abort(

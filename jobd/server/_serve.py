@@ -1,0 +1,107 @@
+"""Run the jobd server: engine, service and transport put together, with the signal handling
+an operator expects (SIGTERM/SIGINT: stop accepting, end open calls, stop every job, exit)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import trio
+
+from jobd.engine import EngineConfig, JobdError, JobManager, open_job_manager
+
+from ._service import JobService
+from ._transport import GrpcServer, TransportLimits, make_server_ssl_context, serve_grpc
+
+log = logging.getLogger("jobd")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str
+    port: int
+    cert: Path
+    key: Path
+    client_ca: Path
+    engine: EngineConfig
+    # How long calls in flight at shutdown may take before they end with UNAVAILABLE.
+    # Short: a follow of a running job never ends by itself.
+    call_grace: float = 1.0
+    transport: TransportLimits = field(default_factory=TransportLimits)
+
+
+async def run_server(
+    config: ServerConfig, *, task_status: trio.TaskStatus[GrpcServer] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Serve until SIGTERM or SIGINT, then shut down cleanly and return.
+
+    A second signal during shutdown kills the remaining jobs at once instead of waiting for
+    their grace period."""
+    try:
+        ssl_context = make_server_ssl_context(config.cert, config.key, config.client_ca)
+    except (OSError, ValueError) as exc:
+        raise JobdError(
+            f"cannot load the TLS files (--cert {config.cert}, --key {config.key}, "
+            f"--client-ca {config.client_ca}): {exc}"
+        ) from exc
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as top:
+            with trio.CancelScope() as everything:
+                async with open_job_manager(config.engine) as jobs:
+                    await _serve(config, jobs, ssl_context, signals, task_status)
+                    top.start_soon(_second_signal, signals, everything)
+                    # Leaving the manager stops every job (SIGTERM, grace, SIGKILL).
+            top.cancel_scope.cancel()
+    log.info("stopped")
+
+
+async def _serve(
+    config: ServerConfig,
+    jobs: JobManager,
+    ssl_context: ssl.SSLContext,
+    signals: AsyncIterator[int],
+    task_status: trio.TaskStatus[GrpcServer],
+) -> None:
+    service = JobService(jobs)
+    async with trio.open_nursery() as nursery:
+        server: GrpcServer = await nursery.start(
+            partial(
+                serve_grpc,
+                [service.service],
+                host=config.host,
+                port=config.port,
+                ssl_context=ssl_context,
+                limits=config.transport,
+            )
+        )
+        log.info(
+            "listening on %s:%d (cgroups: %s; jobs run as %s; data in %s)",
+            config.host,
+            server.port,
+            jobs.cgroup_mode.value,
+            config.engine.run_as or "the server's user",
+            config.engine.data_dir,
+        )
+        task_status.started(server)
+        async for signum in signals:
+            log.info(
+                "%s: shutting down (%d job(s) running)",
+                signal.Signals(signum).name,
+                jobs.running_count(),
+            )
+            break
+        jobs.refuse_new_jobs()
+        server.shutdown(config.call_grace)
+    # serve_grpc has returned: every connection is closed.
+
+
+async def _second_signal(signals: AsyncIterator[int], everything: trio.CancelScope) -> None:
+    async for signum in signals:
+        log.warning("%s again: killing every job now", signal.Signals(signum).name)
+        everything.cancel()
+        return

@@ -1,0 +1,526 @@
+"""jobd's gRPC endpoint: its own TCP listener, TLS 1.3 with client certificates, the caller's
+identity, and purerpc's call handling per connection with the server defects of
+shared/PURERPC.md closed. Service-agnostic: must not import jobd.engine.
+
+    ctx = make_server_ssl_context(cert, key, client_ca)
+    server = await nursery.start(partial(serve_grpc, [servicer.service], host=h, port=p,
+                                         ssl_context=ctx))
+    ...                                   # handlers read current_identity.get()
+    server.shutdown(grace=5.0)            # serve_grpc returns once every connection has closed
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import math
+import os
+import ssl
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio.abc
+import trio
+from google.protobuf.message import DecodeError
+from purerpc import Cardinality, Service
+from purerpc.grpclib.connection import GRPCConfiguration
+from purerpc.grpclib.events import RequestReceived
+from purerpc.grpclib.exceptions import MessageTooLargeError, RpcFailedError, UnauthenticatedError
+from purerpc.grpclib.exceptions import ProtocolError as GrpcProtocolError
+from purerpc.grpclib.status import Status, StatusCode
+from purerpc.server import ConnectionHandler
+from purerpc.wrappers import (
+    call_server_stream_stream,
+    call_server_stream_unary,
+    call_server_unary_stream,
+    call_server_unary_unary,
+)
+
+from jobd.server._grpc_stream import ReaderEnd, ServerSocket, ServerStream, TrioByteStream
+
+__all__ = [
+    "GrpcServer",
+    "Identity",
+    "TransportLimits",
+    "current_identity",
+    "make_server_ssl_context",
+    "serve_grpc",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """The caller, from its verified client certificate: user = subject CN, roles = the values
+    of every subject OU. Never taken from metadata or request data."""
+
+    user: str
+    roles: frozenset[str]
+
+
+current_identity: ContextVar[Identity] = ContextVar("jobd_current_identity")
+"""Set in each connection's task once its handshake is done; every call task on that
+connection inherits it. Unset (LookupError) anywhere else."""
+
+
+@dataclass(frozen=True, slots=True)
+class TransportLimits:
+    """What one client may cost the server (shared/PURERPC.md rows 7-9). Times in seconds."""
+
+    max_connections: int = 1000  # more are closed as soon as they are accepted
+    max_concurrent_streams: int = 100  # per connection: SETTINGS_MAX_CONCURRENT_STREAMS
+    # A larger request gets RESOURCE_EXHAUSTED. purerpc applies one limit both ways, so this
+    # also caps each response message.
+    max_message_bytes: int = 4 * 1024 * 1024
+    max_outbound_queued_bytes: int = 1024 * 1024  # per connection; calls wait while more is
+    handshake_timeout: float = 10.0
+    idle_timeout: float = 300.0  # no call open this long: GOAWAY, close
+    # Upper bound on every call's deadline. inf: a call without grpc-timeout (a follow) may
+    # run until it ends.
+    max_deadline: float = math.inf
+    close_timeout: float = 5.0  # for the last frames and close_notify of a closing connection
+
+    def __post_init__(self) -> None:
+        for name in ("max_connections", "max_concurrent_streams", "max_outbound_queued_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if not 1 <= self.max_message_bytes <= 2**31 - 1 - 5:
+            raise ValueError("max_message_bytes must be between 1 and 2**31 - 6")
+        for name in ("handshake_timeout", "idle_timeout", "max_deadline", "close_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive")
+
+    @property
+    def connection_window_bytes(self) -> int:
+        # Room for two whole messages in flight per connection; bounded so that a client
+        # cannot make the server buffer more (purerpc granted 1 GiB).
+        return min(2 * (self.max_message_bytes + 5), 2**31 - 1)
+
+
+def make_server_ssl_context(cert: Path, key: Path, client_ca: Path) -> ssl.SSLContext:
+    """TLS 1.3 only, a client certificate signed by client_ca required, ALPN "h2"."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_cert_chain(cert, key)
+    context.load_verify_locations(cafile=client_ca)
+    context.set_alpn_protocols(["h2"])
+    # No session tickets: no resumption, so every connection presents its certificate afresh.
+    context.num_tickets = 0
+    return context
+
+
+_NO_CN = "client certificate has no subject CN"
+
+
+def _identity_from_peer_cert(cert: Mapping[str, Any]) -> Identity:
+    """The identity in a verified peer certificate (`SSLObject.getpeercert()` form)."""
+    subject = cert.get("subject", ())
+    common_names = {value for rdn in subject for key, value in rdn if key == "commonName"}
+    common_names.discard("")
+    if not common_names:
+        raise UnauthenticatedError(_NO_CN)
+    if len(common_names) > 1:
+        raise UnauthenticatedError("client certificate has more than one subject CN")
+    roles = frozenset(
+        value for rdn in subject for key, value in rdn if key == "organizationalUnitName" and value
+    )
+    return Identity(user=common_names.pop(), roles=roles)
+
+
+# --------------------------------------------------------------------------------------------
+# Calls: purerpc's ConnectionHandler, one per connection
+# --------------------------------------------------------------------------------------------
+
+_Runner = Callable[[Callable[..., Any], ServerStream], Awaitable[None]]
+_RUNNERS: dict[Cardinality, _Runner] = {
+    Cardinality.UNARY_UNARY: call_server_unary_unary,
+    Cardinality.UNARY_STREAM: call_server_unary_stream,
+    Cardinality.STREAM_UNARY: call_server_stream_unary,
+    Cardinality.STREAM_STREAM: call_server_stream_stream,
+}
+
+_SHUTTING_DOWN = Status(StatusCode.UNAVAILABLE, "server is shutting down")
+
+
+class _Dispatcher(ConnectionHandler):  # type: ignore[misc]  # purerpc is untyped
+    """purerpc's ConnectionHandler for one connection, with its own dispatch: each call runs in
+    its own task and cancel scope, under its deadline, and always ends with a status unless the
+    client reset it; only `Exception` is ever caught (row 3). The connection closes when the
+    client goes, after a drain (GOAWAY, calls finish), or after idle_timeout without calls."""
+
+    def __init__(
+        self,
+        services: Mapping[str, Service],
+        server: GrpcServer,
+        limits: TransportLimits,
+        unauthenticated: UnauthenticatedError | None,
+    ) -> None:
+        super().__init__(services, server)
+        # purerpc's default is a 32 MiB message limit.
+        self.config = GRPCConfiguration(
+            client_side=False, max_message_length=limits.max_message_bytes
+        )
+        self._limits = limits
+        self._unauthenticated = unauthenticated
+        self._socket: ServerSocket | None = None
+        self._calls: set[ServerStream] = set()
+        self._calls_nursery: trio.Nursery | None = None
+        self._changed = trio.lowlevel.ParkingLot()  # wakes _supervise
+        self._draining = False
+        self._reader_end: ReaderEnd | None = None
+        self._idle_since = trio.current_time()
+        self._scope = trio.CancelScope()
+        self.peer_gone = False
+
+    @property
+    def queued_bytes(self) -> int:
+        return 0 if self._socket is None else self._socket.queued_bytes
+
+    async def __call__(self, stream_: anyio.abc.ByteStream) -> None:
+        with self._scope:
+            socket = ServerSocket(
+                self.config,
+                stream_,
+                max_concurrent_streams=self._limits.max_concurrent_streams,
+                connection_window=self._limits.connection_window_bytes,
+                max_queued=self._limits.max_outbound_queued_bytes,
+                on_broken=self._lose_peer,
+            )
+            async with socket:  # purerpc: the writer task starts, our SETTINGS go out
+                self._socket = socket
+                if self._draining:  # asked before the socket existed
+                    socket.send_goaway()
+                async with trio.open_nursery() as calls:
+                    self._calls_nursery = calls
+                    calls.start_soon(self._read, socket)
+                    await self._supervise()
+                    calls.cancel_scope.cancel()
+                # Leaving the socket lets the writer flush the last frames: bounded.
+                self._scope.deadline = trio.current_time() + self._limits.close_timeout
+
+    def _lose_peer(self) -> None:
+        """The peer is gone: nothing can be sent any more, so end every task of the connection
+        now (row 6: purerpc left them blocked, and the socket in CLOSE-WAIT)."""
+        self.peer_gone = True
+        self._scope.cancel()
+
+    async def _read(self, socket: ServerSocket) -> None:
+        end = await socket.run_reader(self._start_call)
+        log.debug("connection ends: %s", end.value)
+        if end is ReaderEnd.PEER_GONE:
+            self._lose_peer()
+        else:
+            self._reader_end = end
+            self._changed.unpark_all()
+
+    def _start_call(self, stream: ServerStream) -> None:
+        # Called by the reader task, so the call task copies the reader's context: the
+        # connection's current_identity.
+        assert self._calls_nursery is not None
+        self._calls.add(stream)
+        self._calls_nursery.start_soon(self.request_received, stream)
+
+    async def _supervise(self) -> None:
+        """Return once the connection should close."""
+        while self._reader_end is None and not (self._draining and not self._calls):
+            idle = not self._calls and not self._draining
+            deadline = self._idle_since + self._limits.idle_timeout if idle else math.inf
+            with trio.move_on_at(deadline) as timer:
+                await self._changed.park()
+            if timer.cancelled_caught and not self._calls:
+                log.debug("no call for %s s: closing", self._limits.idle_timeout)
+                self.drain()
+
+    def drain(self) -> None:
+        """Send GOAWAY, refuse new streams, close once the open calls have ended."""
+        if not self._draining:
+            self._draining = True
+            if self._socket is not None:
+                self._socket.send_goaway()
+            self._changed.unpark_all()
+
+    def abort(self, status: Status) -> None:
+        """End every open call now, answering `status`."""
+        self.drain()
+        for call in list(self._calls):
+            call.abort(status)
+
+    async def request_received(self, stream: ServerStream) -> None:
+        assert self._socket is not None
+        try:
+            status = await self._answer(stream)
+            if status is not None and stream.can_respond:
+                try:
+                    await stream.close(status)
+                except Exception as exc:  # h2 closed the stream or the connection meanwhile
+                    log.debug("no status sent on stream %d: %r", stream.stream_id, exc)
+        finally:
+            self._socket.release(stream)
+            self._calls.discard(stream)
+            if not self._calls:
+                self._idle_since = trio.current_time()
+            self._changed.unpark_all()
+
+    async def _answer(self, stream: ServerStream) -> Status | None:
+        """Run the call; return the status still to send, None when it was sent already or
+        there is nobody to send it to."""
+        try:
+            with stream.cancel_scope:
+                return await self._run_call(stream)
+            return stream.abort_status  # reset by the client, or ended by the server
+        except Exception as exc:  # never BaseException: Cancelled, KeyboardInterrupt propagate
+            return self._status_for(exc, stream)
+
+    async def _run_call(self, stream: ServerStream) -> Status | None:
+        event: RequestReceived = await stream.receive_event()  # queued by the reader
+        if self._unauthenticated is not None:
+            return self._unauthenticated.status
+        service = self.services.get(event.service_name)
+        method = None if service is None else service.methods.get(event.method_name)
+        if method is None:
+            return Status(
+                StatusCode.UNIMPLEMENTED,
+                f"method {event.service_name}/{event.method_name} is not implemented",
+            )
+        await stream.start_response()
+        stream.expect_message_type(method.signature.request_type)
+        run = _RUNNERS[method.signature.cardinality]
+        with trio.move_on_after(self._deadline(event)):  # row 7: purerpc ignored grpc-timeout
+            await run(functools.partial(method.method_fn, request=event), stream)
+            return None
+        return Status(StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+
+    def _deadline(self, event: RequestReceived) -> float:
+        client = math.inf if event.timeout is None else event.timeout.total_seconds()
+        return min(max(client, 0.0), self._limits.max_deadline)
+
+    @staticmethod
+    def _status_for(exc: Exception, stream: ServerStream) -> Status:
+        """The status for an exception out of a call (row 4: purerpc sent CANCELLED with the
+        exception's repr)."""
+        if isinstance(exc, RpcFailedError):
+            return exc.status
+        if isinstance(exc, ExceptionGroup):
+            # A handler's own nursery wraps the status error it meant to raise.
+            failed, rest = exc.split(RpcFailedError)
+            if failed is not None and rest is None:
+                leaf: BaseException = failed
+                while isinstance(leaf, BaseExceptionGroup):
+                    leaf = leaf.exceptions[0]
+                assert isinstance(leaf, RpcFailedError)
+                return leaf.status
+        if isinstance(exc, DecodeError):
+            return Status(StatusCode.INVALID_ARGUMENT, "request message cannot be parsed")
+        if isinstance(exc, GrpcProtocolError) and not isinstance(exc, MessageTooLargeError):
+            # purerpc's own check of the client's messages, e.g. two on a unary call.
+            return Status(StatusCode.INVALID_ARGUMENT, str(exc))
+        event = stream.start_stream_event
+        method = "?" if event is None else f"{event.service_name}/{event.method_name}"
+        log.error("call %s failed", method, exc_info=exc)
+        return Status(StatusCode.UNKNOWN, "internal error")
+
+
+# --------------------------------------------------------------------------------------------
+# Connections and the listener
+# --------------------------------------------------------------------------------------------
+
+
+class _Connection:
+    """One accepted TCP connection: TLS handshake under a timeout, in its own task (a silent
+    peer never stalls accept), identity, then a _Dispatcher until it ends."""
+
+    def __init__(self, server: GrpcServer, tcp: trio.SocketStream) -> None:
+        self._server = server
+        self._tcp = tcp
+        self.cancel_scope = trio.CancelScope()
+        self.dispatcher: _Dispatcher | None = None
+        try:
+            self.peer = str(tcp.socket.getpeername())
+        except OSError:
+            self.peer = "?"
+
+    def drain(self) -> None:
+        if self.dispatcher is None:
+            self.cancel_scope.cancel()  # still handshaking: nothing to let finish
+        else:
+            self.dispatcher.drain()
+
+    def abort(self, status: Status) -> None:
+        if self.dispatcher is None:
+            self.cancel_scope.cancel()
+        else:
+            self.dispatcher.abort(status)
+
+    async def run(self) -> None:
+        server = self._server
+        limits = server.limits
+        ssl_stream = trio.SSLStream(self._tcp, server.ssl_context, server_side=True)
+        graceful = False
+        try:
+            with self.cancel_scope:
+                with trio.move_on_after(limits.handshake_timeout) as handshake:
+                    try:
+                        await ssl_stream.do_handshake()
+                    except trio.BrokenResourceError as exc:
+                        log.debug("TLS handshake with %s failed: %s", self.peer, exc.__cause__)
+                        return
+                if handshake.cancelled_caught:
+                    log.debug("TLS handshake with %s timed out", self.peer)
+                    return
+                unauthenticated = None
+                try:
+                    identity = _identity_from_peer_cert(ssl_stream.getpeercert() or {})
+                except UnauthenticatedError as exc:
+                    unauthenticated = exc
+                    log.debug("connection from %s: %s", self.peer, exc.status.status_message)
+                else:
+                    # This task's context only: the reader and call tasks it starts copy it.
+                    current_identity.set(identity)
+                    log.debug("connection from %s: %s", self.peer, identity)
+                self.dispatcher = _Dispatcher(server.services, server, limits, unauthenticated)
+                if server.draining:
+                    self.dispatcher.drain()
+                await self.dispatcher(TrioByteStream(ssl_stream))
+                graceful = not self.dispatcher.peer_gone
+        finally:
+            if graceful:
+                # close_notify, bounded: a peer that reads nothing must not hold us here.
+                with trio.move_on_after(limits.close_timeout):
+                    await ssl_stream.aclose()
+            await trio.aclose_forcefully(ssl_stream)
+
+
+# accept() errors that mean "out of resources, try again" (as trio.serve_listeners).
+_ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+_ACCEPT_RETRY = 0.1
+
+
+class GrpcServer:
+    """A running server, as `serve_grpc` hands it to `nursery.start`: its bound port, and
+    `shutdown(grace)`. Connection count and queued outbound bytes are for metrics and tests."""
+
+    def __init__(
+        self,
+        services: Mapping[str, Service],
+        *,
+        port: int,
+        ssl_context: ssl.SSLContext,
+        limits: TransportLimits,
+    ) -> None:
+        self.port = port
+        self.services = services
+        self.ssl_context = ssl_context
+        self.limits = limits
+        self.draining = False
+        self._connections: set[_Connection] = set()
+        self._changed = trio.lowlevel.ParkingLot()
+        self._shutdown_requested = trio.Event()
+        self._grace = trio.CancelScope()
+
+    @property
+    def connection_count(self) -> int:
+        """Open connections, including those still in their TLS handshake."""
+        return len(self._connections)
+
+    @property
+    def outbound_queued_bytes(self) -> int:
+        """Bytes queued for all connections' sockets and not yet written."""
+        return sum(c.dispatcher.queued_bytes for c in self._connections if c.dispatcher)
+
+    def shutdown(self, grace: float) -> None:
+        """Stop accepting, send GOAWAY on every connection, let open calls finish for up to
+        `grace` seconds, then end the rest with UNAVAILABLE; `serve_grpc` then returns. A
+        second call can only shorten the grace period."""
+        self._grace.deadline = min(self._grace.deadline, trio.current_time() + grace)
+        self._shutdown_requested.set()
+
+    async def _serve(
+        self, listeners: list[trio.SocketListener], task_status: trio.TaskStatus[GrpcServer]
+    ) -> None:
+        async with trio.open_nursery() as connections:
+            async with trio.open_nursery() as acceptors:
+                for listener in listeners:
+                    acceptors.start_soon(self._accept, listener, connections)
+                task_status.started(self)
+                await self._shutdown_requested.wait()
+                acceptors.cancel_scope.cancel()
+            # Refuse connections from now on, before any client sees a GOAWAY.
+            for listener in listeners:
+                await listener.aclose()
+            self.draining = True
+            for connection in list(self._connections):
+                connection.drain()
+            with self._grace:
+                await self._wait_all_closed()
+            for connection in list(self._connections):
+                connection.abort(_SHUTTING_DOWN)
+            with trio.move_on_after(self.limits.close_timeout):
+                await self._wait_all_closed()
+            connections.cancel_scope.cancel()
+
+    async def _wait_all_closed(self) -> None:
+        while self._connections:
+            await self._changed.park()
+
+    async def _accept(self, listener: trio.SocketListener, connections: trio.Nursery) -> None:
+        while True:
+            try:
+                tcp = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                log.error("accept: %s; retrying in %s s", os.strerror(exc.errno), _ACCEPT_RETRY)
+                await trio.sleep(_ACCEPT_RETRY)
+                continue
+            if len(self._connections) >= self.limits.max_connections:
+                log.debug("refused a connection: %d open", len(self._connections))
+                await trio.aclose_forcefully(tcp)
+                continue
+            connection = _Connection(self, tcp)
+            # Counted from accept on, so a burst of silent peers cannot exceed the cap.
+            self._connections.add(connection)
+            connections.start_soon(self._run_connection, connection)
+
+    async def _run_connection(self, connection: _Connection) -> None:
+        try:
+            await connection.run()
+        except Exception:  # a bug in jobd: lose the connection, keep the server
+            log.exception("connection from %s failed", connection.peer)
+        finally:
+            self._connections.discard(connection)
+            self._changed.unpark_all()
+
+
+async def serve_grpc(
+    services: Iterable[Service],
+    *,
+    host: str,
+    port: int,
+    ssl_context: ssl.SSLContext,
+    limits: TransportLimits = TransportLimits(),  # noqa: B008  (frozen: safe to share)
+    task_status: trio.TaskStatus[GrpcServer] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve `services` (e.g. `[servicer.service]`) on exactly `host`:`port` (port 0: any free
+    one) until cancelled, or until `GrpcServer.shutdown` has finished. `task_status.started`
+    gets the `GrpcServer` once listening. Binding errors (the port is taken: no SO_REUSEPORT)
+    are raised before that, unwrapped."""
+    by_name = {service.name: service for service in services}
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    try:
+        ports = {listener.socket.getsockname()[1] for listener in listeners}
+        if len(ports) != 1:
+            raise ValueError(
+                f"{host!r} has several addresses, bound to different ports {sorted(ports)}: "
+                "give one address, or a fixed port"
+            )
+        server = GrpcServer(by_name, port=ports.pop(), ssl_context=ssl_context, limits=limits)
+        await server._serve(listeners, task_status)
+    finally:
+        for listener in listeners:
+            await trio.aclose_forcefully(listener)
