@@ -4,9 +4,11 @@ Parses and checks options, then hands a `ServerConfig` to `jobd.server`."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import asyncclick as click
 
@@ -17,7 +19,7 @@ from jobd.units import parse_duration, parse_size
 MiB = 1024 * 1024
 
 
-class _Size(click.ParamType):
+class _Size(click.ParamType):  # type: ignore[type-arg]
     name = "SIZE"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
@@ -29,7 +31,7 @@ class _Size(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
-class _Duration(click.ParamType):
+class _Duration(click.ParamType):  # type: ignore[type-arg]
     name = "DURATION"
 
     def convert(
@@ -64,8 +66,13 @@ def main() -> None:
     """
 
 
-def _opt(name: str, env: str, **kw: Any) -> Any:
-    return click.option(name, envvar=env, show_envvar=True, **kw)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _opt(name: str, env: str, **kw: Any) -> Callable[[F], F]:
+    """An option that is also the environment variable `env` (shown in --help)."""
+    option: Callable[[F], F] = click.option(name, envvar=env, show_envvar=True, **kw)
+    return option
 
 
 @main.command()
@@ -141,7 +148,7 @@ async def serve(
     )
     host, port = _listen(listen)
     engine = EngineConfig(
-        data_dir=data_dir.absolute(),
+        data_dir=Path(os.path.abspath(data_dir)),
         run_as=None if run_as == "" else run_as,
         cgroup_name=cgroup_name,
         allow_no_cgroups=no_cgroups,

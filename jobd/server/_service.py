@@ -69,7 +69,7 @@ def job_to_pb(job: engine.JobInfo) -> pb.Job:
         id=job.id,
         owner=job.owner,
         command=list(job.command),
-        state=int(job.state),
+        state=pb.State.Name(int(job.state)),
         exit_code=job.exit_code,
         signal=job.signal,
         started_at=_timestamp(job.started_at),
@@ -87,7 +87,7 @@ def _grace(request: pb.StopRequest) -> float | None:
     if not request.HasField("grace"):
         return None
     grace: Duration = request.grace
-    seconds = grace.ToNanoseconds() / 1e9
+    seconds: float = grace.ToNanoseconds() / 1e9
     if seconds < 0 or not math.isfinite(seconds):
         raise purerpc.InvalidArgumentError(f"grace must be >= 0, not {seconds:g} s")
     return seconds
@@ -103,7 +103,7 @@ class _Call:
     code: str = "OK"
 
 
-class JobService(jobd_grpc.JobServiceServicer):  # type: ignore[misc]
+class JobService(jobd_grpc.JobServiceServicer):
     """Every handler: who is calling, may they, do it, log it."""
 
     def __init__(self, jobs: engine.JobManager) -> None:
@@ -185,7 +185,9 @@ class JobService(jobd_grpc.JobServiceServicer):  # type: ignore[misc]
             owner = None if ADMIN_ROLE in call.identity.roles else call.identity.user
             return pb.ListResponse(jobs=[job_to_pb(j) for j in self._jobs.list(owner)])
 
-    async def Output(self, request: pb.OutputRequest) -> AsyncIterator[pb.OutputChunk]:
+    async def Output(  # type: ignore[override]  # a server stream: an async generator
+        self, request: pb.OutputRequest
+    ) -> AsyncIterator[pb.OutputChunk]:
         # An async generator that others iterate: no nursery or cancel scope spans a yield
         # here; `_call` is a plain (non-async) context manager around the iteration.
         with self._call("Output", request.id) as call:
@@ -195,7 +197,7 @@ class JobService(jobd_grpc.JobServiceServicer):  # type: ignore[misc]
                 async for chunk in chunks:
                     yield pb.OutputChunk(
                         data=chunk.data,
-                        stream=int(chunk.stream),
+                        stream=pb.Stream.Name(int(chunk.stream)),
                         offset=chunk.offset,
                         time=_timestamp(chunk.time),
                     )
