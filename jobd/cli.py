@@ -4,10 +4,9 @@ Parses and checks options, then hands a `ServerConfig` to `jobd.server`."""
 from __future__ import annotations
 
 import logging
-import os
 import sys
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncclick as click
@@ -84,7 +83,7 @@ def _opt(name: str, env: str, **kw: Any) -> Callable[[F], F]:
 @_opt("--client-ca", "JOBD_CLIENT_CA",
       type=click.Path(exists=True, dir_okay=False, path_type=Path),
       required=True, help="CA that signs client certificates (PEM).")
-@_opt("--data-dir", "JOBD_DATA_DIR", type=click.Path(file_okay=False, path_type=Path),
+@_opt("--data-dir", "JOBD_DATA_DIR", type=click.Path(file_okay=False, path_type=Path, resolve_path=True),
       default=Path("/var/lib/jobd"), help="Where job output is kept (mode 0700).")
 @_opt("--run-as", "JOBD_RUN_AS", default="nobody",
       help="Unprivileged user jobs run as ('root' only if you mean it).")
@@ -148,7 +147,7 @@ async def serve(
     )
     host, port = _listen(listen)
     engine = EngineConfig(
-        data_dir=Path(os.path.abspath(data_dir)),
+        data_dir=data_dir,
         run_as=None if run_as == "" else run_as,
         cgroup_name=cgroup_name,
         allow_no_cgroups=no_cgroups,

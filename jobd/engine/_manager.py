@@ -17,6 +17,7 @@ import json
 import math
 import os
 import pwd
+import resource
 import signal
 import stat
 import subprocess
@@ -336,6 +337,9 @@ class JobManager:
                 start_new_session=True,  # own session and process group
                 env=env,
             )
+        except BaseException:
+            os.close(status_r)
+            raise
         finally:
             os.close(status_w)
         if isinstance(cgroup, ProcessGroup):
@@ -496,6 +500,14 @@ def _resolve_run_as(name: str | None) -> _RunAs:
     return _RunAs(uid=entry.pw_uid, gid=entry.pw_gid, name=entry.pw_name, home=entry.pw_dir)
 
 
+def _raise_fd_limit() -> None:
+    """Each job holds four descriptors (two pipes, two output files): lift the soft limit
+    to the hard one so a thousand jobs do not run the server out of them."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def _prepare_data_dir(path: Path) -> None:
     """The data dir holds every job's output: only the server may read it."""
     (path / "output").mkdir(parents=True, exist_ok=True)
@@ -521,6 +533,7 @@ async def open_job_manager(config: EngineConfig) -> AsyncIterator[JobManager]:
     """
     run_as = _resolve_run_as(config.run_as)
     _prepare_data_dir(config.data_dir)
+    _raise_fd_limit()
     tree = _open_tree(config)
     manager = JobManager(config, tree, run_as)
     try:

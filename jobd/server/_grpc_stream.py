@@ -58,6 +58,9 @@ _WRITE_BATCH = 256 * 1024
 _H2_DEFAULT_WINDOW = 65535
 # gRPC frames each message with a 1-byte compressed flag and a 4-byte length.
 _GRPC_FRAME_HEADER = 5
+# The reader stops reading once this many times the outbound cap is queued: h2 answers PINGs
+# and SETTINGS by itself, so a peer that sends those and reads nothing would grow the queue.
+_READER_QUEUE_FACTOR = 4
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,7 +347,10 @@ class _BoundedSocket(SocketWrapper):  # type: ignore[misc]
     async def flush(self) -> None:
         self.kick()
         await trio.lowlevel.checkpoint()  # a cancellation point, and fairness for a busy handler
-        while self.queued > self._max_queued and not self.broken:
+        await self.wait_queued_at_most(self._max_queued)
+
+    async def wait_queued_at_most(self, limit: int) -> None:
+        while self.queued > limit and not self.broken:
             await self._drained.park()
         # If broken, the connection's scope is already cancelled: the caller's next checkpoint
         # ends it, so there is nothing to raise here.
@@ -417,11 +423,11 @@ class ServerStream(GRPCProtoStream):  # type: ignore[misc]
     def deliver(self, event: Event) -> None:
         self._incoming_events[0].send_nowait(event)
 
-    async def _send(self, message: bytes, compress: bool = False) -> None:
+    async def send_message(self, message: Any) -> None:
         # Remembered so that a call cut short mid-message is reset rather than given trailers
         # after half a message.
         self.mid_message = True
-        await super()._send(message, compress)
+        await super().send_message(message)
         self.mid_message = False
 
     def close_channels(self) -> None:
@@ -469,6 +475,7 @@ class ServerSocket(GRPCProtoSocket):  # type: ignore[misc]
         self._socket = _BoundedSocket(
             self._grpc_connection, stream, max_queued=max_queued, on_broken=on_broken
         )
+        self._max_queued = max_queued
         self._streams: dict[int, ServerStream]
         self._goaway_last_stream_id: int | None = None
 
@@ -485,6 +492,7 @@ class ServerSocket(GRPCProtoSocket):  # type: ignore[misc]
         """Read and route frames until the peer is gone, leaves, or breaks the protocol.
         `start_call(stream)` must start the call's handler; it is called synchronously."""
         while True:
+            await self._socket.wait_queued_at_most(_READER_QUEUE_FACTOR * self._max_queued)
             try:
                 data = await self._socket.recv(self._receive_buffer_size)
             except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
@@ -493,7 +501,8 @@ class ServerSocket(GRPCProtoSocket):  # type: ignore[misc]
                 events = self._grpc_connection.receive_data(data)
             except Exception as exc:  # h2's or purerpc's ProtocolError, a malformed header
                 log.debug("closing connection: %s: %s", type(exc).__name__, exc)
-                with contextlib.suppress(Exception):  # h2 may already have queued its GOAWAY
+                # h2 has queued a GOAWAY for its own errors; purerpc's need one.
+                if self.h2.state_machine.state is not h2.connection.ConnectionState.CLOSED:
                     self.h2.close_connection(h2.errors.ErrorCodes.PROTOCOL_ERROR)
                 self._socket.kick()
                 return ReaderEnd.PROTOCOL_ERROR
@@ -551,13 +560,13 @@ class ServerSocket(GRPCProtoSocket):  # type: ignore[misc]
             self._socket.send_raw(goaway_frame(self._goaway_last_stream_id, 0))
 
     def release(self, stream: ServerStream) -> None:
-        """Forget a finished call. A client still sending is told to stop (RST_STREAM NO_ERROR,
-        RFC 7540 §8.1); a call cut short mid-message is reset (CANCEL): nothing can follow
-        half a message."""
+        """Forget a finished call. A client still sending after our status is told to stop
+        (RST_STREAM NO_ERROR, RFC 7540 §8.1); a call that ended without a status (cut short
+        mid-message, or the connection is closing) is reset with CANCEL."""
         self._streams.pop(stream.stream_id, None)
         if not stream.reset_by_peer and stream.state is not GRPCStreamState.CLOSED:
             code = h2.errors.ErrorCodes.CANCEL
-            if stream.state is GRPCStreamState.HALF_CLOSED_LOCAL and not stream.mid_message:
+            if stream.state is GRPCStreamState.HALF_CLOSED_LOCAL:
                 code = h2.errors.ErrorCodes.NO_ERROR
             with contextlib.suppress(Exception):  # h2 may have closed the stream or connection
                 self.h2.reset_stream(stream.stream_id, code)

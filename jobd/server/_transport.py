@@ -77,7 +77,7 @@ class TransportLimits:
     # A larger request gets RESOURCE_EXHAUSTED. purerpc applies one limit both ways, so this
     # also caps each response message.
     max_message_bytes: int = 4 * 1024 * 1024
-    max_outbound_queued_bytes: int = 1024 * 1024  # per connection; calls wait while more is
+    max_outbound_queued_bytes: int = 1024 * 1024  # per connection: calls wait past this
     handshake_timeout: float = 10.0
     idle_timeout: float = 300.0  # no call open this long: GOAWAY, close
     # Upper bound on every call's deadline. inf: a call without grpc-timeout (a follow) may
@@ -173,7 +173,7 @@ class _Dispatcher(ConnectionHandler):  # type: ignore[misc]  # purerpc is untype
         self._calls_nursery: trio.Nursery | None = None
         self._changed = trio.lowlevel.ParkingLot()  # wakes _supervise
         self._draining = False
-        self._reader_end: ReaderEnd | None = None
+        self._h2_closed = False  # h2 sends nothing more: it saw or sent a GOAWAY for an error
         self._idle_since = trio.current_time()
         self._scope = trio.CancelScope()
         self.peer_gone = False
@@ -216,8 +216,11 @@ class _Dispatcher(ConnectionHandler):  # type: ignore[misc]  # purerpc is untype
         if end is ReaderEnd.PEER_GONE:
             self._lose_peer()
         else:
-            self._reader_end = end
-            self._changed.unpark_all()
+            # h2 3.2 sends nothing after a GOAWAY either way: end the calls now, then flush
+            # what is queued (h2's GOAWAY) and close.
+            self._h2_closed = True
+            assert self._calls_nursery is not None
+            self._calls_nursery.cancel_scope.cancel()
 
     def _start_call(self, stream: ServerStream) -> None:
         # Called by the reader task, so the call task copies the reader's context: the
@@ -228,7 +231,7 @@ class _Dispatcher(ConnectionHandler):  # type: ignore[misc]  # purerpc is untype
 
     async def _supervise(self) -> None:
         """Return once the connection should close."""
-        while self._reader_end is None and not (self._draining and not self._calls):
+        while not (self._draining and not self._calls):
             idle = not self._calls and not self._draining
             deadline = self._idle_since + self._limits.idle_timeout if idle else math.inf
             with trio.move_on_at(deadline) as timer:
@@ -275,6 +278,10 @@ class _Dispatcher(ConnectionHandler):  # type: ignore[misc]  # purerpc is untype
                 return await self._run_call(stream)
             return stream.abort_status  # reset by the client, or ended by the server
         except Exception as exc:  # never BaseException: Cancelled, KeyboardInterrupt propagate
+            if self._h2_closed or self.peer_gone:
+                # It failed because the connection did (h2 refuses to send after a GOAWAY).
+                log.debug("call on a closed connection: %r", exc)
+                return None
             return self._status_for(exc, stream)
 
     async def _run_call(self, stream: ServerStream) -> Status | None:

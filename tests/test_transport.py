@@ -1,0 +1,1055 @@
+"""jobd.server._transport: the gRPC-over-mTLS transport. Each purerpc server defect it closes
+(shared/PURERPC.md rows 1-10) has a regression test here, named after what it guarantees,
+driven by the official grpcio client or, where grpcio will not misbehave on request, raw h2."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import ssl
+import struct
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import grpc
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.settings
+import pytest
+import trio
+import trio.testing
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from google.protobuf.wrappers_pb2 import StringValue
+from purerpc import (
+    Cardinality,
+    InvalidArgumentError,
+    NotFoundError,
+    PermissionDeniedError,
+    RPCSignature,
+    Service,
+    UnauthenticatedError,
+)
+
+from jobd.pki import Issued, issue_cert, make_ca
+from jobd.server._grpc_stream import TrioByteStream, goaway_frame, percent_encode_grpc_message
+from jobd.server._transport import (
+    GrpcServer,
+    Identity,
+    TransportLimits,
+    _identity_from_peer_cert,
+    current_identity,
+    make_server_ssl_context,
+    serve_grpc,
+)
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+BIG = 2**31 - 1
+TEST_TIMEOUT = 30
+
+
+# --------------------------------------------------------------------------------------------
+# Certificates
+# --------------------------------------------------------------------------------------------
+
+
+def issue_without_cn(ca: Issued) -> Issued:
+    """A valid client certificate whose subject has an OU but no CN."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = ca.cert.not_valid_before_utc
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "user")]))
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(ca.cert.not_valid_after_utc)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca.key, hashes.SHA256())
+    )
+    return Issued(cert, key)
+
+
+@dataclass
+class Pki:
+    ca: Issued
+    directory: Path
+    people: dict[str, Issued]
+
+    def files(self, name: str) -> tuple[Path, Path]:
+        return self.directory / f"{name}.pem", self.directory / f"{name}.key"
+
+    def server_context(self) -> ssl.SSLContext:
+        return make_server_ssl_context(*self.files("server"), self.directory / "ca.pem")
+
+    def client_context(
+        self, name: str | None, *, maximum_version: ssl.TLSVersion | None = None
+    ) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.load_verify_locations(cadata=self.ca.cert_pem().decode())
+        if name is not None:
+            context.load_cert_chain(*self.files(name))
+        if maximum_version is not None:
+            context.maximum_version = maximum_version
+        context.set_alpn_protocols(["h2"])
+        return context
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    directory = tmp_path_factory.mktemp("transport-pki")
+    ca = make_ca()
+    other_ca = make_ca("someone else's CA")
+    people = {
+        "server": issue_cert(ca, "localhost", server=True),
+        "alice": issue_cert(ca, "alice", ["user"]),
+        "bob": issue_cert(ca, "bob", ["user"]),
+        "admin": issue_cert(ca, "root", ["admin", "ops"]),
+        "nocn": issue_without_cn(ca),
+        "stranger": issue_cert(other_ca, "alice", ["admin"]),
+    }
+    ca.write(directory / "ca.pem", directory / "ca.key")
+    for name, issued in people.items():
+        issued.write(directory / f"{name}.pem", directory / f"{name}.key")
+    return Pki(ca, directory, people)
+
+
+# --------------------------------------------------------------------------------------------
+# The test service
+# --------------------------------------------------------------------------------------------
+
+
+class Fatal(BaseException):
+    """Not an Exception: stands for KeyboardInterrupt and friends, which must never be caught."""
+
+
+class Probe:
+    """A tiny service built by hand (no jobd proto), and what its handlers did."""
+
+    def __init__(self) -> None:
+        self.started = trio.Event()
+        self.cancelled = trio.Event()
+        self.release = trio.Event()
+        self.active = 0
+        self.max_active = 0
+        self.produced = 0
+        self.errors: list[str] = []
+
+    async def whoami(self, request: StringValue) -> StringValue:
+        identity = current_identity.get()
+        for _ in range(3):  # let other calls run in between: the identity must not move
+            await trio.lowlevel.checkpoint()
+            if current_identity.get() is not identity:
+                self.errors.append("identity changed within a call")
+        return StringValue(value=f"{identity.user}|{','.join(sorted(identity.roles))}")
+
+    async def size(self, request: StringValue) -> StringValue:
+        return StringValue(value=str(len(request.value)))
+
+    async def block(self, request: StringValue) -> StringValue:
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        self.started.set()
+        try:
+            await self.release.wait()
+        except trio.Cancelled:
+            self.cancelled.set()
+            raise
+        finally:
+            self.active -= 1
+        return StringValue(value="released")
+
+    async def fail(self, request: StringValue) -> StringValue:
+        kind, _, text = request.value.partition(":")
+        if kind == "notfound":
+            raise NotFoundError(text)
+        if kind == "invalid":
+            raise InvalidArgumentError(text)
+        if kind == "group":
+            raise ExceptionGroup("handler nursery", [PermissionDeniedError(text)])
+        if kind == "fatal":
+            raise Fatal
+        raise ValueError(f"secret detail {text}")
+
+    async def stream(self, request: StringValue) -> AsyncIterator[StringValue]:
+        """Value "COUNT:SIZE" sends COUNT messages of SIZE bytes; ":block" then waits forever."""
+        count, size, then = (request.value.split(":") + [""])[:3]
+        completed = False
+        try:
+            for _ in range(int(count)):
+                self.produced += 1
+                yield StringValue(value="x" * int(size))
+                self.started.set()
+            if then == "block":
+                await trio.sleep_forever()
+            completed = True
+        finally:
+            if not completed:
+                self.cancelled.set()
+
+    def service(self) -> Service:
+        service = Service("test.Echo")
+        unary = RPCSignature(Cardinality.UNARY_UNARY, StringValue, StringValue)
+        for name, method in [
+            ("Whoami", self.whoami),
+            ("Size", self.size),
+            ("Block", self.block),
+            ("Fail", self.fail),
+        ]:
+            service.add_method(name, method, unary)
+        service.add_method(
+            "Stream", self.stream, RPCSignature(Cardinality.UNARY_STREAM, StringValue, StringValue)
+        )
+        return service
+
+
+# --------------------------------------------------------------------------------------------
+# Server and clients
+# --------------------------------------------------------------------------------------------
+
+
+def server_side_sockets(port: int) -> list[str]:
+    """TCP states of this process's sockets whose local port is `port`."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    states = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as lines:
+            next(lines)
+            for line in lines:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[9] in inodes:
+                    states.append(fields[3])
+    return states
+
+
+@dataclass
+class Running:
+    server: GrpcServer
+    stopped: trio.Event  # serve_grpc returned by itself
+
+
+@asynccontextmanager
+async def running(
+    pki: Pki, probe: Probe, limits: TransportLimits | None = None
+) -> AsyncIterator[Running]:
+    stopped = trio.Event()
+
+    async def serve(task_status: trio.TaskStatus[GrpcServer]) -> None:
+        await serve_grpc(
+            [probe.service()],
+            host="127.0.0.1",
+            port=0,
+            ssl_context=pki.server_context(),
+            limits=limits or TransportLimits(),
+            task_status=task_status,
+        )
+        stopped.set()
+
+    async with trio.open_nursery() as nursery:
+        server: GrpcServer = await nursery.start(serve)
+        with trio.fail_after(TEST_TIMEOUT):  # a regression fails instead of hanging
+            yield Running(server, stopped)
+        nursery.cancel_scope.cancel()
+    # Every server task has ended with the nursery; its sockets must be closed too.
+    assert server_side_sockets(server.port) == []
+    assert probe.errors == []
+
+
+class GrpcClient:
+    """The official grpcio client on one channel (one connection); calls run in a thread."""
+
+    def __init__(self, port: int, pki: Pki, name: str) -> None:
+        who = pki.people[name]
+        credentials = grpc.ssl_channel_credentials(pki.ca.cert_pem(), who.key_pem(), who.cert_pem())
+        self.channel = grpc.secure_channel(f"127.0.0.1:{port}", credentials)
+
+    def unary(self, method: str) -> Any:
+        return self.channel.unary_unary(
+            f"/test.Echo/{method}",
+            request_serializer=StringValue.SerializeToString,
+            response_deserializer=StringValue.FromString,
+        )
+
+    def streaming(self, method: str) -> Any:
+        return self.channel.unary_stream(
+            f"/test.Echo/{method}",
+            request_serializer=StringValue.SerializeToString,
+            response_deserializer=StringValue.FromString,
+        )
+
+    async def call(self, method: str, value: str = "", grpc_timeout: float | None = 10) -> str:
+        def run() -> str:
+            reply = self.unary(method)(StringValue(value=value), timeout=grpc_timeout)
+            return str(reply.value)
+
+        return await trio.to_thread.run_sync(run)
+
+    async def status(
+        self, method: str, value: str = "", grpc_timeout: float | None = 10
+    ) -> tuple[grpc.StatusCode, str]:
+        def run() -> tuple[grpc.StatusCode, str]:
+            try:
+                self.unary(method)(StringValue(value=value), timeout=grpc_timeout)
+            except grpc.RpcError as error:
+                return error.code(), error.details()
+            return grpc.StatusCode.OK, ""
+
+        return await trio.to_thread.run_sync(run)
+
+
+@contextmanager
+def grpc_client(port: int, pki: Pki, name: str = "alice") -> Iterator[GrpcClient]:
+    client = GrpcClient(port, pki, name)
+    try:
+        yield client
+    finally:
+        client.channel.close()
+
+
+def grpc_frame(value: str) -> bytes:
+    payload: bytes = StringValue(value=value).SerializeToString()
+    return struct.pack(">?I", False, len(payload)) + payload
+
+
+class RawClient:
+    """TLS and h2 by hand, for what grpcio will not do: huge windows and no reads, RST_STREAM
+    at a chosen moment, raw headers, streams after GOAWAY."""
+
+    def __init__(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
+        self.stream = stream
+        self.h2 = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
+        )
+        self.events: list[h2.events.Event] = []
+        self.acknowledge = True  # give received DATA back to the server's flow control
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls, port: int, pki: Pki, name: str = "alice", settings: dict[int, int] | None = None
+    ) -> AsyncIterator[RawClient]:
+        stream = await trio.open_ssl_over_tcp_stream(
+            "127.0.0.1", port, ssl_context=pki.client_context(name)
+        )
+        client = cls(stream)
+        try:
+            client.h2.initiate_connection()
+            if settings:
+                client.h2.update_settings(settings)
+            await client.flush()
+            yield client
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def flush(self) -> None:
+        data = self.h2.data_to_send()
+        if data:
+            await self.stream.send_all(data)
+
+    async def request(
+        self, method: str, value: str = "", extra: list[tuple[str, str]] | None = None
+    ) -> int:
+        stream_id: int = self.h2.get_next_available_stream_id()
+        headers = [
+            (":method", "POST"),
+            (":scheme", "https"),
+            (":path", f"/test.Echo/{method}"),
+            (":authority", "localhost"),
+            ("te", "trailers"),
+            ("content-type", "application/grpc"),
+            *(extra or []),
+        ]
+        self.h2.send_headers(stream_id, headers)
+        self.h2.send_data(stream_id, grpc_frame(value), end_stream=True)
+        await self.flush()
+        return stream_id
+
+    async def until(self, predicate: Callable[[h2.events.Event], bool]) -> h2.events.Event:
+        """The first event so far that matches, reading (and acknowledging data) until one
+        does; fail on end of stream."""
+        checked = 0
+        while True:
+            for event in self.events[checked:]:
+                if predicate(event):
+                    return event
+            checked = len(self.events)
+            data = await self.stream.receive_some()
+            assert data, f"connection closed; events: {self.events}"
+            events = self.h2.receive_data(data)
+            for event in events:
+                if isinstance(event, h2.events.DataReceived) and self.acknowledge:
+                    self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, h2.events.ConnectionTerminated):
+                    # h2 3.2 stops all traffic on GOAWAY; a client finishes its open streams
+                    # (RFC 7540 §6.8), and these tests need to, too.
+                    self.h2.state_machine.state = h2.connection.ConnectionState.CLIENT_OPEN
+            self.events.extend(events)
+            await self.flush()
+
+    async def trailers(self, stream_id: int) -> dict[str, str]:
+        event = await self.until(
+            lambda e: (
+                isinstance(e, h2.events.TrailersReceived | h2.events.ResponseReceived)
+                and e.stream_id == stream_id
+                and e.stream_ended is not None
+            )
+        )
+        return dict(event.headers)
+
+    async def read_to_eof(self) -> None:
+        """Read until the server closes; a close without close_notify counts as well."""
+        while True:
+            try:
+                data = await self.stream.receive_some()
+            except trio.BrokenResourceError:
+                return
+            if not data:
+                return
+            self.events.extend(self.h2.receive_data(data))
+
+
+def of(kind: type, stream_id: int | None = None) -> Callable[[h2.events.Event], bool]:
+    return lambda e: isinstance(e, kind) and stream_id in (None, getattr(e, "stream_id", None))
+
+
+@pytest.fixture
+def probe() -> Probe:
+    return Probe()
+
+
+@pytest.fixture(autouse=True)
+def no_thread_left() -> Iterator[None]:
+    before = set(threading.enumerate())
+    yield
+    # trio keeps idle worker threads for reuse ("Trio thread N"); those are not ours.
+    left = [t for t in set(threading.enumerate()) - before if not t.name.startswith("Trio thread")]
+    assert left == []
+
+
+# --------------------------------------------------------------------------------------------
+# Row 1: own listener, TLS in the connection's task, identity per connection
+# --------------------------------------------------------------------------------------------
+
+
+async def test_identity_is_each_connections_certificate_never_mixed_up(
+    pki: Pki, probe: Probe
+) -> None:
+    async with running(pki, probe) as run:
+        port = run.server.port
+        with (
+            grpc_client(port, pki, "alice") as alice,
+            grpc_client(port, pki, "bob") as bob,
+            grpc_client(port, pki, "admin") as admin,
+        ):
+
+            def many() -> list[tuple[str, str]]:
+                calls = []
+                for i in range(300):  # interleaved: both connections busy at once
+                    for who, client in (("alice", alice), ("bob", bob)):
+                        future = client.unary("Whoami").future(StringValue(value=str(i)), 30)
+                        calls.append((who, future))
+                return [(who, future.result().value) for who, future in calls]
+
+            results = await trio.to_thread.run_sync(many)
+            assert len(results) == 600
+            assert [r for r in results if r[1] != f"{r[0]}|user"] == []
+            # user = CN, roles = every OU
+            assert await admin.call("Whoami") == "root|admin,ops"
+
+
+async def test_listens_on_exactly_the_given_host_and_a_taken_port_is_an_error(
+    pki: Pki, probe: Probe
+) -> None:
+    async with running(pki, probe) as run:
+        port = run.server.port
+        # 127.0.0.2 is loopback too: a server bound to every interface would answer there.
+        with pytest.raises(OSError):
+            await trio.open_tcp_stream("127.0.0.2", port)
+        # No SO_REUSEPORT: a second server cannot silently share the port. The error comes
+        # from nursery.start, unwrapped.
+        async with trio.open_nursery() as nursery:
+            with pytest.raises(OSError) as taken:
+                await nursery.start(
+                    functools.partial(
+                        serve_grpc,
+                        [probe.service()],
+                        host="127.0.0.1",
+                        port=port,
+                        ssl_context=pki.server_context(),
+                    )
+                )
+        assert "in use" in str(taken.value)
+
+
+async def test_silent_peers_do_not_stall_accepting_others(pki: Pki, probe: Probe) -> None:
+    async with running(pki, probe) as run:
+        silent = [await trio.open_tcp_stream("127.0.0.1", run.server.port) for _ in range(3)]
+        try:
+            with grpc_client(run.server.port, pki) as client:
+                assert await client.call("Whoami") == "alice|user"
+            assert run.server.connection_count >= 3
+        finally:
+            for stream in silent:
+                await stream.aclose()
+
+
+async def test_handshake_timeout_closes_a_silent_peer(
+    pki: Pki, probe: Probe, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Only time is waited on here: the peer never sends a byte.
+    async with running(pki, probe, TransportLimits(handshake_timeout=5)) as run:
+        silent = await trio.open_tcp_stream("127.0.0.1", run.server.port)
+        with trio.fail_after(60):
+            assert await silent.receive_some() == b""
+        await silent.aclose()
+
+
+async def test_byte_stream_adapter_speaks_anyio(pki: Pki) -> None:
+    """Row 2: trio's errors reach purerpc as anyio's, which it treats as an end of stream; and
+    the attributes purerpc asks for are there."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    client_context = pki.client_context("alice")
+
+    async def pair() -> tuple[TrioByteStream, trio.SSLStream[trio.SocketStream]]:
+        client = await trio.open_ssl_over_tcp_stream("127.0.0.1", port, ssl_context=client_context)
+        server = trio.SSLStream(await listeners[0].accept(), pki.server_context(), server_side=True)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.do_handshake)
+            nursery.start_soon(server.do_handshake)
+        return TrioByteStream(server), client
+
+    try:
+        adapter, client = await pair()
+        attrs = anyio.abc.SocketAttribute
+        assert adapter.extra(attrs.raw_socket).fileno() >= 0
+        assert adapter.extra(attrs.remote_address) == client.transport_stream.socket.getsockname()
+        assert adapter.extra(attrs.local_port) == port
+        await client.send_all(b"ping")
+        assert await adapter.receive() == b"ping"
+        await trio.aclose_forcefully(client)  # TCP FIN, no TLS close_notify: what clients do
+        with pytest.raises(anyio.BrokenResourceError):
+            await adapter.receive()
+        await adapter.aclose()
+
+        adapter, client = await pair()
+        await client.aclose()  # close_notify: a clean end of stream
+        with pytest.raises(anyio.EndOfStream):
+            await adapter.receive()
+        with pytest.raises(anyio.BrokenResourceError):  # send after the peer is gone
+            for _ in range(100):
+                await adapter.send(b"x" * 65536)
+        await adapter.aclose()
+    finally:
+        for listener in listeners:
+            await listener.aclose()
+
+
+# --------------------------------------------------------------------------------------------
+# Row 2 and 6: a client that vanishes
+# --------------------------------------------------------------------------------------------
+
+
+async def test_abrupt_disconnect_cancels_its_calls_and_logs_nothing(
+    pki: Pki, probe: Probe, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    async with running(pki, probe) as run:
+        async with RawClient.open(run.server.port, pki) as raw:
+            await raw.request("Block")
+            await probe.started.wait()
+            await trio.aclose_forcefully(raw.stream)  # no close_notify, no RST_STREAM
+        with trio.fail_after(10):
+            await probe.cancelled.wait()
+        await trio.testing.wait_all_tasks_blocked()
+        assert run.server.connection_count == 0
+        assert server_side_sockets(run.server.port) == ["0A"]  # only the listener (LISTEN)
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert "Got exception in main dispatch loop" not in caplog.text
+
+
+# --------------------------------------------------------------------------------------------
+# Row 3 and 4: what handlers raise
+# --------------------------------------------------------------------------------------------
+
+
+async def test_status_errors_reach_the_client_as_raised(pki: Pki, probe: Probe) -> None:
+    async with running(pki, probe) as run:
+        with grpc_client(run.server.port, pki) as client:
+            assert await client.status("Fail", "notfound:no such job: 42") == (
+                grpc.StatusCode.NOT_FOUND,
+                "no such job: 42",
+            )
+            # a handler's own nursery wraps what it raised
+            assert await client.status("Fail", "group:not yours") == (
+                grpc.StatusCode.PERMISSION_DENIED,
+                "not yours",
+            )
+            assert (await client.status("Nope"))[0] == grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_unexpected_exception_is_logged_and_answered_unknown_without_details(
+    pki: Pki, probe: Probe, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running(pki, probe) as run:
+        with grpc_client(run.server.port, pki) as client:
+            code, details = await client.status("Fail", "boom:/etc/shadow")
+            assert (code, details) == (grpc.StatusCode.UNKNOWN, "internal error")
+            assert await client.call("Whoami") == "alice|user"  # the connection is fine
+    [record] = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert record.levelno == logging.ERROR and "test.Echo/Fail" in record.getMessage()
+    assert record.exc_info is not None and isinstance(record.exc_info[1], ValueError)
+
+
+async def test_base_exceptions_from_handlers_are_never_swallowed(pki: Pki, probe: Probe) -> None:
+    with pytest.RaisesGroup(Fatal, flatten_subgroups=True):
+        async with running(pki, probe) as run:
+            with grpc_client(run.server.port, pki) as client:
+                code, _ = await client.status("Fail", "fatal")
+                # The server died with it instead of answering as if it were an error.
+                assert code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+                await trio.sleep_forever()  # until the server's failure cancels us
+
+
+# --------------------------------------------------------------------------------------------
+# Row 5: grpc-message encoding
+# --------------------------------------------------------------------------------------------
+
+
+def test_percent_encoding_is_exactly_the_specs() -> None:
+    assert percent_encode_grpc_message("job 4: not found") == "job 4: not found"
+    assert percent_encode_grpc_message("100% ü\n") == "100%25 %C3%BC%0A"
+    assert percent_encode_grpc_message("".join(map(chr, range(0x20, 0x7F)))) == "".join(
+        "%25" if c == "%" else c for c in map(chr, range(0x20, 0x7F))
+    )
+
+
+async def test_status_message_goes_out_percent_encoded_only_where_required(
+    pki: Pki, probe: Probe
+) -> None:
+    message = "bad: job_id=x/y (100%) ünïcode ✓"
+    async with running(pki, probe) as run:
+        async with RawClient.open(run.server.port, pki) as raw:
+            stream_id = await raw.request("Fail", f"invalid:{message}")
+            trailers = await raw.trailers(stream_id)
+            assert trailers["grpc-status"] == "3"
+            assert trailers["grpc-message"] == (
+                "bad: job_id=x/y (100%25) %C3%BCn%C3%AFcode %E2%9C%93"
+            )
+        with grpc_client(run.server.port, pki) as client:
+            assert await client.status("Fail", f"invalid:{message}") == (
+                grpc.StatusCode.INVALID_ARGUMENT,
+                message,
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# Row 6: client cancellation
+# --------------------------------------------------------------------------------------------
+
+
+async def test_client_cancel_cancels_the_handler_and_the_connection_lives_on(
+    pki: Pki, probe: Probe
+) -> None:
+    async with running(pki, probe) as run:
+        with grpc_client(run.server.port, pki) as client:
+
+            def cancel_after_first() -> str:
+                call = client.streaming("Stream")(StringValue(value="1:10:block"), timeout=30)
+                first = next(call)
+                call.cancel()  # RST_STREAM(CANCEL)
+                return str(first.value)
+
+            assert await trio.to_thread.run_sync(cancel_after_first) == "x" * 10
+            with trio.fail_after(10):
+                await probe.cancelled.wait()
+            assert await client.call("Whoami") == "alice|user"
+            assert run.server.connection_count == 1
+
+
+async def test_reset_cancels_a_handler_blocked_on_flow_control(pki: Pki, probe: Probe) -> None:
+    async with running(pki, probe) as run:
+        # A zero stream window: the handler's first message can never be sent.
+        settings = {h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0}
+        async with RawClient.open(run.server.port, pki, settings=settings) as raw:
+            stream_id = await raw.request("Stream", "5:100")
+            await raw.until(of(h2.events.ResponseReceived, stream_id))
+            await trio.testing.wait_all_tasks_blocked()
+            assert probe.produced == 1 and not probe.cancelled.is_set()
+            raw.h2.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+            raw.h2.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 65535})
+            await raw.flush()
+            with trio.fail_after(10):
+                await probe.cancelled.wait()
+            # same connection, next call
+            stream_id = await raw.request("Whoami")
+            assert (await raw.trailers(stream_id))["grpc-status"] == "0"
+
+
+# --------------------------------------------------------------------------------------------
+# Row 7: deadlines
+# --------------------------------------------------------------------------------------------
+
+
+async def test_client_deadline_is_enforced_by_the_server(pki: Pki, probe: Probe) -> None:
+    async with running(pki, probe) as run:
+        # raw h2, so that nothing but the server can end the call
+        async with RawClient.open(run.server.port, pki) as raw:
+            stream_id = await raw.request("Block", extra=[("grpc-timeout", "20m")])
+            trailers = await raw.trailers(stream_id)
+            assert trailers["grpc-status"] == str(grpc.StatusCode.DEADLINE_EXCEEDED.value[0])
+            assert probe.cancelled.is_set()
+
+
+async def test_server_maximum_bounds_calls_without_a_deadline(pki: Pki, probe: Probe) -> None:
+    async with running(pki, probe, TransportLimits(max_deadline=0.02)) as run:
+        with grpc_client(run.server.port, pki) as client:
+            code, _ = await client.status("Block", grpc_timeout=None)
+            assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert probe.cancelled.is_set()
+
+
+# --------------------------------------------------------------------------------------------
+# Row 8: outbound backpressure
+# --------------------------------------------------------------------------------------------
+
+
+async def test_a_client_that_never_reads_cannot_make_the_server_buffer(
+    pki: Pki, probe: Probe
+) -> None:
+    cap = 256 * 1024
+    limits = TransportLimits(max_outbound_queued_bytes=cap)
+    count, size = 1000, 64 * 1024  # 64 MiB: far more than socket buffers and the cap
+    async with running(pki, probe, limits) as run:
+        settings = {h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: BIG}
+        async with RawClient.open(run.server.port, pki, settings=settings) as raw:
+            raw.h2.increment_flow_control_window(BIG - 65535)
+            await raw.request("Stream", f"{count}:{size}")
+            # Returns at all only because the handler yields (purerpc's starved the loop).
+            await trio.testing.wait_all_tasks_blocked()
+            assert 0 < probe.produced < count  # blocked, not finished
+            assert run.server.outbound_queued_bytes <= cap + size + 1024
+            await trio.aclose_forcefully(raw.stream)
+            with trio.fail_after(10):
+                await probe.cancelled.wait()
+
+
+async def test_a_client_that_floods_pings_and_never_reads_cannot_either(
+    pki: Pki, probe: Probe
+) -> None:
+    cap = 64 * 1024
+    limits = TransportLimits(max_outbound_queued_bytes=cap)
+    ping = struct.pack(">I", 8)[1:] + bytes([0x6, 0, 0, 0, 0, 0]) + b"12345678"
+    async with running(pki, probe, limits) as run:
+        async with RawClient.open(run.server.port, pki) as raw, trio.open_nursery() as nursery:
+
+            async def flood() -> None:  # h2 acknowledges every PING: 17 bytes out per 17 in
+                for _ in range(500):  # 34 MB: far more than socket buffers hold
+                    await raw.stream.send_all(ping * 4096)
+
+            nursery.start_soon(flood)
+            await trio.testing.wait_all_tasks_blocked()  # the server stopped reading, so we block
+            assert 0 < run.server.outbound_queued_bytes <= 4 * cap + 64 * 1024
+            nursery.cancel_scope.cancel()
+
+
+# --------------------------------------------------------------------------------------------
+# Row 9: limits
+# --------------------------------------------------------------------------------------------
+
+
+async def test_oversized_request_fails_alone_with_resource_exhausted(
+    pki: Pki, probe: Probe
+) -> None:
+    limit = 64 * 1024
+    async with running(pki, probe, TransportLimits(max_message_bytes=limit)) as run:
+        with grpc_client(run.server.port, pki) as client:
+            blocked = client.unary("Block").future(StringValue(), 30)  # in flight meanwhile
+            await probe.started.wait()
+            code, details = await client.status("Size", "x" * (limit + 1))
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert str(limit) in details
+            assert await client.call("Size", "x" * (limit - 16)) == str(limit - 16)
+            probe.release.set()
+            assert (await trio.to_thread.run_sync(blocked.result)).value == "released"
+            assert run.server.connection_count == 1
+
+
+async def test_settings_cap_concurrent_streams_and_windows(pki: Pki, probe: Probe) -> None:
+    limits = TransportLimits(max_concurrent_streams=7, max_message_bytes=100_000)
+    async with running(pki, probe, limits) as run:
+        async with RawClient.open(run.server.port, pki) as raw:
+            event = await raw.until(of(h2.events.RemoteSettingsChanged))
+            codes = h2.settings.SettingCodes
+            changed = event.changed_settings
+            assert changed[codes.MAX_CONCURRENT_STREAMS].new_value == 7
+            assert changed[codes.INITIAL_WINDOW_SIZE].new_value == 100_005
+            update = await raw.until(of(h2.events.WindowUpdated, 0))
+            assert 65535 + update.delta == limits.connection_window_bytes
+
+
+async def test_concurrent_calls_beyond_the_stream_cap_wait(pki: Pki, probe: Probe) -> None:
+    limits = TransportLimits(max_concurrent_streams=2)
+    async with running(pki, probe, limits) as run:
+        with grpc_client(run.server.port, pki) as client:
+            block = client.unary("Block")
+            futures = [block.future(StringValue(), 30) for _ in range(5)]
+            await probe.started.wait()
+            probe.release.set()
+            results = await trio.to_thread.run_sync(lambda: [f.result().value for f in futures])
+            assert results == ["released"] * 5
+            assert probe.max_active <= 2
+
+
+async def test_connections_beyond_the_cap_are_closed(pki: Pki, probe: Probe) -> None:
+    async with running(pki, probe, TransportLimits(max_connections=1)) as run:
+        port = run.server.port
+        async with RawClient.open(port, pki) as first:
+            stream_id = await first.request("Whoami")
+            assert (await first.trailers(stream_id))["grpc-status"] == "0"
+            with pytest.raises(trio.BrokenResourceError):
+                async with RawClient.open(port, pki, "bob") as second:
+                    await second.until(of(h2.events.RemoteSettingsChanged))
+            stream_id = await first.request("Whoami")
+            assert (await first.trailers(stream_id))["grpc-status"] == "0"
+        await trio.testing.wait_all_tasks_blocked()
+        assert run.server.connection_count == 0
+        async with RawClient.open(port, pki, "bob") as third:
+            stream_id = await third.request("Whoami")
+            assert (await third.trailers(stream_id))["grpc-status"] == "0"
+
+
+async def test_idle_connection_gets_goaway_and_is_closed(
+    pki: Pki, probe: Probe, mock_clock: trio.testing.MockClock
+) -> None:
+    # The clock stands still while real I/O sets up the connection; then only time passes.
+    async with running(pki, probe, TransportLimits(idle_timeout=10)) as run:
+        async with RawClient.open(run.server.port, pki) as raw:
+            stream_id = await raw.request("Whoami")
+            assert (await raw.trailers(stream_id))["grpc-status"] == "0"
+            await trio.testing.wait_all_tasks_blocked()
+            assert not any(isinstance(e, h2.events.ConnectionTerminated) for e in raw.events)
+            mock_clock.jump(10)
+            goaway = await raw.until(of(h2.events.ConnectionTerminated))
+            assert (goaway.error_code, goaway.last_stream_id) == (0, stream_id)
+            await raw.read_to_eof()
+        await trio.testing.wait_all_tasks_blocked()
+        assert run.server.connection_count == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Row 10: graceful shutdown
+# --------------------------------------------------------------------------------------------
+
+
+async def test_shutdown_stops_accepting_and_lets_open_calls_finish(pki: Pki, probe: Probe) -> None:
+    async with running(pki, probe) as run:
+        port = run.server.port
+        async with RawClient.open(port, pki) as raw:
+            first = await raw.request("Block")
+            await probe.started.wait()
+            run.server.shutdown(grace=60)
+            goaway = await raw.until(of(h2.events.ConnectionTerminated))
+            assert (goaway.error_code, goaway.last_stream_id) == (0, first)
+            with pytest.raises(OSError):
+                await trio.open_tcp_stream("127.0.0.1", port)
+            # a stream opened after the GOAWAY is refused (safe for the client to retry)
+            late = await raw.request("Whoami")
+            reset = await raw.until(of(h2.events.StreamReset, late))
+            assert reset.error_code == h2.errors.ErrorCodes.REFUSED_STREAM
+            probe.release.set()
+            trailers = await raw.trailers(first)
+            assert trailers["grpc-status"] == "0"
+            await raw.read_to_eof()
+        with trio.fail_after(10):
+            await run.stopped.wait()
+
+
+async def test_calls_still_open_after_the_grace_period_end_unavailable(
+    pki: Pki, probe: Probe
+) -> None:
+    async with running(pki, probe) as run:
+        with grpc_client(run.server.port, pki) as client:
+            async with trio.open_nursery() as nursery:
+
+                async def shut_down_once_blocked() -> None:
+                    await probe.started.wait()
+                    run.server.shutdown(grace=0)
+
+                nursery.start_soon(shut_down_once_blocked)
+                code, details = await client.status("Block", grpc_timeout=30)
+            assert (code, details) == (grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+            assert probe.cancelled.is_set()
+        with trio.fail_after(10):
+            await run.stopped.wait()
+
+
+async def test_streaming_call_cut_by_shutdown_gets_a_status(pki: Pki, probe: Probe) -> None:
+    async with running(pki, probe) as run:
+        async with RawClient.open(run.server.port, pki) as raw:
+            stream_id = await raw.request("Stream", "2:10:block")
+            await raw.until(of(h2.events.DataReceived, stream_id))
+            run.server.shutdown(grace=0)
+            trailers = await raw.trailers(stream_id)
+            assert trailers["grpc-status"] == "14"
+            await raw.read_to_eof()
+        with trio.fail_after(10):
+            await run.stopped.wait()
+
+
+async def test_call_cut_mid_message_is_reset_not_given_trailers(pki: Pki, probe: Probe) -> None:
+    async with running(pki, probe) as run:
+        settings = {h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 100}
+        async with RawClient.open(run.server.port, pki, settings=settings) as raw:
+            raw.acknowledge = False  # the handler stalls after 100 bytes of a 1000-byte message
+            stream_id = await raw.request("Stream", "1:1000")
+            await raw.until(of(h2.events.DataReceived, stream_id))
+            await trio.testing.wait_all_tasks_blocked()
+            run.server.shutdown(grace=0)
+            reset = await raw.until(of(h2.events.StreamReset, stream_id))
+            assert reset.error_code == h2.errors.ErrorCodes.CANCEL
+            assert not any(isinstance(e, h2.events.TrailersReceived) for e in raw.events)
+            await raw.read_to_eof()
+        with trio.fail_after(10):
+            await run.stopped.wait()
+
+
+def test_goaway_frame_is_what_h2_parses() -> None:
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    server.initiate_connection()
+    client.receive_data(server.data_to_send())
+    [event] = [e for e in client.receive_data(goaway_frame(7, 0)) if isinstance(e, h2.events.Event)]
+    assert isinstance(event, h2.events.ConnectionTerminated)
+    assert (event.last_stream_id, event.error_code) == (7, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# TLS and identity refusals
+# --------------------------------------------------------------------------------------------
+
+
+def test_server_context_is_tls13_mutual_h2(pki: Pki) -> None:
+    context = pki.server_context()
+    assert context.minimum_version == ssl.TLSVersion.TLSv1_3
+    assert context.verify_mode == ssl.CERT_REQUIRED
+
+
+async def refused(port: int, context: ssl.SSLContext) -> None:
+    """The server must not speak h2 to this client: the handshake or the first read fails."""
+    stream = await trio.open_ssl_over_tcp_stream("127.0.0.1", port, ssl_context=context)
+    try:
+        with pytest.raises(trio.BrokenResourceError):
+            await stream.do_handshake()
+            await stream.send_all(PREFACE)
+            assert await stream.receive_some() == b""  # TLS 1.3: the alert may come late
+            raise trio.BrokenResourceError
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+async def test_tls12_client_is_refused(pki: Pki, probe: Probe) -> None:
+    async with running(pki, probe) as run:
+        await refused(
+            run.server.port, pki.client_context("alice", maximum_version=ssl.TLSVersion.TLSv1_2)
+        )
+
+
+async def test_client_without_certificate_is_refused(pki: Pki, probe: Probe) -> None:
+    async with running(pki, probe) as run:
+        await refused(run.server.port, pki.client_context(None))
+
+
+async def test_certificate_from_another_ca_is_refused(pki: Pki, probe: Probe) -> None:
+    async with running(pki, probe) as run:
+        await refused(run.server.port, pki.client_context("stranger"))
+        assert not probe.started.is_set()
+
+
+async def test_plaintext_client_is_dropped(
+    pki: Pki, probe: Probe, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running(pki, probe) as run:
+        stream = await trio.open_tcp_stream("127.0.0.1", run.server.port)
+        try:
+            await stream.send_all(PREFACE)
+            received = b""
+            with trio.fail_after(10):
+                while chunk := await stream.receive_some():
+                    received += chunk
+            assert not received.startswith(b"\x00")  # no h2 frame, at most a TLS alert
+        finally:
+            await stream.aclose()
+        with grpc_client(run.server.port, pki) as client:
+            assert await client.call("Whoami") == "alice|user"
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+async def test_certificate_without_cn_is_unauthenticated_not_dropped(
+    pki: Pki, probe: Probe
+) -> None:
+    async with running(pki, probe) as run:
+        with grpc_client(run.server.port, pki, "nocn") as client:
+            expected = (grpc.StatusCode.UNAUTHENTICATED, "client certificate has no subject CN")
+            assert await client.status("Whoami") == expected
+            assert await client.status("Block") == expected
+            assert run.server.connection_count == 1
+            assert not probe.started.is_set()
+
+
+def subject(*pairs: tuple[str, str]) -> dict[str, Any]:
+    """A certificate as `SSLObject.getpeercert()` gives it, one RDN per pair."""
+    return {"subject": tuple(((key, value),) for key, value in pairs)}
+
+
+OU, CN = "organizationalUnitName", "commonName"
+
+
+@pytest.mark.parametrize(
+    ("cert", "expected"),
+    [
+        (subject((CN, "alice")), Identity("alice", frozenset())),
+        (
+            subject((OU, "admin"), (OU, "ops"), (CN, "root")),
+            Identity("root", frozenset({"admin", "ops"})),
+        ),
+        (subject((OU, "user"), (CN, "")), "client certificate has no subject CN"),
+        (subject((OU, "admin")), "client certificate has no subject CN"),
+        (subject((CN, "a"), (CN, "b")), "client certificate has more than one subject CN"),
+    ],
+)
+def test_identity_from_certificate_subject(cert: dict[str, Any], expected: Any) -> None:
+    if isinstance(expected, Identity):
+        assert _identity_from_peer_cert(cert) == expected
+    else:
+        with pytest.raises(UnauthenticatedError) as refused:
+            _identity_from_peer_cert(cert)
+        assert refused.value.status.status_message == expected
+
+
+def test_identity_is_a_frozen_value() -> None:
+    identity = Identity("alice", frozenset({"user"}))
+    with pytest.raises(AttributeError):
+        identity.user = "bob"  # type: ignore[misc]
+    assert identity == Identity("alice", frozenset({"user"}))
