@@ -83,7 +83,8 @@ def _opt(name: str, env: str, **kw: Any) -> Callable[[F], F]:
 @_opt("--client-ca", "JOBD_CLIENT_CA",
       type=click.Path(exists=True, dir_okay=False, path_type=Path),
       required=True, help="CA that signs client certificates (PEM).")
-@_opt("--data-dir", "JOBD_DATA_DIR", type=click.Path(file_okay=False, path_type=Path, resolve_path=True),
+@_opt("--data-dir", "JOBD_DATA_DIR",
+      type=click.Path(file_okay=False, path_type=Path, resolve_path=True),
       default=Path("/var/lib/jobd"), help="Where job output is kept (mode 0700).")
 @_opt("--run-as", "JOBD_RUN_AS", default="nobody",
       help="Unprivileged user jobs run as ('root' only if you mean it).")
@@ -104,9 +105,9 @@ def _opt(name: str, env: str, **kw: Any) -> Callable[[F], F]:
 @_opt("--default-io-write", "JOBD_DEFAULT_IO_WRITE", type=SIZE, default="0",
       help="Write bytes/s when a job asks for none (0: unlimited).")
 @_opt("--max-cpus", "JOBD_MAX_CPUS", type=float, default=DEFAULTS.max_limits.cpus,
-      help="Most CPUs a job may ask for (0: no maximum).")
+      show_default="the host's CPUs", help="Most CPUs a job may ask for (0: no maximum).")
 @_opt("--max-memory", "JOBD_MAX_MEMORY", type=SIZE, default=str(DEFAULTS.max_limits.memory_bytes),
-      help="Most memory a job may ask for (0: no maximum).")
+      show_default="the host's memory", help="Most memory a job may ask for (0: no maximum).")
 @_opt("--max-pids", "JOBD_MAX_PIDS", type=int, default=DEFAULTS.max_limits.pids,
       help="Most processes a job may ask for (0: no maximum).")
 @_opt("--stop-grace", "JOBD_STOP_GRACE", type=DURATION, default="5s",
