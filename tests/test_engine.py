@@ -459,3 +459,32 @@ async def test_engine_imports_nothing_of_the_network() -> None:
     )
     out = await trio.run_process([sys.executable, "-c", code], capture_stdout=True)
     assert out.stdout.strip() == b"[]"
+
+
+async def test_a_failing_job_task_ends_only_that_job(
+    engine: JobManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk that fills up (simulated: this machine's disk cannot be filled in a test) ends
+    the job whose output cannot be kept, logged, and nothing else."""
+    from jobd.engine import _output
+
+    real_write = _output.OutputStore.write
+    failing: set[str] = set()
+
+    def write(self: _output.OutputStore, stream: Stream, data: bytes) -> None:
+        if self._paths[0].stem in failing:
+            raise OSError(28, "No space left on device")
+        real_write(self, stream, data)
+
+    monkeypatch.setattr(_output.OutputStore, "write", write)
+    survivor = await engine.start("alice", ["sh", "-c", "echo up; sleep 1000"])
+    await wait_for_output(engine, survivor.id, b"up")
+    victim = await engine.start("alice", ["sh", "-c", "sleep 0.1; echo doomed; sleep 1000"])
+    failing.add(victim.id)
+    assert await output_of(engine, victim.id) == b""  # ends: the job was killed
+    final = engine.status(victim.id)
+    assert final.state is State.KILLED and final.signal == signal.SIGKILL
+    assert engine.status(survivor.id).state is State.RUNNING
+    again = await engine.start("alice", ["echo", "fine"])
+    assert await output_of(engine, again.id) == b"fine\n"
+    assert engine.status(again.id).state is State.EXITED

@@ -250,8 +250,11 @@ class JobCgroup:
         has it, which also catches processes forked while we iterate."""
         assert self.unified is not None
         if sig == signal.SIGKILL and (self.unified / "cgroup.kill").exists():
-            _write(self.unified / "cgroup.kill", "1")
-            return
+            try:
+                _write(self.unified / "cgroup.kill", "1")
+                return
+            except CgroupError as exc:
+                log.warning("%s; killing the processes one by one", exc)
         for pid in self.pids():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)

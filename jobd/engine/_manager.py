@@ -14,6 +14,7 @@ SIGKILLs the cgroup. Leaving the manager stops every job.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import pwd
@@ -45,6 +46,7 @@ READ_SIZE = 64 * 1024
 # takes longer than this something is badly wrong and we stop waiting rather than hang.
 CLEANUP_TIMEOUT = 30.0
 MiB = 1024 * 1024
+log = logging.getLogger(__name__)
 NO_LIMITS = Limits()  # every limit unset: the server's defaults apply
 
 
@@ -380,6 +382,8 @@ class JobManager:
     # ----------------------------------------------------------------- run and stop
 
     async def _supervise(self, job: _Job) -> None:
+        """The job's task. A failure here (a cgroup file the kernel refuses, a full disk) ends
+        this job, logged, and never the manager or any other job."""
         proc = job.proc
         assert proc is not None and proc.stdout is not None and proc.stderr is not None
         try:
@@ -395,10 +399,20 @@ class JobManager:
                 # behind. The pumps see EOF once the last holder of the pipes is dead.
                 job.cgroup.signal_all(signal.SIGKILL)
                 await job.cgroup.wait_empty()
+        except Exception:
+            log.exception("job %s failed inside jobd; killing it", job.id)
         finally:
             with trio.CancelScope(shield=True) as cs:
                 cs.deadline = trio.current_time() + CLEANUP_TIMEOUT
-                await self._teardown(job.cgroup, proc, job.output, job=job)
+                try:
+                    await self._teardown(job.cgroup, proc, job.output, job=job)
+                except Exception:
+                    log.exception("cleaning up job %s failed", job.id)
+            if cs.cancelled_caught:
+                log.error(
+                    "job %s: its processes did not die within %.0f s; its cgroup is left "
+                    "for the next start-up to reap", job.id, CLEANUP_TIMEOUT
+                )
 
     async def _stopper(self, job: _Job) -> None:
         await job.kill_at.wait_value(lambda at: at != math.inf)
