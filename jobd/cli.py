@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import asyncclick as click
 
 from jobd.engine import EngineConfig, JobdError, Limits
+from jobd.engine._manager import JOB_UID_FIRST, JOB_UID_LAST
 from jobd.server import ServerConfig, run_server
 from jobd.units import parse_duration, parse_size
 
@@ -52,6 +53,15 @@ def _listen(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _uid_range(value: str) -> tuple[int, int] | None:
+    if value == "shared":
+        return None
+    first, sep, last = value.partition("-")
+    if not (sep and first.isdigit() and last.isdigit() and 0 < int(first) <= int(last) < 2**31):
+        raise click.BadParameter(f"{value!r}: use FIRST-LAST (e.g. 1000000-1999999) or shared")
+    return int(first), int(last)
+
+
 SIZE, DURATION = _Size(), _Duration()
 DEFAULTS = EngineConfig(data_dir=Path("."))
 
@@ -88,6 +98,10 @@ def _opt(name: str, env: str, **kw: Any) -> Callable[[F], F]:
       default=Path("/var/lib/jobd"), help="Where job output is kept (mode 0700).")
 @_opt("--run-as", "JOBD_RUN_AS", default="nobody",
       help="Unprivileged user jobs run as ('root' only if you mean it).")
+@_opt("--job-uids", "JOBD_JOB_UIDS", default=f"{JOB_UID_FIRST}-{JOB_UID_LAST}",
+      metavar="FIRST-LAST|shared", callback=lambda ctx, param, value: _uid_range(value),
+      help="Uids given one per running job (gid and home stay the --run-as user's), so no "
+      "job can signal or inspect another; 'shared': all jobs use the --run-as uid.")
 @_opt("--no-cgroups", "JOBD_NO_CGROUPS", is_flag=True,
       help="Run jobs without any resource limits when cgroups are unusable.")
 @_opt("--cgroup-name", "JOBD_CGROUP_NAME", default="jobd",
@@ -121,6 +135,7 @@ async def serve(
     client_ca: Path,
     data_dir: Path,
     run_as: str,
+    job_uids: tuple[int, int] | None,
     no_cgroups: bool,
     cgroup_name: str,
     io_device: tuple[str, ...],
@@ -150,6 +165,7 @@ async def serve(
     engine = EngineConfig(
         data_dir=data_dir,
         run_as=None if run_as == "" else run_as,
+        job_uids=job_uids,
         cgroup_name=cgroup_name,
         allow_no_cgroups=no_cgroups,
         default_limits=Limits(

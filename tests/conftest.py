@@ -59,8 +59,8 @@ def jobd_cgroups() -> list[Path]:
     return found
 
 
-def job_processes() -> list[str]:
-    """Processes sitting in any jobd cgroup, as "pid: cmdline"."""
+def job_processes(names: set[str]) -> list[str]:
+    """Processes sitting in a jobd cgroup tree with one of `names`, as "pid: cmdline"."""
     out = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -69,7 +69,8 @@ def job_processes() -> list[str]:
             groups = (entry / "cgroup").read_text()
             zombie = (entry / "stat").read_text().rsplit(")", 1)[-1].split()[0] == "Z"
             # A killed orphan stays a zombie until init reaps it: dead, so not left running.
-            if "/jobd" in groups and not zombie:
+            ours = any(f"/{name}/" in groups for name in names)
+            if ours and not zombie:
                 cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
                 out.append(f"{entry.name}: {cmd}")
         except OSError:
@@ -77,19 +78,26 @@ def job_processes() -> list[str]:
     return out
 
 
+# Tree names handed out in this session: the leak check looks only at these (and at the
+# default name), so another suite running on the same machine cannot confuse it.
+SESSION_NAMES: set[str] = {"jobd"}
+
+
 @pytest.fixture(scope="session", autouse=True)
 def nothing_left_behind() -> Iterator[None]:
-    """At the end of the suite: no job process and no jobd cgroup remains."""
+    """At the end of the suite: no job process and no jobd cgroup of ours remains."""
     before = set(jobd_cgroups())
     yield
-    left = [p for p in jobd_cgroups() if p not in before]
-    procs = job_processes()
+    left = [p for p in jobd_cgroups() if p not in before and p.name in SESSION_NAMES]
+    procs = job_processes(SESSION_NAMES)
     assert not left and not procs, f"left behind: cgroups {left}, processes {procs}"
 
 
 @pytest.fixture
 def cgroup_name() -> str:
-    return TEST_CGROUP_PREFIX + uuid.uuid4().hex[:12]
+    name = TEST_CGROUP_PREFIX + uuid.uuid4().hex[:12]
+    SESSION_NAMES.add(name)
+    return name
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ from jobd.engine import (
     detect_layout,
     open_job_manager,
 )
+from jobd.engine._manager import JOB_UID_FIRST, JOB_UID_LAST
 
 pytestmark = pytest.mark.cgroups
 MiB = 1024 * 1024
@@ -104,11 +105,37 @@ async def test_runs_as_nobody_with_minimal_env(engine: JobManager) -> None:
     finally:
         del os.environ["JOBD_SECRET_OF_SERVER"]
     lines = out.splitlines()
-    assert lines[0] == "65534"
+    assert JOB_UID_FIRST <= int(lines[0]) <= JOB_UID_LAST  # a uid of its own
     env = dict(line.split("=", 1) for line in lines[1:])
     assert env["GREETING"] == "hi" and env["PWD"] == "/tmp"
     assert "JOBD_SECRET_OF_SERVER" not in env
     assert env["PATH"].startswith("/usr/local/sbin")
+
+
+async def test_jobs_cannot_touch_each_other(engine: JobManager) -> None:
+    """Every job has a uid of its own (gid of the run-as user): another user's job can
+    neither signal nor inspect it."""
+    bobs = await engine.start("bob", ["sh", "-c", "echo $$; id -g; exec sleep 1000"])
+    pid, gid = (await wait_for_output(engine, bobs.id, b"\n65534\n")).split()[:2]
+    attack = (
+        f"kill -9 {int(pid)} && echo killed; cat /proc/{int(pid)}/environ && echo read; "
+        f"ls /proc/{int(pid)}/fd/ && echo listed; true"
+    )
+    alices = await engine.start("alice", ["sh", "-c", attack])
+    out = await output_of(engine, alices.id)
+    assert b"killed" not in out and b"read" not in out and b"listed" not in out, out
+    assert b"Operation not permitted" in out
+    assert engine.status(bobs.id).state is State.RUNNING
+    assert gid == b"65534"
+    await engine.stop(bobs.id, grace=0)
+
+
+async def test_job_uids_are_unique_among_running_jobs(engine: JobManager) -> None:
+    jobs = [await engine.start("alice", ["sh", "-c", "id -u; exec sleep 1000"]) for _ in "abcd"]
+    uids = {(await wait_for_output(engine, j.id, b"\n")).strip() for j in jobs}
+    assert len(uids) == 4
+    for job in jobs:
+        await engine.stop(job.id, grace=0)
 
 
 async def test_in_leaf_before_exec(engine: JobManager, engine_config: EngineConfig) -> None:

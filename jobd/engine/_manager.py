@@ -21,8 +21,6 @@ import pwd
 import resource
 import signal
 import stat
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -33,7 +31,7 @@ from pathlib import Path
 import trio
 from trio_util import AsyncValue
 
-from . import _shim
+from . import _shimpool
 from ._cgroup import CgroupTree, JobCgroup, Layout, Mode, ProcessGroup, block_device_of
 from ._cgroup import detect_layout as _detect_layout
 from ._errors import CgroupError, InvalidArgument, JobdError, NotFound, Unavailable
@@ -41,11 +39,15 @@ from ._output import OutputStore
 from ._types import Chunk, JobInfo, Limits, State, Stream, Usage
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-READ_SIZE = 64 * 1024
+# Up to one pipe-full (_shimpool.PIPE_SIZE) per read: fewer, larger reads and output chunks.
+READ_SIZE = _shimpool.PIPE_SIZE
 # Bound on shielded cleanup: killing and reaping a cgroup takes milliseconds; if the kernel
 # takes longer than this something is badly wrong and we stop waiting rather than hang.
 CLEANUP_TIMEOUT = 30.0
 MiB = 1024 * 1024
+# Far above the ranges distributions give users (1000+), system services (61184-65519,
+# systemd's dynamic users) and containers (/etc/subuid, typically 100000-165535 and up).
+JOB_UID_FIRST, JOB_UID_LAST = 1_000_000, 1_999_999
 log = logging.getLogger(__name__)
 NO_LIMITS = Limits()  # every limit unset: the server's defaults apply
 
@@ -60,6 +62,10 @@ class EngineConfig:
 
     data_dir: Path
     run_as: str | None = "nobody"  # None: jobs run as the server's own user
+    # Each job gets a uid of its own from this range (gid and home stay the run-as user's),
+    # so that no job can signal, trace or inspect another's processes. None: every job
+    # runs with the run-as user's own uid.
+    job_uids: tuple[int, int] | None = (JOB_UID_FIRST, JOB_UID_LAST)
     cgroup_name: str = "jobd"
     allow_no_cgroups: bool = False  # run without limits when cgroups are unusable
     default_limits: Limits = Limits(cpus=1.0, memory_bytes=512 * MiB, pids=1024)
@@ -103,6 +109,7 @@ class _Job:
         self.output = output
         self.started_at = time.time()
         self.proc: trio.Process | None = None
+        self.uid: int | None = None
         self.cancel_scope = trio.CancelScope()
         # When the job must be SIGKILLed (trio time); inf until a stop is requested. A later
         # stop with a shorter grace moves it earlier.
@@ -166,9 +173,12 @@ class JobManager:
         self._config = config
         self._tree = tree
         self._run_as = run_as
+        self._uids_in_use: set[int] = set()
+        self._next_uid = config.job_uids[0] if config.job_uids else 0
         self._jobs: dict[str, _Job] = {}
         self._closing = False
         self._nursery: trio.Nursery | None = None
+        self._shims: _shimpool.ShimPool | None = None  # set while the manager is open
         self._output_dir = config.data_dir / "output"
 
     def refuse_new_jobs(self) -> None:
@@ -288,6 +298,42 @@ class JobManager:
         argv, full_env, cwd = self._validate(command, env or {}, working_dir)
         effective = self.effective_limits(limits)
         job_id = str(uuid.uuid4())
+        uid = self._take_uid()
+        try:
+            return await self._start(job_id, uid, owner, argv, full_env, cwd, effective)
+        except BaseException:
+            self._release_uid(uid)
+            raise
+
+    def _take_uid(self) -> int | None:
+        """A uid no running job has (or the run-as user's own when jobs share it)."""
+        span = self._config.job_uids
+        if span is None or self._run_as.uid is None:
+            return self._run_as.uid
+        first, last = span
+        for _ in range(last - first + 1):
+            uid = self._next_uid
+            self._next_uid = first if uid >= last else uid + 1
+            if uid not in self._uids_in_use:
+                self._uids_in_use.add(uid)
+                return uid
+        raise Unavailable(f"all {last - first + 1} job uids are in use: wait for jobs to end")
+
+    def _release_uid(self, uid: int | None) -> None:
+        if uid is not None:
+            self._uids_in_use.discard(uid)
+
+    async def _start(
+        self,
+        job_id: str,
+        uid: int | None,
+        owner: str,
+        argv: tuple[str, ...],
+        full_env: dict[str, str],
+        cwd: str,
+        effective: Limits,
+    ) -> JobInfo:
+        assert self._nursery is not None
         cgroup: JobCgroup | ProcessGroup = (
             self._tree.leaf(job_id) if self._tree else ProcessGroup(job_id)
         )
@@ -300,13 +346,14 @@ class JobManager:
         proc: trio.Process | None = None
         try:
             output = OutputStore(self._output_dir, job_id)
-            proc = await self._spawn(argv, full_env, cwd, cgroup)
+            proc = await self._spawn(argv, full_env, cwd, cgroup, uid)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self._teardown(cgroup, proc, output, remove_output=True)
             raise
         job = _Job(job_id, owner, argv, effective, cgroup, output)
         job.proc = proc
+        job.uid = uid
         self._jobs[job_id] = job
         # No checkpoint since the shim's verdict: the job is registered and owned by the
         # nursery atomically, so a cancellation cannot leave it half-created.
@@ -319,42 +366,33 @@ class JobManager:
         env: dict[str, str],
         cwd: str,
         cgroup: JobCgroup | ProcessGroup,
+        uid: int | None,
     ) -> trio.Process:
         run_as = self._run_as
-        status_r, status_w = os.pipe()
         spec = {
-            "status_fd": status_w,
             "procs": cgroup.procs_files,
-            "uid": run_as.uid,
+            "uid": uid,
             "gid": run_as.gid,
             "cwd": cwd,
+            "argv": list(argv),
+            "env": env,
         }
-        try:
-            proc = await trio.lowlevel.open_process(
-                [sys.executable, "-I", "-S", _shim.__file__, json.dumps(spec), *argv],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                pass_fds=(status_w,),
-                start_new_session=True,  # own session and process group
-                env=env,
-            )
-        except BaseException:
-            os.close(status_r)
-            raise
-        finally:
-            os.close(status_w)
+        # A pre-started shim (its interpreter has already booted), or a new one.
+        shim = await (self._shims.take() if self._shims else _shimpool.spawn_shim())
+        proc = shim.proc
         if isinstance(cgroup, ProcessGroup):
             cgroup.pgid = proc.pid
-        report = b""
         try:
-            async with trio.lowlevel.FdStream(status_r) as status:
-                while chunk := await status.receive_some(4096):
-                    report += chunk
+            await shim.hand(spec)
+            report = await shim.verdict()
         except BaseException:
             with trio.CancelScope(shield=True):
+                shim.close_fds()
+                # The shim itself first: it may not have joined the cgroup yet.
+                proc.kill()
                 cgroup.signal_all(signal.SIGKILL)
                 await proc.wait()
+                self._close_streams(proc)
             raise
         if report:
             await proc.wait()
@@ -404,8 +442,10 @@ class JobManager:
         finally:
             with trio.CancelScope(shield=True) as cs:
                 cs.deadline = trio.current_time() + CLEANUP_TIMEOUT
+                clean = False
                 try:
                     await self._teardown(job.cgroup, proc, job.output, job=job)
+                    clean = True
                 except Exception:
                     log.exception("cleaning up job %s failed", job.id)
             if cs.cancelled_caught:
@@ -413,6 +453,9 @@ class JobManager:
                     "job %s: its processes did not die within %.0f s; its cgroup is left "
                     "for the next start-up to reap", job.id, CLEANUP_TIMEOUT
                 )
+            elif clean:
+                # Every process of the job is gone: its uid may serve another job.
+                self._release_uid(job.uid)
 
     async def _stopper(self, job: _Job) -> None:
         await job.kill_at.wait_value(lambda at: at != math.inf)
@@ -553,6 +596,8 @@ async def open_job_manager(config: EngineConfig) -> AsyncIterator[JobManager]:
     try:
         async with trio.open_nursery() as nursery:
             manager._nursery = nursery
+            manager._shims = _shimpool.ShimPool()
+            await nursery.start(manager._shims.run)
             try:
                 yield manager
                 manager._closing = True
