@@ -19,7 +19,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -159,6 +159,15 @@ def _pids(procs_file: Path) -> list[int]:
         return []
 
 
+async def _wait_until_empty(populated: Callable[[], bool]) -> None:
+    delay = 0.001
+    while populated():
+        # cgroup.events signals changes with POLLPRI, which trio's epoll loop does not
+        # watch; a short back-off poll is simple and costs nothing measurable.
+        await trio.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
 class JobCgroup:
     """The leaves of one job: one per hierarchy in use."""
 
@@ -261,12 +270,7 @@ class JobCgroup:
 
     async def wait_empty(self) -> None:
         """Return once no process is left in the job's cgroup."""
-        delay = 0.001
-        while self.populated():
-            # cgroup.events signals changes with POLLPRI, which trio's epoll loop does not
-            # watch; a short back-off poll is simple and costs nothing measurable.
-            await trio.sleep(delay)
-            delay = min(delay * 2, 0.05)
+        await _wait_until_empty(self.populated)
 
     def usage(self) -> Usage:
         """CPU time, peak memory and OOM kills, live while running and final after."""
@@ -328,10 +332,7 @@ class ProcessGroup:
             os.killpg(self.pgid, sig)
 
     async def wait_empty(self) -> None:
-        delay = 0.001
-        while self.populated():
-            await trio.sleep(delay)
-            delay = min(delay * 2, 0.05)
+        await _wait_until_empty(self.populated)
 
     def usage(self) -> Usage:
         return Usage()
