@@ -95,12 +95,14 @@ async def test_streams_are_labelled(engine: JobManager) -> None:
     ]
 
 
-async def test_runs_as_nobody_with_minimal_env(engine: JobManager) -> None:
+async def test_runs_unprivileged_with_minimal_env(engine: JobManager) -> None:
     os.environ["JOBD_SECRET_OF_SERVER"] = "leak"
     try:
         job = await engine.start(
             "alice", ["sh", "-c", "id -u; env | sort"], env={"GREETING": "hi"}, working_dir="/tmp"
         )
+        groups = await engine.start("alice", ["id", "-G"])
+        assert await output_of(engine, groups.id) == b"65534\n"  # nogroup only
         out = (await output_of(engine, job.id)).decode()
     finally:
         del os.environ["JOBD_SECRET_OF_SERVER"]
