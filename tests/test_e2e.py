@@ -416,3 +416,29 @@ async def test_serve_refuses_bad_setup(tmp_path: Path, pki_dir: Pki) -> None:
         [JOBD, "serve"], capture_stdout=True, capture_stderr=True, check=False
     )
     assert usage.returncode == 2 and b"Usage:" in usage.stderr
+
+
+async def test_second_server_refused_without_harm(
+    tmp_path: Path, pki_dir: Pki, cgroup_name: str
+) -> None:
+    """Same port: a clear error. Same cgroup tree on another port: refused too, and the
+    first server's jobs keep running (the second must not reap them as stale)."""
+    async with running_server(tmp_path, pki_dir, cgroup_name) as first:
+        job = await first.start_job("sleep", "1000")
+        base = [JOBD, "serve", "--cert", str(pki_dir.dir / "server.pem"), "--key",
+                str(pki_dir.dir / "server.key"), "--client-ca", str(pki_dir.dir / "ca.pem"),
+                "--data-dir", str(tmp_path / "second")]
+        same_port = await trio.run_process(
+            [*base, "--listen", first.address, "--cgroup-name", cgroup_name + "-2"],
+            capture_stdout=True, capture_stderr=True, check=False,
+        )
+        assert same_port.returncode == 1
+        assert f"cannot listen on {first.address}".encode() in same_port.stderr
+        same_tree = await trio.run_process(
+            [*base, "--listen", "127.0.0.1:0", "--cgroup-name", cgroup_name],
+            capture_stdout=True, capture_stderr=True, check=False,
+        )
+        assert same_tree.returncode == 1
+        assert b"another jobd is running" in same_tree.stderr
+        assert (await first.client("status", job, check=True)).stdout == b"running\n"
+

@@ -517,3 +517,14 @@ async def test_a_failing_job_task_ends_only_that_job(
     again = await engine.start("alice", ["echo", "fine"])
     assert await output_of(engine, again.id) == b"fine\n"
     assert engine.status(again.id).state is State.EXITED
+
+
+async def test_second_engine_on_the_same_tree_is_refused(engine_config: EngineConfig) -> None:
+    """A second jobd with the same cgroup tree must not reap the first one's running jobs as
+    if they were a crashed predecessor's."""
+    async with open_job_manager(engine_config) as first:
+        job = await first.start("alice", ["sleep", "1000"])
+        with pytest.raises(CgroupError, match="another jobd is running"):
+            async with open_job_manager(engine_config):
+                pass
+        assert first.status(job.id).state is State.RUNNING

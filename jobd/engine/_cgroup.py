@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno
+import fcntl
 import logging
 import os
 import signal
@@ -361,6 +362,7 @@ class CgroupTree:
         self.v1_jobs = {ctrl: path / "jobs" for ctrl, path in v1_roots.items()}
         self._v1_roots = v1_roots
         self._moved_self = False
+        self._lock_fd: int | None = None
 
     @property
     def _all_roots(self) -> list[Path]:
@@ -370,18 +372,45 @@ class CgroupTree:
         """Create the tree (reaping a crashed predecessor's leftovers first)."""
         if self.layout.mode is Mode.NONE:
             return
-        self.reap_stale()
         try:
+            self._lock()
+            self.reap_stale()
             for root in self._all_roots:
                 root.mkdir(exist_ok=True)
                 (root / "jobs").mkdir(exist_ok=True)
             if self.layout.mode is Mode.V2:
                 self._delegate_v2()
         except PermissionError as exc:
+            self._unlock()
             raise CgroupError(
                 f"cannot create {exc.filename}: jobd needs root to manage cgroups "
                 "(or pass --no-cgroups to run jobs without limits)"
             ) from exc
+        except BaseException:
+            self._unlock()
+            raise
+
+    def _lock(self) -> None:
+        """Hold an exclusive flock on the tree's first root for as long as it is open: a
+        second jobd with the same tree would otherwise reap the first one's running jobs as
+        if they were a crashed predecessor's. The kernel drops the lock when we die."""
+        root = self._all_roots[0]
+        root.mkdir(exist_ok=True)
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise CgroupError(
+                f"another jobd is running with the cgroup tree {root}: stop it, or give this "
+                "one another --cgroup-name"
+            ) from None
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
 
     def _delegate_v2(self) -> None:
         assert self.layout.unified is not None and self.unified_root is not None
@@ -454,6 +483,7 @@ class CgroupTree:
         """Remove the (by now empty) tree and move the server back where it started."""
         if self.layout.mode is Mode.NONE:
             return
+        self._unlock()
         if self._moved_self:
             assert self.layout.unified is not None
             _write(self.layout.unified / "cgroup.procs", str(os.getpid()))

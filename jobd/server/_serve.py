@@ -69,16 +69,21 @@ async def _serve(
 ) -> None:
     service = JobService(jobs)
     async with trio.open_nursery() as nursery:
-        server: GrpcServer = await nursery.start(
-            partial(
-                serve_grpc,
-                [service.service],
-                host=config.host,
-                port=config.port,
-                ssl_context=ssl_context,
-                limits=config.transport,
+        try:
+            server: GrpcServer = await nursery.start(
+                partial(
+                    serve_grpc,
+                    [service.service],
+                    host=config.host,
+                    port=config.port,
+                    ssl_context=ssl_context,
+                    limits=config.transport,
+                )
             )
-        )
+        except OSError as exc:
+            raise JobdError(
+                f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}"
+            ) from exc
         log.info(
             "listening on %s:%d (cgroups: %s; jobs run as %s; data in %s)",
             config.host,
