@@ -33,3 +33,11 @@ test *args:
 # run the server as root on 127.0.0.1:9090 with development certificates
 serve *args: (certs)
     {{venv}}/jobd serve --listen 127.0.0.1:9090 --cert certs/server.pem --key certs/server.key --client-ca certs/ca.pem --data-dir data "$@"
+
+# benchmarks against the local limit and a grpcio peer (--quick: CI smoke run, < 3 min)
+bench *args:
+    {{python}} tools/bench.py "$@"
+
+# the reliability suite at full size (10 GiB job, 1000-job rounds, 2000 fuzz cases per RPC)
+soak *args:
+    JOBD_SOAK=1 {{venv}}/pytest tests/reliability -s "$@"

@@ -13,8 +13,9 @@ SIGKILLs the cgroup. Leaving the manager stops every job.
 
 from __future__ import annotations
 
-import json
+import fcntl
 import logging
+import marshal
 import math
 import os
 import pwd
@@ -397,7 +398,7 @@ class JobManager:
         if report:
             await proc.wait()
             self._close_streams(proc)
-            raise self._exec_error(json.loads(report), argv, env, cwd)
+            raise self._exec_error(marshal.loads(report), argv, env, cwd)
         return proc
 
     def _exec_error(
@@ -573,6 +574,28 @@ def _prepare_data_dir(path: Path) -> None:
             d.chmod(0o700)
 
 
+def _claim_output_dir(output_dir: Path) -> int:
+    """Hold an exclusive flock on the output dir while the manager is open (the kernel drops
+    it if the server dies), then delete the job output a crashed predecessor left there: its
+    jobs died with it (the tree's reap), so no client can ask for it and nothing would ever
+    remove it. Returns the locked descriptor; closing it releases the lock."""
+    fd = os.open(output_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise JobdError(
+            f"another jobd is using the data dir {output_dir.parent}: stop it, or give this "
+            "one another --data-dir"
+        ) from None
+    stale = [p for p in output_dir.iterdir() if p.suffix in (".out", ".idx")]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        log.warning("removed %d output file(s) left by a previous jobd", len(stale))
+    return fd
+
+
 @asynccontextmanager
 async def open_job_manager(config: EngineConfig) -> AsyncIterator[JobManager]:
     """Open the engine: the one nursery owning every job.
@@ -592,6 +615,12 @@ async def open_job_manager(config: EngineConfig) -> AsyncIterator[JobManager]:
     _prepare_data_dir(config.data_dir)
     _raise_fd_limit()
     tree = _open_tree(config)
+    try:
+        output_lock = _claim_output_dir(config.data_dir / "output")
+    except BaseException:
+        if tree is not None:
+            tree.close()
+        raise
     manager = JobManager(config, tree, run_as)
     try:
         async with trio.open_nursery() as nursery:
@@ -608,6 +637,7 @@ async def open_job_manager(config: EngineConfig) -> AsyncIterator[JobManager]:
     finally:
         for job in manager._jobs.values():
             job.output.remove()
+        os.close(output_lock)
         if tree is not None:
             tree.close()
 
