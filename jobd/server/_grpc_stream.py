@@ -322,7 +322,7 @@ class _BoundedSocket(SocketWrapper):  # type: ignore[misc]
     reads queued without limit and never yielded (row 8). Here bytes move from h2 into our own
     queue, and flush() yields, then waits while more than `max_queued` bytes await the socket."""
 
-    _flush_event: anyio.Event  # purerpc's: set to wake the writer
+    _flush_event: trio.Event  # purerpc's: set to wake the writer
 
     def __init__(
         self,
@@ -333,6 +333,8 @@ class _BoundedSocket(SocketWrapper):  # type: ignore[misc]
         on_broken: Callable[[], None],
     ) -> None:
         super().__init__(connection, stream)
+        # trio's own Event: anyio's looks up the running backend on every creation.
+        self._flush_event = trio.Event()
         self._chunks: collections.deque[bytes | memoryview] = collections.deque()
         self.queued = 0  # bytes not yet handed to the TLS stream
         self._max_queued = max_queued
@@ -393,7 +395,7 @@ class _BoundedSocket(SocketWrapper):  # type: ignore[misc]
                     self._drained.unpark_all()
             elif self._running:
                 await self._flush_event.wait()
-                self._flush_event = anyio.Event()
+                self._flush_event = trio.Event()
             else:
                 return
 
@@ -401,6 +403,9 @@ class _BoundedSocket(SocketWrapper):  # type: ignore[misc]
 class ServerStream(GRPCProtoStream):  # type: ignore[misc]
     """One call. Its handler task runs inside `cancel_scope`; the reader cancels that when the
     peer resets the stream (row 6), the connection when the call must end early (`abort`)."""
+
+    _start_stream_event: Event | None  # purerpc's: the call's RequestReceived
+    _end_stream_event: Event | None  # purerpc's: its RequestEnded
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
@@ -451,24 +456,68 @@ class ServerStream(GRPCProtoStream):  # type: ignore[misc]
     def deliver(self, event: Event) -> None:
         self._incoming_events[0].send_nowait(event)
 
-    async def send_message(self, message: Any) -> None:
+    async def receive_event(self) -> Event:
+        """purerpc's (GRPCProtoStream's, which calls GRPCStream._receive by name), without its
+        two yields per event: an event the reader has queued already (a unary request's
+        headers, message and end arrive together) is taken at once, still a cancellation point
+        (a reset stream's handler stops here as before); and the window acknowledgement is
+        handed to the writer without a flush (h2 only produces a WINDOW_UPDATE once half a
+        window is used)."""
+        event = await self._receive_queued()
+        message_type = getattr(self, "_incoming_message_type", None)
+        if isinstance(event, MessageReceived) and message_type is not None:
+            binary_data = event.data
+            event.data = message_type()
+            event.data.ParseFromString(binary_data)
+        return event
+
+    async def _receive_queued(self) -> Event:
+        receiver = self._incoming_events[1]
+        try:
+            event = receiver.receive_nowait()
+        except anyio.WouldBlock:
+            event = await receiver.receive()
+        else:
+            await trio.lowlevel.checkpoint_if_cancelled()
+        if isinstance(event, MessageReceived):
+            self._grpc_connection.acknowledge_received_data(
+                self._stream_id, event.flow_controlled_length
+            )
+            self._socket.kick()
+        elif isinstance(event, RequestEnded):
+            assert self._end_stream_event is None
+            self._end_stream_event = event
+        else:
+            assert self._start_stream_event is None
+            self._start_stream_event = event
+        return event
+
+    def queue_response_start(self) -> None:
+        """`start_response` without its flush: the headers leave with the first message (or the
+        trailers), in the same socket write."""
+        self._grpc_connection.start_response(self._stream_id, "+proto")
+        self._response_started = True
+
+    async def send_message(self, message: Any, *, flush: bool = True) -> None:
+        """Send one message. flush=False leaves its last bytes queued for the caller's next
+        flush (a unary response's `close`), so headers, message and trailers go out at once."""
         # Remembered so that a call cut short mid-message is reset rather than given trailers
         # after half a message.
         self.mid_message = True
         # Not super().send_message: it calls GRPCStream._send by name, past our _send.
-        await self._send(message.SerializeToString())
+        await self._send(message.SerializeToString(), flush_last=flush)
         self.mid_message = False
         if self._abort_at_boundary:
             self.cancel_scope.cancel()
             await trio.lowlevel.checkpoint()  # raises Cancelled here, before another message
 
-    async def _send(self, message: bytes, compress: bool = False) -> None:
+    async def _send(self, message: bytes, compress: bool = False, flush_last: bool = True) -> None:
         """purerpc's, without its per-frame cost: it handed h2 one DATA frame (16 KiB by
         default) at a time and yielded to the writer after each, which capped a stream at
         ~100 MB/s. Here each turn sends as much as the flow-control windows allow, up to
         _SEND_BATCH: the first frame through h2 (which checks the stream may still send),
         the rest framed here, with h2's windows debited the same, then one flush (which
-        applies the outbound cap)."""
+        applies the outbound cap; the last one is left to the caller if not flush_last)."""
         if compress:
             await super()._send(message, compress)
             return
@@ -511,7 +560,8 @@ class ServerStream(GRPCProtoStream):  # type: ignore[misc]
                     h2c.outbound_flow_control_window -= size
                     h2c.streams[stream_id].outbound_flow_control_window -= size
                     self._socket.append_frame(_data_frame_header(stream_id, size), piece)
-            await self._socket.flush()
+            if flush_last or pending or pos < len(payload):
+                await self._socket.flush()
 
     def close_channels(self) -> None:
         # purerpc never closes the memory channel it makes per stream; anyio warns on collection.

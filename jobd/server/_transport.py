@@ -37,7 +37,7 @@ from purerpc.wrappers import (
     call_server_stream_stream,
     call_server_stream_unary,
     call_server_unary_stream,
-    call_server_unary_unary,
+    extract_message_from_singleton_stream,
 )
 
 from jobd.server._grpc_stream import ReaderEnd, ServerSocket, ServerStream, TrioByteStream
@@ -138,8 +138,20 @@ def _identity_from_peer_cert(cert: Mapping[str, Any]) -> Identity:
 # --------------------------------------------------------------------------------------------
 
 _Runner = Callable[[Callable[..., Any], ServerStream], Awaitable[None]]
+
+
+async def _call_unary_unary(func: Callable[..., Any], stream: ServerStream) -> None:
+    """purerpc's call_server_unary_unary, but the response's headers (queued by `_run_call`),
+    message and trailers are flushed once: purerpc flushed after each (three yields to the
+    event loop, often three TLS records and socket writes per call)."""
+    request = await extract_message_from_singleton_stream(stream)
+    response = await func(request)
+    await stream.send_message(response, flush=False)
+    await stream.close(Status(StatusCode.OK))
+
+
 _RUNNERS: dict[Cardinality, _Runner] = {
-    Cardinality.UNARY_UNARY: call_server_unary_unary,
+    Cardinality.UNARY_UNARY: _call_unary_unary,
     Cardinality.UNARY_STREAM: call_server_unary_stream,
     Cardinality.STREAM_UNARY: call_server_stream_unary,
     Cardinality.STREAM_STREAM: call_server_stream_stream,
@@ -295,9 +307,13 @@ class _Dispatcher(ConnectionHandler):  # type: ignore[misc]  # purerpc is untype
                 StatusCode.UNIMPLEMENTED,
                 f"method {event.service_name}/{event.method_name} is not implemented",
             )
-        await stream.start_response()
+        cardinality = method.signature.cardinality
+        if cardinality is Cardinality.UNARY_UNARY:
+            stream.queue_response_start()  # sent with the response or the status
+        else:
+            await stream.start_response()
         stream.expect_message_type(method.signature.request_type)
-        run = _RUNNERS[method.signature.cardinality]
+        run = _RUNNERS[cardinality]
         with trio.move_on_after(self._deadline(event)):  # row 7: purerpc ignored grpc-timeout
             await run(functools.partial(method.method_fn, request=event), stream)
             return None
