@@ -142,3 +142,28 @@ async def running_server(
 
 def env_without_jobd() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("JOBD_")}
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie is dead for our purposes: only its parent's reaping is missing)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+def pids_in(cgroup_name: str) -> list[int]:
+    """Live processes in any job cgroup of the tree `cgroup_name`."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if f"/{cgroup_name}/jobs/" in (entry / "cgroup").read_text() and alive(
+                    int(entry.name)
+                ):
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids
+

@@ -21,7 +21,7 @@ from jobd.v1 import jobd_pb2 as pb
 from jobd.v1 import jobd_pb2_grpc
 
 from .conftest import jobd_cgroups
-from .e2e import CLIENT, JOBD, Pki, Server, running_server
+from .e2e import CLIENT, JOBD, Pki, Server, alive, pids_in, running_server
 
 pytestmark = pytest.mark.cgroups
 
@@ -339,7 +339,7 @@ async def test_sigterm_with_running_jobs_and_open_follows(
             while b"up\n" not in seen:
                 seen += await proc.stdout.receive_some()
             followers.append(proc)
-        pids = _pids_in(cgroup_name)
+        pids = pids_in(cgroup_name)
         assert len(pids) >= 3
         server.proc.send_signal(signal.SIGTERM)
         assert await server.proc.wait() == 0
@@ -350,43 +350,23 @@ async def test_sigterm_with_running_jobs_and_open_follows(
             # The follow ended with a status, not a hang: UNAVAILABLE (or the job's end).
             assert rc in (0, 1), (rc, err)
             assert b"Traceback" not in err
-        assert not [p for p in pids if _alive(p)]
+        assert not [p for p in pids if alive(p)]
         assert not [p for p in jobd_cgroups() if p.name == cgroup_name]
     assert b"stopped" in server.log
-
-
-def _pids_in(cgroup_name: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if f"/{cgroup_name}/jobs/" in (entry / "cgroup").read_text():
-                    pids.append(int(entry.name))
-            except OSError:
-                pass
-    return pids
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
-        return False
-    return state != "Z"
 
 
 async def test_sigkill_then_restart_reaps(tmp_path: Path, pki_dir: Pki, cgroup_name: str) -> None:
     """After a crash (SIGKILL) the next server kills what the old one's jobs left running."""
     async with running_server(tmp_path, pki_dir, cgroup_name) as first:
         await first.start_job("sh", "-c", "setsid sleep 1000 & exec sleep 1000")
-        pids = _pids_in(cgroup_name)
+        pids = pids_in(cgroup_name)
         assert len(pids) >= 2
         first.crashed_on_purpose = True
         first.proc.kill()
         await first.proc.wait()
-        assert all(_alive(p) for p in pids)  # the crash left them running
+        assert all(alive(p) for p in pids)  # the crash left them running
     async with running_server(tmp_path, pki_dir, cgroup_name) as second:
-        assert not [p for p in pids if _alive(p)]
+        assert not [p for p in pids if alive(p)]
         assert b"reaped 1 job cgroup" in second.log
         assert (await second.client("list", check=True)).rc == 0
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno
-import fcntl
 import logging
 import os
 import signal
@@ -27,6 +26,7 @@ from pathlib import Path
 import trio
 
 from ._errors import CgroupError, InvalidArgument
+from ._lock import lock_directory
 from ._types import Limits, Usage
 
 log = logging.getLogger(__name__)
@@ -396,16 +396,12 @@ class CgroupTree:
         if they were a crashed predecessor's. The kernel drops the lock when we die."""
         root = self._all_roots[0]
         root.mkdir(exist_ok=True)
-        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        self._lock_fd = lock_directory(root)
+        if self._lock_fd is None:
             raise CgroupError(
                 f"another jobd is running with the cgroup tree {root}: stop it, or give this "
                 "one another --cgroup-name"
-            ) from None
-        self._lock_fd = fd
+            )
 
     def _unlock(self) -> None:
         if self._lock_fd is not None:

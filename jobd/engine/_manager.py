@@ -13,7 +13,6 @@ SIGKILLs the cgroup. Leaving the manager stops every job.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import marshal
 import math
@@ -36,6 +35,7 @@ from . import _shimpool
 from ._cgroup import CgroupTree, JobCgroup, Layout, Mode, ProcessGroup, block_device_of
 from ._cgroup import detect_layout as _detect_layout
 from ._errors import CgroupError, InvalidArgument, JobdError, NotFound, Unavailable
+from ._lock import lock_directory
 from ._output import OutputStore
 from ._types import Chunk, JobInfo, Limits, State, Stream, Usage
 
@@ -579,15 +579,12 @@ def _claim_output_dir(output_dir: Path) -> int:
     it if the server dies), then delete the job output a crashed predecessor left there: its
     jobs died with it (the tree's reap), so no client can ask for it and nothing would ever
     remove it. Returns the locked descriptor; closing it releases the lock."""
-    fd = os.open(output_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
+    fd = lock_directory(output_dir)
+    if fd is None:
         raise JobdError(
             f"another jobd is using the data dir {output_dir.parent}: stop it, or give this "
             "one another --data-dir"
-        ) from None
+        )
     stale = [p for p in output_dir.iterdir() if p.suffix in (".out", ".idx")]
     for path in stale:
         path.unlink(missing_ok=True)

@@ -22,8 +22,8 @@ import grpc
 from jobd.v1 import jobd_pb2 as pb
 from jobd.v1 import jobd_pb2_grpc
 
-from ..conftest import TEST_CGROUP_PREFIX
-from ..e2e import JOBD, LISTENING, Pki
+from ..conftest import SESSION_NAMES, TEST_CGROUP_PREFIX
+from ..e2e import JOBD, LISTENING, Pki, pids_in
 
 SOAK = os.environ.get("JOBD_SOAK") == "1"
 GiB = 1 << 30
@@ -57,36 +57,16 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = 30.0) 
         delay = min(delay * 2, 0.1)
 
 
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
-        return False
-    return state != "Z"
-
-
-def pids_in(cgroup_name: str) -> list[int]:
-    """Live processes in any job cgroup of the tree `cgroup_name`."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if f"/{cgroup_name}/jobs/" in (entry / "cgroup").read_text() and alive(
-                    int(entry.name)
-                ):
-                    pids.append(int(entry.name))
-            except OSError:
-                pass
-    return pids
-
-
 def cgroup_dirs(cgroup_name: str) -> list[Path]:
     """Every directory of the tree `cgroup_name` in any hierarchy."""
     return [p for p in Path("/sys/fs/cgroup").rglob(cgroup_name) if p.is_dir()]
 
 
 def new_cgroup_name() -> str:
-    return TEST_CGROUP_PREFIX + uuid.uuid4().hex[:12]
+    """A fresh tree name, registered for the suite-end leak check."""
+    name = TEST_CGROUP_PREFIX + uuid.uuid4().hex[:12]
+    SESSION_NAMES.add(name)
+    return name
 
 
 @dataclass

@@ -27,19 +27,17 @@ import pytest
 
 from jobd.v1 import jobd_pb2 as pb
 
-from ..e2e import CLIENT, Pki
+from ..e2e import CLIENT, Pki, alive, pids_in
 from .harness import (
     GiB,
     MiB,
     ServerProcess,
-    alive,
     assert_nothing_left,
     cgroup_dirs,
     channel,
     code_of,
     follow,
     new_cgroup_name,
-    pids_in,
     raw_tls,
     scale,
     serving,
