@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import ssl
 import struct
 import threading
@@ -53,6 +52,8 @@ from jobd.server._transport import (
     make_server_ssl_context,
     serve_grpc,
 )
+
+from .e2e import tcp_sockets
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 BIG = 2**31 - 1
@@ -223,23 +224,7 @@ class Probe:
 
 def server_side_sockets(port: int) -> list[str]:
     """TCP states of this process's sockets whose local port is `port`."""
-    inodes = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    states = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(table) as lines:
-            next(lines)
-            for line in lines:
-                fields = line.split()
-                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[9] in inodes:
-                    states.append(fields[3])
-    return states
+    return [f[3] for f in tcp_sockets() if int(f[1].rsplit(":", 1)[1], 16) == port]
 
 
 @dataclass

@@ -69,7 +69,7 @@ def job_to_pb(job: engine.JobInfo) -> pb.Job:
         id=job.id,
         owner=job.owner,
         command=list(job.command),
-        state=pb.State.Name(int(job.state)),
+        state=pb.State.ValueType(job.state),
         exit_code=job.exit_code,
         signal=job.signal,
         started_at=_timestamp(job.started_at),
@@ -197,7 +197,7 @@ class JobService(jobd_grpc.JobServiceServicer):
                 async for chunk in chunks:
                     yield pb.OutputChunk(
                         data=chunk.data,
-                        stream=pb.Stream.Name(int(chunk.stream)),
+                        stream=pb.Stream.ValueType(chunk.stream),
                         offset=chunk.offset,
                         time=_timestamp(chunk.time),
                     )

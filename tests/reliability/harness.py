@@ -23,7 +23,7 @@ from jobd.v1 import jobd_pb2 as pb
 from jobd.v1 import jobd_pb2_grpc
 
 from ..conftest import SESSION_NAMES, TEST_CGROUP_PREFIX
-from ..e2e import JOBD, LISTENING, Pki, pids_in
+from ..e2e import JOBD, LISTENING, Pki, pids_in, tcp_sockets
 
 SOAK = os.environ.get("JOBD_SOAK") == "1"
 GiB = 1 << 30
@@ -258,20 +258,4 @@ def raw_tls(server: ServerProcess, user: str = "alice") -> socket.socket:
 
 def socket_states(pid: int) -> list[str]:
     """TCP state (hex, /proc/net/tcp) and local:remote of each socket the process holds."""
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    states = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(table) as lines:
-            next(lines)
-            for line in lines:
-                fields = line.split()
-                if fields[9] in inodes:
-                    states.append(f"{fields[3]} {fields[1]}->{fields[2]}")
-    return states
+    return [f"{f[3]} {f[1]}->{f[2]}" for f in tcp_sockets(pid)]
