@@ -17,12 +17,12 @@ import asyncclick as click
 import trio
 from asyncclick.core import ParameterSource
 
+from jobd.units import parse_duration, parse_rate, parse_size
 from jobd.v1 import jobd_pb2 as pb
 
 from . import format as fmt
 from .errors import ClientError, OutputClosed
 from .session import DEFAULT_TIMEOUT, Api, Settings, open_api
-from .units import parse_duration, parse_rate, parse_size
 
 PROG = "jobd-client"
 DEFAULT_SERVER = "127.0.0.1:9090"

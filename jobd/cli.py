@@ -19,28 +19,18 @@ from jobd.units import parse_duration, parse_size
 MiB = 1024 * 1024
 
 
-class _Size(click.ParamType):  # type: ignore[type-arg]
-    name = "SIZE"
+class _Parsed(click.ParamType):  # type: ignore[type-arg]
+    """A value read by one of the `jobd.units` parsers; its errors are usage errors."""
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int):
+    def __init__(self, name: str, parse: Callable[[str], float | int]) -> None:
+        self.name = name
+        self._parse = parse
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, str):
             return value
         try:
-            return parse_size(str(value))
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
-
-
-class _Duration(click.ParamType):  # type: ignore[type-arg]
-    name = "DURATION"
-
-    def convert(
-        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
-    ) -> float:
-        if isinstance(value, int | float):
-            return float(value)
-        try:
-            return parse_duration(str(value))
+            return self._parse(value)
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
 
@@ -62,7 +52,7 @@ def _uid_range(value: str) -> tuple[int, int] | None:
     return int(first), int(last)
 
 
-SIZE, DURATION = _Size(), _Duration()
+SIZE, DURATION = _Parsed("SIZE", parse_size), _Parsed("DURATION", parse_duration)
 DEFAULTS = EngineConfig(data_dir=Path("."))
 
 
@@ -169,27 +159,27 @@ async def serve(
     logging.logProcesses = False
     logging.logMultiprocessing = False
     host, port = _listen(listen)
-    engine = EngineConfig(
-        data_dir=data_dir,
-        run_as=None if run_as == "" else run_as,
-        job_uids=job_uids,
-        cgroup_name=cgroup_name,
-        allow_no_cgroups=no_cgroups,
-        default_limits=Limits(
-            cpus=default_cpus,
-            memory_bytes=default_memory,
-            pids=default_pids,
-            io_read_bps=default_io_read,
-            io_write_bps=default_io_write,
-        ),
-        max_limits=Limits(cpus=max_cpus, memory_bytes=max_memory, pids=max_pids),
-        stop_grace=stop_grace,
-        io_devices=io_device or None,
-    )
-    config = ServerConfig(
-        host=host, port=port, cert=cert, key=key, client_ca=client_ca, engine=engine
-    )
     try:
+        engine = EngineConfig(
+            data_dir=data_dir,
+            run_as=None if run_as == "" else run_as,
+            job_uids=job_uids,
+            cgroup_name=cgroup_name,
+            allow_no_cgroups=no_cgroups,
+            default_limits=Limits(
+                cpus=default_cpus,
+                memory_bytes=default_memory,
+                pids=default_pids,
+                io_read_bps=default_io_read,
+                io_write_bps=default_io_write,
+            ),
+            max_limits=Limits(cpus=max_cpus, memory_bytes=max_memory, pids=max_pids),
+            stop_grace=stop_grace,
+            io_devices=io_device or None,
+        )
+        config = ServerConfig(
+            host=host, port=port, cert=cert, key=key, client_ca=client_ca, engine=engine
+        )
         await run_server(config)
     except* (JobdError, OSError) as group:
         for exc in _leaves(group):

@@ -29,8 +29,8 @@ from purerpc.server import ConnectionHandler
 
 from client import format as fmt
 from client.errors import ClientError, describe, find_cause
-from client.units import parse_duration, parse_rate, parse_size
 from jobd.pki import issue_cert, make_ca, write_dev_pki
+from jobd.units import parse_duration, parse_rate, parse_size
 from jobd.v1 import jobd_pb2 as pb
 from jobd.v1.jobd_grpc import JobServiceServicer
 

@@ -16,6 +16,7 @@ from jobd.engine import (
     CgroupError,
     EngineConfig,
     InvalidArgument,
+    JobdError,
     JobManager,
     Layout,
     Limits,
@@ -87,9 +88,20 @@ async def test_killed_by_signal(engine: JobManager) -> None:
 
 
 async def test_streams_are_labelled(engine: JobManager) -> None:
-    job = await engine.start("alice", ["sh", "-c", "printf a; sleep 0.05; printf b >&2"])
-    chunks = [c async for c in engine.read_output(job.id, follow=True)]
-    assert [(c.stream, c.offset, c.data) for c in chunks] == [
+    # The job writes to stderr only once the test has seen its stdout: the order of the two
+    # pipes is then fixed by the test, not by a race. (In /tmp: the job's uid must see it.)
+    go = trio.Path(f"/tmp/jobd-test-go-{os.getpid()}-{id(engine)}")
+    job = await engine.start(
+        "alice", ["sh", "-c", f"printf a; while [ ! -e {go} ]; do sleep 0.01; done; printf b >&2"]
+    )
+    chunks = engine.read_output(job.id, follow=True)
+    first = await chunks.__anext__()
+    await go.touch()
+    try:
+        rest = [c async for c in chunks]
+    finally:
+        await go.unlink()
+    assert [(c.stream, c.offset, c.data) for c in [first, *rest]] == [
         (Stream.STDOUT, 0, b"a"),
         (Stream.STDERR, 1, b"b"),
     ]
@@ -528,3 +540,19 @@ async def test_second_engine_on_the_same_tree_is_refused(engine_config: EngineCo
             async with open_job_manager(engine_config):
                 pass
         assert first.status(job.id).state is State.RUNNING
+
+
+@pytest.mark.parametrize(
+    ("default", "maximum", "message"),
+    [
+        (Limits(cpus=4.0), Limits(cpus=2.0), "at most the maximum"),
+        (Limits(cpus=0.0), Limits(cpus=2.0), "must be set"),
+        (Limits(cpus=1.0, pids=-1), Limits(), ">= 0"),
+        (Limits(cpus=math.inf), Limits(), ">= 0"),
+    ],
+)
+def test_bad_server_limits_are_refused(
+    tmp_path: Path, default: Limits, maximum: Limits, message: str
+) -> None:
+    with pytest.raises(JobdError, match=message):
+        EngineConfig(data_dir=tmp_path, default_limits=default, max_limits=maximum)

@@ -81,6 +81,22 @@ class EngineConfig:
     io_devices: tuple[str, ...] | None = None  # None: the disk holding data_dir
     layout: Layout | None = None  # None: detect from /proc (tests may pass a fake)
 
+    def __post_init__(self) -> None:
+        """An operator's mistake is refused at start-up, not found job by job later."""
+        for name in ("cpus", "memory_bytes", "pids", "io_read_bps", "io_write_bps"):
+            default = getattr(self.default_limits, name)
+            cap = getattr(self.max_limits, name)
+            for kind, value in (("default", default), ("maximum", cap)):
+                if not math.isfinite(value) or value < 0:
+                    raise JobdError(f"the {kind} limit {name}={value} must be a number >= 0")
+            if cap and (default > cap or not default):
+                raise JobdError(
+                    f"the default limit {name}={default:g} must be set and at most the "
+                    f"maximum {cap:g}"
+                )
+        if not math.isfinite(self.stop_grace) or self.stop_grace < 0:
+            raise JobdError(f"the stop grace must be >= 0 seconds, not {self.stop_grace}")
+
 
 @dataclass(frozen=True, slots=True)
 class _RunAs:
