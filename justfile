@@ -23,7 +23,7 @@ certs *args:
 # ruff, mypy and the import contracts
 lint:
     {{venv}}/ruff check .
-    {{venv}}/mypy jobd client tools
+    {{venv}}/mypy jobd jobd_client tools
     {{venv}}/lint-imports
 
 # run the test suite (needs root for the cgroup tests)

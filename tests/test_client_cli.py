@@ -27,8 +27,8 @@ import trio
 from anyio.streams.tls import TLSListener
 from purerpc.server import ConnectionHandler
 
-from client import format as fmt
-from client.errors import ClientError, describe, find_cause
+from jobd_client import format as fmt
+from jobd_client.errors import ClientError, describe, find_cause
 from jobd.pki import issue_cert, make_ca, write_dev_pki
 from jobd.units import parse_duration, parse_rate, parse_size
 from jobd.v1 import jobd_pb2 as pb

@@ -203,3 +203,17 @@ class JobService(jobd_grpc.JobServiceServicer):
                     )
             finally:
                 await chunks.aclose()  # type: ignore[attr-defined]
+
+    # The second milestone's calls (docs/DESIGN.md, "API additions") answer UNIMPLEMENTED
+    # until the engine supports them, never UNKNOWN.
+    async def Wait(self, request: pb.JobRequest) -> pb.Job:
+        with self._call("Wait", request.id):
+            raise purerpc.UnimplementedError("Wait is not supported by this server yet")
+
+    async def Remove(self, request: pb.RemoveRequest) -> pb.Job:
+        with self._call("Remove", request.id):
+            raise purerpc.UnimplementedError("Remove is not supported by this server yet")
+
+    async def Input(self, requests: AsyncIterator[pb.InputChunk]) -> pb.Job:
+        with self._call("Input"):
+            raise purerpc.UnimplementedError("Input is not supported by this server yet")

@@ -20,6 +20,15 @@ class JobServiceServicer(purerpc.Servicer):
     async def List(self, input_message):
         raise NotImplementedError()
 
+    async def Wait(self, input_message):
+        raise NotImplementedError()
+
+    async def Remove(self, input_message):
+        raise NotImplementedError()
+
+    async def Input(self, input_messages):
+        raise NotImplementedError()
+
     @property
     def service(self) -> purerpc.Service:
         service_obj = purerpc.Service(
@@ -70,6 +79,33 @@ class JobServiceServicer(purerpc.Servicer):
                 jobd_dot_v1_dot_jobd__pb2.ListResponse,
             )
         )
+        service_obj.add_method(
+            "Wait",
+            self.Wait,
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                jobd_dot_v1_dot_jobd__pb2.JobRequest,
+                jobd_dot_v1_dot_jobd__pb2.Job,
+            )
+        )
+        service_obj.add_method(
+            "Remove",
+            self.Remove,
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                jobd_dot_v1_dot_jobd__pb2.RemoveRequest,
+                jobd_dot_v1_dot_jobd__pb2.Job,
+            )
+        )
+        service_obj.add_method(
+            "Input",
+            self.Input,
+            purerpc.RPCSignature(
+                purerpc.Cardinality.STREAM_UNARY,
+                jobd_dot_v1_dot_jobd__pb2.InputChunk,
+                jobd_dot_v1_dot_jobd__pb2.Job,
+            )
+        )
         return service_obj
 
 
@@ -117,5 +153,29 @@ class JobServiceStub:
                 purerpc.Cardinality.UNARY_UNARY,
                 jobd_dot_v1_dot_jobd__pb2.ListRequest,
                 jobd_dot_v1_dot_jobd__pb2.ListResponse,
+            )
+        )
+        self.Wait = self._client.get_method_stub(
+            "Wait",
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                jobd_dot_v1_dot_jobd__pb2.JobRequest,
+                jobd_dot_v1_dot_jobd__pb2.Job,
+            )
+        )
+        self.Remove = self._client.get_method_stub(
+            "Remove",
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                jobd_dot_v1_dot_jobd__pb2.RemoveRequest,
+                jobd_dot_v1_dot_jobd__pb2.Job,
+            )
+        )
+        self.Input = self._client.get_method_stub(
+            "Input",
+            purerpc.RPCSignature(
+                purerpc.Cardinality.STREAM_UNARY,
+                jobd_dot_v1_dot_jobd__pb2.InputChunk,
+                jobd_dot_v1_dot_jobd__pb2.Job,
             )
         )

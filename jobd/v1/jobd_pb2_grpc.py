@@ -59,6 +59,21 @@ class JobServiceStub:
                 request_serializer=jobd_dot_v1_dot_jobd__pb2.ListRequest.SerializeToString,
                 response_deserializer=jobd_dot_v1_dot_jobd__pb2.ListResponse.FromString,
                 _registered_method=True)
+        self.Wait = channel.unary_unary(
+                '/jobd.v1.JobService/Wait',
+                request_serializer=jobd_dot_v1_dot_jobd__pb2.JobRequest.SerializeToString,
+                response_deserializer=jobd_dot_v1_dot_jobd__pb2.Job.FromString,
+                _registered_method=True)
+        self.Remove = channel.unary_unary(
+                '/jobd.v1.JobService/Remove',
+                request_serializer=jobd_dot_v1_dot_jobd__pb2.RemoveRequest.SerializeToString,
+                response_deserializer=jobd_dot_v1_dot_jobd__pb2.Job.FromString,
+                _registered_method=True)
+        self.Input = channel.stream_unary(
+                '/jobd.v1.JobService/Input',
+                request_serializer=jobd_dot_v1_dot_jobd__pb2.InputChunk.SerializeToString,
+                response_deserializer=jobd_dot_v1_dot_jobd__pb2.Job.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -97,6 +112,27 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Wait(self, request, context):
+        """returns once the job has ended
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Remove(self, request, context):
+        """forgets an ended job: record and output
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Input(self, request_iterator, context):
+        """feeds stdin of a job started with stdin
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -124,6 +160,21 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.List,
                     request_deserializer=jobd_dot_v1_dot_jobd__pb2.ListRequest.FromString,
                     response_serializer=jobd_dot_v1_dot_jobd__pb2.ListResponse.SerializeToString,
+            ),
+            'Wait': grpc.unary_unary_rpc_method_handler(
+                    servicer.Wait,
+                    request_deserializer=jobd_dot_v1_dot_jobd__pb2.JobRequest.FromString,
+                    response_serializer=jobd_dot_v1_dot_jobd__pb2.Job.SerializeToString,
+            ),
+            'Remove': grpc.unary_unary_rpc_method_handler(
+                    servicer.Remove,
+                    request_deserializer=jobd_dot_v1_dot_jobd__pb2.RemoveRequest.FromString,
+                    response_serializer=jobd_dot_v1_dot_jobd__pb2.Job.SerializeToString,
+            ),
+            'Input': grpc.stream_unary_rpc_method_handler(
+                    servicer.Input,
+                    request_deserializer=jobd_dot_v1_dot_jobd__pb2.InputChunk.FromString,
+                    response_serializer=jobd_dot_v1_dot_jobd__pb2.Job.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -261,6 +312,87 @@ class JobService:
             '/jobd.v1.JobService/List',
             jobd_dot_v1_dot_jobd__pb2.ListRequest.SerializeToString,
             jobd_dot_v1_dot_jobd__pb2.ListResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Wait(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobd.v1.JobService/Wait',
+            jobd_dot_v1_dot_jobd__pb2.JobRequest.SerializeToString,
+            jobd_dot_v1_dot_jobd__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Remove(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobd.v1.JobService/Remove',
+            jobd_dot_v1_dot_jobd__pb2.RemoveRequest.SerializeToString,
+            jobd_dot_v1_dot_jobd__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Input(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/jobd.v1.JobService/Input',
+            jobd_dot_v1_dot_jobd__pb2.InputChunk.SerializeToString,
+            jobd_dot_v1_dot_jobd__pb2.Job.FromString,
             options,
             channel_credentials,
             insecure,
