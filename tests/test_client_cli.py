@@ -27,12 +27,12 @@ import trio
 from anyio.streams.tls import TLSListener
 from purerpc.server import ConnectionHandler
 
-from jobd_client import format as fmt
-from jobd_client.errors import ClientError, describe, find_cause
 from jobd.pki import issue_cert, make_ca, write_dev_pki
 from jobd.units import parse_duration, parse_rate, parse_size
 from jobd.v1 import jobd_pb2 as pb
 from jobd.v1.jobd_grpc import JobServiceServicer
+from jobd_client import format as fmt
+from jobd_client.errors import ClientError, describe, find_cause
 
 CLIENT = Path(sys.executable).parent / "jobd-client"
 TRACEBACK = b"Traceback"
