@@ -5,14 +5,24 @@ command line (an import-linter contract in pyproject.toml keeps it so).
 """
 
 from ._cgroup import Layout, Mode, detect_layout
-from ._errors import CgroupError, InvalidArgument, JobdError, NotFound, Unavailable
+from ._errors import (
+    CgroupError,
+    FailedPrecondition,
+    InvalidArgument,
+    JobdError,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from ._manager import EngineConfig, JobManager, open_job_manager
-from ._types import Chunk, JobInfo, Limits, State, Stream, Usage
+from ._types import Chunk, EndReason, JobInfo, Limits, Network, State, Stream, Usage
 
 __all__ = [
     "CgroupError",
     "Chunk",
+    "EndReason",
     "EngineConfig",
+    "FailedPrecondition",
     "InvalidArgument",
     "JobInfo",
     "JobManager",
@@ -20,7 +30,9 @@ __all__ = [
     "Layout",
     "Limits",
     "Mode",
+    "Network",
     "NotFound",
+    "ResourceExhausted",
     "State",
     "Stream",
     "Unavailable",

@@ -22,3 +22,11 @@ class Unavailable(JobdError):
 
 class CgroupError(JobdError):
     """cgroups are missing, unusable, or not writable by this process."""
+
+
+class ResourceExhausted(JobdError):
+    """A quota, or the data dir, cannot take more; the message names which and the fix."""
+
+
+class FailedPrecondition(JobdError):
+    """The job is not in a state that allows this (e.g. removing one that still runs)."""

@@ -23,6 +23,27 @@ class State(enum.IntEnum):
     KILLED = 4  # killed by any other signal (OOM included): signal
 
 
+class EndReason(enum.IntEnum):
+    """Why a job ended (numbers match the API's enum); UNSPECIFIED while it runs."""
+
+    UNSPECIFIED = 0
+    EXIT = 1  # the main process exited by itself
+    SIGNAL = 2  # a signal jobd did not send
+    STOP = 3  # a Stop or Remove(force) call
+    OOM = 4  # killed by the kernel at its memory limit
+    TIMEOUT = 5  # its timeout passed
+    SERVER_SHUTDOWN = 6  # the server was stopped while it ran
+    SERVER_LOST = 7  # its server died; killed at the next start
+
+
+class Network(enum.IntEnum):
+    """Which network a job gets (numbers match the API's enum)."""
+
+    UNSPECIFIED = 0  # the server's default
+    HOST = 1
+    NONE = 2  # own network namespace with loopback only
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     """Resource limits of one job. 0 means "not set" (server default, or unlimited)."""

@@ -40,6 +40,10 @@ def map_errors() -> Iterator[None]:
         raise purerpc.NotFoundError(str(exc)) from exc
     except engine.Unavailable as exc:
         raise purerpc.UnavailableError(str(exc)) from exc
+    except engine.ResourceExhausted as exc:
+        raise purerpc.ResourceExhaustedError(str(exc)) from exc
+    except engine.FailedPrecondition as exc:
+        raise purerpc.FailedPreconditionError(str(exc)) from exc
     except engine.JobdError as exc:
         # Not caused by the client (cgroups, setup): say what failed, log it for the operator.
         log.error("engine failure: %s", exc)
