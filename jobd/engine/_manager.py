@@ -362,7 +362,9 @@ class JobManager:
         if output is not None:
             output.remove()
 
-    async def _expire(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def _expire(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """--keep-finished: forget each ended job that long after it ended."""
         task_status.started()
         keep = self._config.keep_finished
@@ -454,7 +456,7 @@ class JobManager:
         *,
         name: str = "",
         labels: Mapping[str, str] | None = None,
-        timeout: float = 0.0,
+        timeout: float = 0.0,  # noqa: ASYNC109  (the job's run time, not this call's)
         network: Network = Network.UNSPECIFIED,
     ) -> JobInfo:
         """Start a job; returns once the command is executing and its record committed (or

@@ -22,7 +22,7 @@ import grpc
 from jobd.v1 import jobd_pb2 as pb
 from jobd.v1 import jobd_pb2_grpc
 
-from ..conftest import SESSION_NAMES, TEST_CGROUP_PREFIX
+from ..conftest import SESSION_NAMES, TEST_CGROUP_PREFIX, unique_uid_range
 from ..e2e import JOBD, LISTENING, Pki, pids_in, tcp_sockets
 
 SOAK = os.environ.get("JOBD_SOAK") == "1"
@@ -81,6 +81,8 @@ class ServerProcess:
     proc: subprocess.Popen[bytes] | None = None
     log: bytearray = field(default_factory=bytearray)
     _reader: threading.Thread | None = None
+    # Kept across restarts of this server; of its own, so parallel suites never collide.
+    uids: tuple[int, int] = field(default_factory=unique_uid_range)
 
     def start(self) -> ServerProcess:
         argv = [JOBD, "serve", "--listen", "127.0.0.1:0",
@@ -88,6 +90,8 @@ class ServerProcess:
                 "--key", str(self.pki.dir / "server.key"),
                 "--client-ca", str(self.pki.dir / "ca.pem"),
                 "--data-dir", str(self.data_dir), "--cgroup-name", self.cgroup_name,
+                "--job-uids", f"{self.uids[0]}-{self.uids[1]}",
+                "--uid-registry", str(self.data_dir.parent / "uid-ranges"),
                 *self.extra]
         self.log = bytearray()
         self.proc = subprocess.Popen(argv, stderr=subprocess.PIPE)
