@@ -7,6 +7,7 @@ import hashlib
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import threading
 import time
@@ -198,8 +199,22 @@ def serving(pki: Pki, tmp: Path, *extra: str, cgroup_name: str | None = None
 def assert_nothing_left(server: ServerProcess) -> None:
     assert pids_in(server.cgroup_name) == []
     assert cgroup_dirs(server.cgroup_name) == []
+    # Output is kept with its job's record (--keep-finished): no file of a job not kept.
     output = server.data_dir / "output"
-    assert not output.exists() or list(output.iterdir()) == [], list(output.iterdir())
+    files = {p.name.split(".")[0] for p in output.iterdir()} if output.exists() else set()
+    assert files <= kept_ids(server.data_dir), files - kept_ids(server.data_dir)
+
+
+def kept_ids(data_dir: Path) -> set[str]:
+    """Ids of the jobs the server's store keeps (read with sqlite3 while it is stopped)."""
+    path = data_dir / "jobs.sqlite3"
+    if not path.exists():
+        return set()
+    db = sqlite3.connect(path)
+    try:
+        return {row[0] for row in db.execute("SELECT id FROM jobs")}
+    finally:
+        db.close()
 
 
 def credentials(pki: Pki, user: str) -> grpc.ChannelCredentials:
