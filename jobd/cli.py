@@ -116,6 +116,13 @@ def _opt(name: str, env: str, **kw: Any) -> Callable[[F], F]:
       help="Most processes a job may ask for (0: no maximum).")
 @_opt("--stop-grace", "JOBD_STOP_GRACE", type=DURATION, default="5s",
       help="Time between SIGTERM and SIGKILL when a stop names none.")
+@_opt("--max-job-output", "JOBD_MAX_JOB_OUTPUT", type=SIZE, default="1G",
+      help="Output kept per job; past it its oldest output is dropped (0: no bound).")
+@_opt("--max-data", "JOBD_MAX_DATA", type=SIZE, default=None,
+      show_default="a quarter of the data dir's filesystem",
+      help="Output kept for all jobs; past it ended jobs' output goes first, then the oldest "
+      "of the running job holding the most (each keeps its newest 1 MiB); when nothing can "
+      "go, jobs wait on their pipes (0: no bound).")
 @_opt("--log-level", "JOBD_LOG_LEVEL", default="info",
       type=click.Choice(["debug", "info", "warning", "error"]), help="Log verbosity.")
 async def serve(
@@ -138,6 +145,8 @@ async def serve(
     max_memory: int,
     max_pids: int,
     stop_grace: float,
+    max_job_output: int,
+    max_data: int | None,
     log_level: str,
 ) -> None:
     """Serve the jobd API over mutual TLS until SIGTERM or SIGINT.
@@ -176,6 +185,8 @@ async def serve(
             max_limits=Limits(cpus=max_cpus, memory_bytes=max_memory, pids=max_pids),
             stop_grace=stop_grace,
             io_devices=io_device or None,
+            max_job_output=max_job_output,
+            max_data=max_data,
         )
         config = ServerConfig(
             host=host, port=port, cert=cert, key=key, client_ca=client_ca, engine=engine

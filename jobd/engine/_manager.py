@@ -36,7 +36,8 @@ from ._cgroup import CgroupTree, JobCgroup, Layout, Mode, ProcessGroup, block_de
 from ._cgroup import detect_layout as _detect_layout
 from ._errors import CgroupError, InvalidArgument, JobdError, NotFound, Unavailable
 from ._lock import lock_directory
-from ._output import OutputStore
+from ._output import MAX_CHUNK, OutputStore
+from ._retention import OutputSpace, default_max_data
 from ._types import Chunk, JobInfo, Limits, State, Stream, Usage
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -79,6 +80,10 @@ class EngineConfig:
     )
     stop_grace: float = 5.0
     io_devices: tuple[str, ...] | None = None  # None: the disk holding data_dir
+    # Output bounds (jobd/engine/_retention.py): one job's kept output, and all jobs' output
+    # (None: a quarter of the data dir's filesystem). 0: no bound.
+    max_job_output: int = 1024 * MiB
+    max_data: int | None = None
     layout: Layout | None = None  # None: detect from /proc (tests may pass a fake)
 
     def __post_init__(self) -> None:
@@ -96,6 +101,8 @@ class EngineConfig:
                 )
         if not math.isfinite(self.stop_grace) or self.stop_grace < 0:
             raise JobdError(f"the stop grace must be >= 0 seconds, not {self.stop_grace}")
+        if self.max_job_output < 0 or (self.max_data or 0) < 0:
+            raise JobdError("--max-job-output and --max-data must be >= 0 (0: no bound)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,7 +203,13 @@ class JobManager:
         self._closing = False
         self._nursery: trio.Nursery | None = None
         self._shims: _shimpool.ShimPool | None = None  # set while the manager is open
-        self._output_dir = config.data_dir / "output"
+        output_dir = config.data_dir / "output"
+        max_data = config.max_data
+        self._output = OutputSpace(
+            output_dir,
+            max_job_output=config.max_job_output,
+            max_data=default_max_data(output_dir) if max_data is None else max_data,
+        )
 
     def refuse_new_jobs(self) -> None:
         """From now on `start` raises Unavailable (the server is shutting down)."""
@@ -229,13 +242,25 @@ class JobManager:
         return [j.info() for j in self._jobs.values() if owner is None or j.owner == owner]
 
     def read_output(
-        self, job_id: str, offset: int = 0, *, follow: bool = False
+        self,
+        job_id: str,
+        offset: int = 0,
+        *,
+        follow: bool = False,
+        tail_lines: int = 0,
+        since: float | None = None,
+        stream: Stream | None = None,
+        max_chunk: int = MAX_CHUNK,
     ) -> AsyncIterator[Chunk]:
-        """Chunks of the job's combined output from `offset`; with `follow`, live until the
-        job has ended and everything was delivered."""
+        """Chunks of the job's combined output from `offset` (or the last `tail_lines` lines,
+        or what was written at/after `since`; only `stream` when given; see OutputStore.read);
+        with `follow`, live until the job has ended and everything was delivered."""
         if offset < 0:
             raise InvalidArgument(f"offset must be >= 0, not {offset}")
-        return self._get(job_id).output.read(offset, follow=follow)
+        return self._get(job_id).output.read(
+            offset, follow=follow, tail_lines=tail_lines, since=since, stream=stream,
+            max_chunk=max_chunk,
+        )
 
     # ----------------------------------------------------------------- start
 
@@ -362,7 +387,7 @@ class JobManager:
         output: OutputStore | None = None
         proc: trio.Process | None = None
         try:
-            output = OutputStore(self._output_dir, job_id)
+            output = self._output.create(job_id)  # ResourceExhausted when it cannot
             proc = await self._spawn(argv, full_env, cwd, cgroup, uid)
         except BaseException:
             with trio.CancelScope(shield=True):
@@ -454,6 +479,8 @@ class JobManager:
                 # behind. The pumps see EOF once the last holder of the pipes is dead.
                 job.cgroup.signal_all(signal.SIGKILL)
                 await job.cgroup.wait_empty()
+                # Nobody is left to write: a pump waiting for disk room gives up, so it ends.
+                job.output.stop_waiting()
         except Exception:
             log.exception("job %s failed inside jobd; killing it", job.id)
         finally:
@@ -488,7 +515,8 @@ class JobManager:
 
     async def _pump(self, job: _Job, pipe: trio.abc.ReceiveStream, stream: Stream) -> None:
         while data := await pipe.receive_some(READ_SIZE):
-            job.output.write(stream, bytes(data))
+            # Waits while the disk has no room: the job then blocks on its pipe.
+            await job.output.write(stream, bytes(data))
 
     async def _teardown(
         self,
@@ -510,12 +538,14 @@ class JobManager:
                 await proc.wait()
                 if output is not None and job is not None:
                     # Pumps were cancelled between reads; what is left in the pipes is
-                    # output too. Every writer is dead, so this reaches EOF at once.
+                    # output too. Every writer is dead, so this reaches EOF at once (and
+                    # what a full disk cannot take is not waited for).
+                    output.stop_waiting()
                     pipes = ((proc.stdout, Stream.STDOUT), (proc.stderr, Stream.STDERR))
                     for pipe, stream in pipes:
                         if pipe is not None:
                             while data := await pipe.receive_some(READ_SIZE):
-                                output.write(stream, bytes(data))
+                                await output.write(stream, bytes(data))
                 self._close_streams(proc)
             usage = cgroup.usage()
             cgroup.remove()
@@ -523,7 +553,7 @@ class JobManager:
             if output is not None:
                 output.close()
                 if remove_output:
-                    output.remove()
+                    self._output.remove(output.job_id)
             if job is not None:
                 if job.final is None:
                     job.finish(proc.returncode if proc else None, usage)
@@ -601,12 +631,23 @@ def _claim_output_dir(output_dir: Path) -> int:
             f"another jobd is using the data dir {output_dir.parent}: stop it, or give this "
             "one another --data-dir"
         )
-    stale = [p for p in output_dir.iterdir() if p.suffix in (".out", ".idx")]
+    # Files of the first milestone's layout (one .out/.idx pair per job, no segments).
+    stale = [p for p in output_dir.iterdir() if p.suffix in (".out", ".idx") and p.is_file()]
     for path in stale:
         path.unlink(missing_ok=True)
     if stale:
         log.warning("removed %d output file(s) left by a previous jobd", len(stale))
     return fd
+
+
+def _prune_output(space: OutputSpace, kept: set[str]) -> None:
+    """Delete the output of jobs the store does not keep (a predecessor's, reaped with its
+    tree: no client can ask for it and nothing else would ever remove it)."""
+    stale = space.on_disk() - kept
+    for job_id in stale:
+        space.remove(job_id)
+    if stale:
+        log.warning("removed the output of %d job(s) left by a previous jobd", len(stale))
 
 
 @asynccontextmanager
@@ -636,8 +677,10 @@ async def open_job_manager(config: EngineConfig) -> AsyncIterator[JobManager]:
         raise
     manager = JobManager(config, tree, run_as)
     try:
+        _prune_output(manager._output, kept=set())  # no job records are kept yet
         async with trio.open_nursery() as nursery:
             manager._nursery = nursery
+            await nursery.start(manager._output.run)
             manager._shims = _shimpool.ShimPool()
             await nursery.start(manager._shims.run)
             try:
@@ -648,8 +691,8 @@ async def open_job_manager(config: EngineConfig) -> AsyncIterator[JobManager]:
                 manager._closing = True
                 nursery.cancel_scope.cancel()
     finally:
-        for job in manager._jobs.values():
-            job.output.remove()
+        # Every descriptor released; the files stay for the next start-up.
+        manager._output.close()
         os.close(output_lock)
         if tree is not None:
             tree.close()
