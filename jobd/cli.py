@@ -122,6 +122,13 @@ def _opt(name: str, env: str, **kw: Any) -> Callable[[F], F]:
 @_opt("--uid-registry", "JOBD_UID_REGISTRY", type=click.Path(file_okay=False, path_type=Path),
       default=DEFAULTS.uid_registry,
       help="Directory where running servers register their --job-uids, so two never overlap.")
+@_opt("--max-job-output", "JOBD_MAX_JOB_OUTPUT", type=SIZE, default="1G",
+      help="Output kept per job; past it its oldest output is dropped (0: no bound).")
+@_opt("--max-data", "JOBD_MAX_DATA", type=SIZE, default=None,
+      show_default="a quarter of the data dir's filesystem",
+      help="Output kept for all jobs; past it ended jobs' output goes first, then the oldest "
+      "of the running job holding the most (each keeps its newest 1 MiB); when nothing can "
+      "go, jobs wait on their pipes (0: no bound).")
 @_opt("--log-level", "JOBD_LOG_LEVEL", default="info",
       type=click.Choice(["debug", "info", "warning", "error"]), help="Log verbosity.")
 async def serve(
@@ -146,6 +153,8 @@ async def serve(
     stop_grace: float,
     keep_finished: float,
     uid_registry: Path,
+    max_job_output: int,
+    max_data: int | None,
     log_level: str,
 ) -> None:
     """Serve the jobd API over mutual TLS until SIGTERM or SIGINT.
@@ -186,6 +195,8 @@ async def serve(
             io_devices=io_device or None,
             keep_finished=keep_finished,
             uid_registry=uid_registry,
+            max_job_output=max_job_output,
+            max_data=max_data,
         )
         config = ServerConfig(
             host=host, port=port, cert=cert, key=key, client_ca=client_ca, engine=engine

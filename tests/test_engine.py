@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import math
 import os
 import signal
@@ -581,17 +582,18 @@ async def test_engine_imports_nothing_of_the_network() -> None:
 async def test_a_failing_job_task_ends_only_that_job(
     engine: JobManager, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A disk that fills up (simulated: this machine's disk cannot be filled in a test) ends
-    the job whose output cannot be kept, logged, and nothing else."""
+    """A disk that fails (simulated: an I/O error cannot be made on this machine's disk in
+    a test) ends the job whose output cannot be kept, logged, and nothing else. (A full disk
+    does not: the job waits; tests/test_retention.py.)"""
     from jobd.engine import _output
 
     real_write = _output.OutputStore.write
     failing: set[str] = set()
 
-    def write(self: _output.OutputStore, stream: Stream, data: bytes) -> None:
-        if self._paths[0].stem in failing:
-            raise OSError(28, "No space left on device")
-        real_write(self, stream, data)
+    async def write(self: _output.OutputStore, stream: Stream, data: bytes) -> None:
+        if self.job_id in failing:
+            raise OSError(errno.EIO, "Input/output error")
+        await real_write(self, stream, data)
 
     monkeypatch.setattr(_output.OutputStore, "write", write)
     survivor = await engine.start("alice", ["sh", "-c", "echo up; sleep 1000"])

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import signal
 import sqlite3
-from pathlib import Path
 
 import hypothesis.strategies as st
 import pytest

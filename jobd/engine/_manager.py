@@ -48,8 +48,9 @@ from ._errors import (
     Unavailable,
 )
 from ._lock import lock_directory
-from ._output import OutputStore
+from ._output import MAX_CHUNK, OutputStore
 from ._records import Records
+from ._retention import OutputSpace, default_max_data
 from ._store import Put, StoreError
 from ._types import Chunk, EndReason, JobInfo, Limits, Network, State, Stream, Usage
 from ._uidrange import claim_uid_range, release_uid_range
@@ -95,6 +96,10 @@ class EngineConfig:
     )
     stop_grace: float = 5.0
     io_devices: tuple[str, ...] | None = None  # None: the disk holding data_dir
+    # Output bounds (jobd/engine/_retention.py): one job's kept output, and all jobs' output
+    # (None: a quarter of the data dir's filesystem). 0: no bound.
+    max_job_output: int = 1024 * MiB
+    max_data: int | None = None
     layout: Layout | None = None  # None: detect from /proc (tests may pass a fake)
     # An ended job's record and output are removed this many seconds after it ended (0: kept
     # until removed).
@@ -122,6 +127,8 @@ class EngineConfig:
             raise JobdError(
                 f"--keep-finished must be >= 0 seconds (0: forever), not {self.keep_finished}"
             )
+        if self.max_job_output < 0 or (self.max_data or 0) < 0:
+            raise JobdError("--max-job-output and --max-data must be >= 0 (0: no bound)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +169,11 @@ class _Job:
         if self.final is not None:
             return self.final
         return dataclasses.replace(
-            self.start, usage=self.cgroup.usage(), output_bytes=self.output.size
+            self.start,
+            usage=self.cgroup.usage(),
+            output_bytes=self.output.size,
+            output_start=self.output.start,
+            output_blocked=self.output.blocked,
         )
 
     def finish(self, returncode: int | None, usage: Usage) -> None:
@@ -195,6 +206,7 @@ class _Job:
             ended_at=time.time(),
             usage=usage,
             output_bytes=self.output.size,
+            output_start=self.output.start,
         )
 
 
@@ -218,12 +230,16 @@ class JobManager:
         self._run_as = run_as
         self._records = records
         self._jobs: dict[str, _Job] = {}  # running jobs only
-        # Output of ended jobs (until the output layer reopens files on demand).
-        self._ended_output: dict[str, OutputStore] = {}
         self._closing = False
         self._nursery: trio.Nursery | None = None
         self._shims: _shimpool.ShimPool | None = None  # set while the manager is open
-        self._output_dir = config.data_dir / "output"
+        output_dir = config.data_dir / "output"
+        max_data = config.max_data
+        self._output = OutputSpace(
+            output_dir,
+            max_job_output=config.max_job_output,
+            max_data=default_max_data(output_dir) if max_data is None else max_data,
+        )
 
     def refuse_new_jobs(self) -> None:
         """From now on `start` raises Unavailable (the server is shutting down)."""
@@ -247,7 +263,14 @@ class JobManager:
 
     def _info(self, job_id: str) -> JobInfo | None:
         job = self._jobs.get(job_id)
-        return job.info() if job is not None else self._records.get(job_id)
+        if job is not None:
+            return job.info()
+        info = self._records.get(job_id)
+        output = self._output.get(job_id)
+        if info is not None and output is not None and output.start != info.output_start:
+            # --max-data dropped older output of this ended job since its record was made.
+            info = dataclasses.replace(info, output_start=output.start)
+        return info
 
     def status(self, job_id: str) -> JobInfo:
         canonical = self._canonical(job_id)
@@ -303,22 +326,29 @@ class JobManager:
         return JobPage(out, more=False)
 
     def read_output(
-        self, job_id: str, offset: int = 0, *, follow: bool = False
+        self,
+        job_id: str,
+        offset: int = 0,
+        *,
+        follow: bool = False,
+        tail_lines: int = 0,
+        since: float | None = None,
+        stream: Stream | None = None,
+        max_chunk: int = MAX_CHUNK,
     ) -> AsyncIterator[Chunk]:
-        """Chunks of the job's combined output from `offset`; with `follow`, live until the
-        job has ended and everything was delivered."""
+        """Chunks of the job's combined output from `offset` (or the last `tail_lines` lines,
+        or what was written at/after `since`; only `stream` when given; see OutputStore.read);
+        with `follow`, live until the job has ended and everything was delivered."""
         if offset < 0:
             raise InvalidArgument(f"offset must be >= 0, not {offset}")
         canonical = self._canonical(job_id)
-        job = self._jobs.get(canonical)
-        if job is not None:
-            return job.output.read(offset, follow=follow)
-        output = self._ended_output.get(canonical)
-        if output is None:
-            if self._records.get(canonical) is None:
-                raise NotFound(f"no job {canonical}")
-            return _no_output()
-        return output.read(offset, follow=follow)
+        output = self._output.get(canonical)
+        if output is None or self._info(canonical) is None:
+            raise NotFound(f"no job {canonical}")
+        return output.read(
+            offset, follow=follow, tail_lines=tail_lines, since=since, stream=stream,
+            max_chunk=max_chunk,
+        )
 
     async def wait(self, job_id: str) -> JobInfo:
         """The job's final state, once it has ended."""
@@ -343,24 +373,9 @@ class JobManager:
         self._forget(info.id)
         return info
 
-    def _close_output(self) -> None:
-        """At shutdown: release every ended job's output (its files stay for the next start)."""
-        for output in self._ended_output.values():
-            # Interim, until the output layer's OutputSpace (it holds no fd per ended job).
-            output.close()
-            for attr in ("_data_fd", "_index_fd"):
-                fd = getattr(output, attr)
-                if fd >= 0:
-                    os.close(fd)
-                    setattr(output, attr, -1)
-        self._ended_output.clear()
-
     def _forget(self, job_id: str) -> None:
-        if self._records.remove(job_id) is None:
-            return
-        output = self._ended_output.pop(job_id, None)
-        if output is not None:
-            output.remove()
+        if self._records.remove(job_id) is not None:
+            self._output.remove(job_id)
 
     async def _expire(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -521,7 +536,7 @@ class JobManager:
         proc: trio.Process | None = None
         try:
             try:
-                output = OutputStore(self._output_dir, record.id)
+                output = self._output.create(record.id)  # ResourceExhausted when it cannot
                 proc = await self._spawn(
                     record.command, full_env, record.working_dir, cgroup, record.uid
                 )
@@ -622,6 +637,8 @@ class JobManager:
                 # behind. The pumps see EOF once the last holder of the pipes is dead.
                 job.cgroup.signal_all(signal.SIGKILL)
                 await job.cgroup.wait_empty()
+                # Nobody is left to write: a pump waiting for disk room gives up, so it ends.
+                job.output.stop_waiting()
         except Exception:
             job.failed = True
             log.exception("job %s failed inside jobd; killing it", job.id)
@@ -658,7 +675,8 @@ class JobManager:
 
     async def _pump(self, job: _Job, pipe: trio.abc.ReceiveStream, stream: Stream) -> None:
         while data := await pipe.receive_some(READ_SIZE):
-            job.output.write(stream, bytes(data))
+            # Waits while the disk has no room: the job then blocks on its pipe.
+            await job.output.write(stream, bytes(data))
 
     async def _teardown(
         self,
@@ -680,12 +698,14 @@ class JobManager:
                 await proc.wait()
                 if output is not None and job is not None:
                     # Pumps were cancelled between reads; what is left in the pipes is
-                    # output too. Every writer is dead, so this reaches EOF at once.
+                    # output too. Every writer is dead, so this reaches EOF at once (and
+                    # what a full disk cannot take is not waited for).
+                    output.stop_waiting()
                     pipes = ((proc.stdout, Stream.STDOUT), (proc.stderr, Stream.STDERR))
                     for pipe, stream in pipes:
                         if pipe is not None:
                             while data := await pipe.receive_some(READ_SIZE):
-                                output.write(stream, bytes(data))
+                                await output.write(stream, bytes(data))
                 self._close_streams(proc)
             usage = cgroup.usage()
             cgroup.remove()
@@ -693,7 +713,7 @@ class JobManager:
             if output is not None:
                 output.close()
                 if remove_output:
-                    output.remove()
+                    self._output.remove(output.job_id)
             if job is not None:
                 self._ended(job, proc.returncode if proc else None, usage)
 
@@ -712,7 +732,6 @@ class JobManager:
         if self._jobs.get(job.id) is job:
             del self._jobs[job.id]
         if job.recorded:
-            self._ended_output[job.id] = job.output
             self._records.ended(job.final)
         job.ended.set()
 
@@ -769,12 +788,6 @@ def _exhausted(what: str, exc: OSError) -> JobdError:
     return ResourceExhausted(f"cannot {what}: {cause} ({exc.strerror})")
 
 
-async def _no_output() -> AsyncIterator[Chunk]:
-    """The output of a job kept from before a restart, until the output layer reopens it."""
-    return
-    yield  # an async generator that yields nothing
-
-
 def _resolve_run_as(name: str | None) -> _RunAs:
     if name is None:
         entry = pwd.getpwuid(os.getuid())
@@ -815,35 +828,36 @@ def _claim_output_dir(output_dir: Path) -> int:
             f"another jobd is using the data dir {output_dir.parent}: stop it, or give this "
             "one another --data-dir"
         )
-    return fd
-
-
-def _prune_output(output_dir: Path, kept: set[str]) -> None:
-    """Delete output files of jobs the store does not keep (removed, or expired, while a
-    crash interrupted their deletion): nothing could ever read or remove them."""
-    stale = [
-        p for p in output_dir.iterdir() if p.suffix in (".out", ".idx") and p.stem not in kept
-    ]
+    # Files of the first milestone's layout (one .out/.idx pair per job, no segments).
+    stale = [p for p in output_dir.iterdir() if p.suffix in (".out", ".idx") and p.is_file()]
     for path in stale:
         path.unlink(missing_ok=True)
     if stale:
-        log.warning("removed %d output file(s) of jobs no longer kept", len(stale))
+        log.warning("removed %d output file(s) of the first milestone's layout", len(stale))
+    return fd
 
 
-def _lost(job: JobInfo, output_dir: Path) -> JobInfo:
+def _lost(job: JobInfo, output: OutputStore) -> JobInfo:
     """A job found RUNNING in the store: its server died (the tree's reap killed it)."""
-    try:
-        size = (output_dir / f"{job.id}.out").stat().st_size
-    except OSError:
-        size = job.output_bytes
     return dataclasses.replace(
         job,
         state=State.KILLED,
         reason=EndReason.SERVER_LOST,
         signal=int(signal.SIGKILL),
         ended_at=time.time(),
-        output_bytes=size,
+        output_bytes=output.size,
+        output_start=output.start,
     )
+
+
+def _prune_output(space: OutputSpace, kept: set[str]) -> None:
+    """Delete the output of jobs the store does not keep (a predecessor's, reaped with its
+    tree: no client can ask for it and nothing else would ever remove it)."""
+    stale = space.on_disk() - kept
+    for job_id in stale:
+        space.remove(job_id)
+    if stale:
+        log.warning("removed the output of %d job(s) left by a previous jobd", len(stale))
 
 
 @asynccontextmanager
@@ -886,21 +900,23 @@ async def open_job_manager(config: EngineConfig) -> AsyncIterator[JobManager]:
         except StoreError as exc:
             raise JobdError(str(exc)) from exc
         stack.push_async_callback(records.aclose)
+        manager = JobManager(config, tree, run_as, records)
+        stack.callback(manager._output.close)  # every descriptor released; the files stay
+        _prune_output(manager._output, kept={job.id for job in records})
         for job in records:
+            output = manager._output.open(job.id)
             if job.state is State.RUNNING:
-                lost = _lost(job, output_dir)
+                lost = _lost(job, output)
                 records.add(lost)
                 records.ended(lost)
                 log.warning("job %s was running when its server died: recorded KILLED", job.id)
-        _prune_output(output_dir, {job.id for job in records})
-        manager = JobManager(config, tree, run_as, records)
-        stack.callback(manager._close_output)
         async with trio.open_nursery() as upkeep:
             await upkeep.start(records.run)
             await upkeep.start(manager._expire)
             try:
                 async with trio.open_nursery() as nursery:
                     manager._nursery = nursery
+                    await nursery.start(manager._output.run)
                     manager._shims = _shimpool.ShimPool()
                     await nursery.start(manager._shims.run)
                     try:

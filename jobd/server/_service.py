@@ -32,6 +32,8 @@ DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 100, 1000
 # Room left in a List response for its envelope and token, below the message limit.
 PAGE_MARGIN = 64 * 1024
 _TOKEN_PREFIX = "jobs-before:"
+# The most output data in one OutputChunk message (the client's receive limit is 4 MiB).
+OUTPUT_CHUNK = 64 * 1024
 
 
 @contextmanager
@@ -136,6 +138,17 @@ def _grace(request: pb.StopRequest) -> float | None:
     if seconds < 0 or not math.isfinite(seconds):
         raise purerpc.InvalidArgumentError(f"grace must be >= 0, not {seconds:g} s")
     return seconds
+
+
+def _stream_filter(value: int) -> engine.Stream | None:
+    if not value:
+        return None
+    try:
+        return engine.Stream(value)
+    except ValueError:
+        raise purerpc.InvalidArgumentError(
+            f"stream must be STDOUT (1), STDERR (2) or unset for both, not {value}"
+        ) from None
 
 
 @dataclass(slots=True)
@@ -302,7 +315,15 @@ class JobService(jobd_grpc.JobServiceServicer):
         # here; `_call` is a plain (non-async) context manager around the iteration.
         with self._call("Output", request.id) as call:
             self._authorized(call, request.id)
-            chunks = self._jobs.read_output(request.id, request.offset, follow=request.follow)
+            chunks = self._jobs.read_output(
+                request.id,
+                request.offset,
+                follow=request.follow,
+                tail_lines=request.tail_lines,
+                since=request.since.ToNanoseconds() / 1e9 if request.HasField("since") else None,
+                stream=_stream_filter(request.stream),
+                max_chunk=OUTPUT_CHUNK,
+            )
             try:
                 async for chunk in chunks:
                     yield pb.OutputChunk(
