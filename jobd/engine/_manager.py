@@ -390,7 +390,10 @@ class JobManager:
             while pending and pending[0][0] + keep <= time.time():
                 _, job_id = pending.popleft()
                 if job_id not in self._jobs:
-                    self._forget(job_id)
+                    try:
+                        self._forget(job_id)
+                    except OSError as exc:  # its files stay; never end the manager for it
+                        log.error("job %s: cannot remove its output: %s", job_id, exc)
             if pending:
                 await trio.sleep(max(pending[0][0] + keep - time.time(), 0.0))
             else:

@@ -296,7 +296,7 @@ def test_sigkill_under_load_then_restart_reaps_everything(
     assert set(codes) == {grpc.StatusCode.UNAVAILABLE}
     survivors = [p for p in old if alive(p)]
     assert len(survivors) >= jobs  # the crash alone kills no job
-    assert len(list((tmp_path / "data" / "output").iterdir())) == 2 * jobs
+    assert len(list((tmp_path / "data" / "output").iterdir())) == jobs  # a directory each
     with serving(hostile_pki, tmp_path, cgroup_name=name) as second:
         assert [p for p in old if alive(p)] == []
         assert pids_in(name) == []
