@@ -77,6 +77,7 @@ async def test_a_job_left_running_by_a_crash_is_recorded_lost(
             State.KILLED, EndReason.SERVER_LOST, signal.SIGKILL
         )
         assert await engine.wait(job.id) == lost
+        assert engine.list() == [lost]
     async with open_job_manager(engine_config) as engine:
         assert engine.status(job.id) == lost  # and that is what was committed
 

@@ -909,9 +909,7 @@ async def open_job_manager(config: EngineConfig) -> AsyncIterator[JobManager]:
         for job in records:
             output = manager._output.open(job.id)
             if job.state is State.RUNNING:
-                lost = _lost(job, output)
-                records.add(lost)
-                records.ended(lost)
+                records.ended(_lost(job, output))
                 log.warning("job %s was running when its server died: recorded KILLED", job.id)
         async with trio.open_nursery() as upkeep:
             await upkeep.start(records.run)

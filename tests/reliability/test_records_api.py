@@ -8,12 +8,24 @@ import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
 
+from jobd import pki
 from jobd.v1 import jobd_pb2 as pb
 
+from ..e2e import Pki
 from .harness import ServerProcess, channel, code_of
 
 pytestmark = pytest.mark.cgroups
 TIMEOUT = 60
+
+
+@pytest.fixture(scope="module", autouse=True)
+def more_users(hostile_pki: Pki) -> None:
+    """carol and dave: users of their own, so that this module's List checks see only theirs."""
+    ca = pki.load_issued(hostile_pki.dir / "ca.pem", hostile_pki.dir / "ca.key")
+    for user in ("carol", "dave"):
+        pki.issue_cert(ca, user, ("user",)).write(
+            hostile_pki.dir / f"{user}.pem", hostile_pki.dir / f"{user}.key"
+        )
 
 
 def test_wait_returns_at_the_end_and_honours_the_deadline(shared_server: ServerProcess) -> None:
