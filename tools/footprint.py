@@ -63,8 +63,10 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=100_000)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--port", type=int, default=19100)
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/store"))
     args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="jobd-footprint-"))
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="jobd-footprint-", dir=args.workdir))
     certs = tmp / "certs"
     certs.mkdir()
     pki.write_dev_pki(certs)
