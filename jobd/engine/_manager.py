@@ -14,7 +14,6 @@ SIGKILLs the cgroup. Leaving the manager stops every job.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import logging
 import marshal
 import math
@@ -46,10 +45,11 @@ from ._errors import (
     NotFound,
     ResourceExhausted,
     Unavailable,
+    exhausted,
 )
 from ._lock import lock_directory
 from ._output import MAX_CHUNK, OutputStore
-from ._records import Records
+from ._records import JobPage, Records
 from ._retention import OutputSpace, default_max_data
 from ._store import Put, StoreError
 from ._types import Chunk, EndReason, JobInfo, Limits, Network, State, Stream, Usage
@@ -210,15 +210,6 @@ class _Job:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class JobPage:
-    """One page of List: `jobs` newest first; `more`: further jobs may match (ask again with
-    `before` = the last job's seq)."""
-
-    jobs: list[JobInfo]
-    more: bool
-
-
 class JobManager:
     """Start, stop, inspect and read jobs. Create with `open_job_manager`."""
 
@@ -230,6 +221,7 @@ class JobManager:
         self._run_as = run_as
         self._records = records
         self._jobs: dict[str, _Job] = {}  # running jobs only
+        self._limits: dict[Limits, Limits] = {}
         self._closing = False
         self._nursery: trio.Nursery | None = None
         self._shims: _shimpool.ShimPool | None = None  # set while the manager is open
@@ -294,36 +286,12 @@ class JobManager:
         id_prefix: str = "",
         name: str = "",
     ) -> JobPage:
-        """Up to `limit` kept jobs with seq < `before` matching every filter, newest first.
-        Keyset paging on seq: a job started or ended meanwhile never shifts a later page."""
-        prefix = id_prefix.lower()
-        if prefix and (
-            len(prefix.replace("-", "")) < 4 or prefix.strip("0123456789abcdef-") != ""
-        ):
-            raise InvalidArgument(
-                f"id_prefix {id_prefix[:40]!r} must be at least 4 hex digits of a job id"
-            )
-        if limit < 1:
-            raise InvalidArgument(f"page size must be >= 1, not {limit}")
-        wanted = tuple((labels or {}).items())
-        out: list[JobInfo] = []
-        bound = math.inf if before is None else before
-        for job_id in self._records.newest_first(owner, bound):  # type: ignore[arg-type]
-            if prefix and not job_id.startswith(prefix):
-                continue
-            info = self._info(job_id)
-            if info is None:
-                continue
-            if states and info.state not in states:
-                continue
-            if name and info.name != name:
-                continue
-            if wanted and not all(pair in info.labels for pair in wanted):
-                continue
-            if len(out) == limit:
-                return JobPage(out, more=True)
-            out.append(info)
-        return JobPage(out, more=False)
+        """Up to `limit` kept jobs with seq < `before` matching every filter, newest first
+        (running ones as they are now). See `Records.page`."""
+        return self._records.page(
+            self._info, owner, before=before, limit=limit, states=states, labels=labels or {},
+            id_prefix=id_prefix, name=name,
+        )  # fmt: skip
 
     def read_output(
         self,
@@ -377,28 +345,14 @@ class JobManager:
         if self._records.remove(job_id) is not None:
             self._output.remove(job_id)
 
-    async def _expire(
-        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        """--keep-finished: forget each ended job that long after it ended."""
-        task_status.started()
-        keep = self._config.keep_finished
-        if not keep:
+    def _expired(self, job_id: str) -> None:
+        """--keep-finished passed for this ended job."""
+        if job_id in self._jobs:
             return
-        pending = self._records.ended_order
-        while True:
-            while pending and pending[0][0] + keep <= time.time():
-                _, job_id = pending.popleft()
-                if job_id not in self._jobs:
-                    try:
-                        self._forget(job_id)
-                    except OSError as exc:  # its files stay; never end the manager for it
-                        log.error("job %s: cannot remove its output: %s", job_id, exc)
-            if pending:
-                await trio.sleep(max(pending[0][0] + keep - time.time(), 0.0))
-            else:
-                self._records.ended_added = trio.Event()
-                await self._records.ended_added.wait()
+        try:
+            self._forget(job_id)
+        except OSError as exc:  # its files stay; never end the manager for it
+            log.error("job %s: cannot remove its output: %s", job_id, exc)
 
     # ----------------------------------------------------------------- start
 
@@ -428,7 +382,11 @@ class JobManager:
             raise InvalidArgument(
                 f"limit memory_bytes={limits.memory_bytes} is below the minimum {MiB} (1 MiB)"
             )
-        return limits
+        # Most jobs share a few sets of limits: one object each for every record that has
+        # them (72 bytes less per kept job), in a cache of bounded size.
+        if len(self._limits) > 1024:
+            self._limits.clear()
+        return self._limits.setdefault(limits, limits)
 
     def _validate(
         self, command: Sequence[str], env: Mapping[str, str], working_dir: str
@@ -534,7 +492,7 @@ class JobManager:
             # The kernel refused a value (e.g. a limit it cannot apply on this host).
             raise InvalidArgument(f"cannot apply limits {record.limits}: {exc}") from exc
         except OSError as exc:
-            raise _exhausted("create the job's cgroup", exc) from exc
+            raise exhausted("create the job's cgroup", exc) from exc
         output: OutputStore | None = None
         proc: trio.Process | None = None
         try:
@@ -544,7 +502,7 @@ class JobManager:
                     record.command, full_env, record.working_dir, cgroup, record.uid
                 )
             except OSError as exc:
-                raise _exhausted("start the job", exc) from exc
+                raise exhausted("start the job", exc) from exc
             # A concurrent Start may have taken the name while this one spawned.
             self._check_name(record)
         except BaseException:
@@ -774,23 +732,6 @@ class JobManager:
                 )
 
 
-def _exhausted(what: str, exc: OSError) -> JobdError:
-    """An OSError on a Start: RESOURCE_EXHAUSTED naming the cause when the host ran out of
-    something; else a server failure that says what failed."""
-    causes = {
-        errno.EMFILE: "jobd has too many open files (raise its LimitNOFILE / ulimit -n)",
-        errno.ENFILE: "the host has too many open files (fs.file-max)",
-        errno.ENOSPC: "no space or inodes left on the data dir's filesystem",
-        errno.EDQUOT: "the data dir's disk quota is exhausted",
-        errno.ENOMEM: "the host is out of memory",
-        errno.EAGAIN: "the host cannot create more processes or threads now",
-    }
-    cause = causes.get(exc.errno or 0)
-    if cause is None:
-        return JobdError(f"cannot {what}: {exc}")
-    return ResourceExhausted(f"cannot {what}: {cause} ({exc.strerror})")
-
-
 def _resolve_run_as(name: str | None) -> _RunAs:
     if name is None:
         entry = pwd.getpwuid(os.getuid())
@@ -913,7 +854,7 @@ async def open_job_manager(config: EngineConfig) -> AsyncIterator[JobManager]:
                 log.warning("job %s was running when its server died: recorded KILLED", job.id)
         async with trio.open_nursery() as upkeep:
             await upkeep.start(records.run)
-            await upkeep.start(manager._expire)
+            await upkeep.start(records.expire, config.keep_finished, manager._expired)
             try:
                 async with trio.open_nursery() as nursery:
                     manager._nursery = nursery

@@ -60,7 +60,12 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = 30.0) 
 
 def cgroup_dirs(cgroup_name: str) -> list[Path]:
     """Every directory of the tree `cgroup_name` in any hierarchy."""
-    return [p for p in Path("/sys/fs/cgroup").rglob(cgroup_name) if p.is_dir()]
+    # os.walk, not rglob: other suites' cgroups come and go while it looks (rglob raised
+    # FileNotFoundError for a directory removed under it).
+    found = []
+    for top, dirs, _ in os.walk("/sys/fs/cgroup", onerror=lambda exc: None):
+        found += [Path(top) / d for d in dirs if d == cgroup_name]
+    return found
 
 
 def new_cgroup_name() -> str:
