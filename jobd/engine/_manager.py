@@ -479,8 +479,10 @@ class JobManager:
                 # behind. The pumps see EOF once the last holder of the pipes is dead.
                 job.cgroup.signal_all(signal.SIGKILL)
                 await job.cgroup.wait_empty()
-                # Nobody is left to write: a pump waiting for disk room gives up, so it ends.
-                job.output.stop_waiting()
+                # Output still in the pipes is kept, waiting for disk room if need be; but a
+                # stopped job ends now (what cannot be stored then is lost, and logged).
+                if job.stop_requested:
+                    job.output.stop_waiting()
         except Exception:
             log.exception("job %s failed inside jobd; killing it", job.id)
         finally:
@@ -578,6 +580,8 @@ class JobManager:
             at = trio.current_time() + grace
             if at < job.kill_at.value:
                 job.kill_at.value = at
+            if job.proc is not None and job.proc.returncode is not None:
+                job.output.stop_waiting()  # only its output, blocked on a full disk, is left
             await job.ended.wait()
         assert job.final is not None
         return job.final

@@ -304,6 +304,9 @@ class OutputStore:
             raise RuntimeError("output store is closed; nothing more can be written")
         if not data:
             return
+        if self._lost:
+            self._lost += len(data)  # after a loss, nothing more: the output stays a prefix
+            return
         data = bytes(data)  # the tail keeps it: it must not change under us
         space = self._space
         while True:
@@ -319,7 +322,7 @@ class OutputStore:
                         continue  # freed something: try again at once
                     problem = (
                         f"the data dir {space.directory.parent} is full "
-                        f"({os.strerror(exc.errno)}); jobd resumes when there is room"
+                        f"({os.strerror(exc.errno)})"
                     )
             if self._stop_waiting:
                 self._lose(len(data), problem)
@@ -334,9 +337,10 @@ class OutputStore:
         self._wake()
 
     def stop_waiting(self) -> None:
-        """The job's processes are gone: from now on output that cannot be stored is lost
-        (counted and logged once) instead of waited for, and a writer waiting now gives up.
-        So a stopped job blocked on a full disk still ends, and its pipes drain."""
+        """The job is stopped and its processes are gone (or going): from now on output that
+        cannot be stored is lost instead of waited for, and so is everything after it (the
+        output stays a prefix, nothing is skipped); counted and logged once. A writer waiting
+        now gives up. So a stopped job blocked on a full disk still ends, its pipes drain."""
         self._stop_waiting = True
         self._space._wake_blocked()
 

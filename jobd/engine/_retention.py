@@ -51,10 +51,11 @@ def default_max_data(directory: pathlib.Path) -> int:
     return st.f_blocks * st.f_frsize // 4
 
 
-def _segment_size(max_job_output: int, max_data: int) -> int:
-    """Small enough that dropping a segment is a fine step of either bound (1/16 of it)."""
+def _segment_size(max_job_output: int, max_data: int, filesystem: int) -> int:
+    """Small enough that dropping a segment is a fine step of any bound (1/16 of it), the
+    filesystem's size included: on a disk that fills up, the flood must have old segments."""
     size = DEFAULT_SEGMENT_LIMIT
-    for bound in (max_job_output, max_data):
+    for bound in (max_job_output, max_data, filesystem):
         if bound:
             size = min(size, bound // 16)
     return max(MIN_SEGMENT, size)
@@ -97,7 +98,10 @@ class OutputSpace:
         self.directory = directory
         self.max_job_output = max_job_output
         self.max_data = max_data
-        self.segment_bytes = segment_bytes or _segment_size(max_job_output, max_data)
+        st = os.statvfs(directory)
+        self.segment_bytes = segment_bytes or _segment_size(
+            max_job_output, max_data, st.f_blocks * st.f_frsize
+        )
         self.memory_tail = memory_tail
         self.poll_interval = poll_interval
         self._stores: dict[str, OutputStore] = {}
