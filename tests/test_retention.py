@@ -371,6 +371,29 @@ async def test_full_filesystem_drops_the_flood_not_the_quiet_job(tmp_path: pathl
 
 
 @pytest.mark.cgroups  # needs root (mount)
+async def test_a_start_on_a_full_disk_drops_ended_output_to_make_its_files(
+    tmp_path: pathlib.Path,
+) -> None:
+    with tmpfs(tmp_path / "fs", "size=4m", "nr_inodes=32") as fs:
+        space = OutputSpace(fs, max_job_output=0, max_data=0, segment_bytes=16 * KiB)
+        old = space.create("old")
+        for _ in range(8):
+            await old.write(OUT, b"o" * (16 * KiB))  # 8 segments: 16 inodes
+        old.close()
+        made = []
+        for i in itertools.count():
+            try:
+                (fs / f"f{i}").touch()
+            except OSError:
+                break
+            made.append(i)
+        new = space.create("new")  # the ended job's oldest segments gave up their inodes
+        assert old.start > 0 and new.size == 0
+        await new.write(OUT, b"fine")
+        assert await read_all(new) == (0, b"fine")
+
+
+@pytest.mark.cgroups  # needs root (mount)
 async def test_no_inodes_is_resource_exhausted_on_create_and_blocks_a_roll(
     tmp_path: pathlib.Path,
 ) -> None:
@@ -678,6 +701,22 @@ async def test_since_starts_at_the_first_chunk_written_at_or_after_it(
     assert got[0].offset == offsets[300] and all(c.stream is ERR for c in got)
     with pytest.raises(InvalidArgument, match="since"):
         store.read(0, follow=False, since=float("nan"))
+
+
+async def test_tail_lines_scans_back_a_bounded_amount(tmp_path: pathlib.Path) -> None:
+    """Output with no line end at all (a 10 GB line, at test size): tail_lines reads at most
+    TAIL_SCAN_LIMIT back and starts there, rather than holding the event loop for it all."""
+    space = OutputSpace(tmp_path, max_job_output=0, max_data=0, segment_bytes=256 * KiB)
+    store = space.create("job")
+    for _ in range(64):
+        await store.write(OUT, b"x" * (64 * KiB))  # 4 MiB, no newline
+    with mock.patch.object(_output, "TAIL_SCAN_LIMIT", 1 * MiB):
+        first, data = await read_all(store, tail_lines=2)
+    assert store.size - 1 * MiB - 64 * KiB <= first < store.size
+    assert data == b"x" * (store.size - first)
+    await store.write(OUT, b"\nlast\n")  # with line ends near the end, it is exact
+    with mock.patch.object(_output, "TAIL_SCAN_LIMIT", 1 * MiB):
+        assert (await read_all(store, tail_lines=1))[1] == b"last\n"
 
 
 async def test_seeking_never_reads_the_whole_output(tmp_path: pathlib.Path) -> None:
