@@ -157,7 +157,6 @@ class _Job:
         self.kill_at: AsyncValue[float] = AsyncValue(math.inf)
         self.stop_reason = EndReason.UNSPECIFIED  # set by the first stop request
         self.failed = False  # a task of jobd's own failed for it (logged)
-        self.recorded = True  # False: its Start could not be recorded; leave no record
         self.final: JobInfo | None = None
         self.ended = trio.Event()
 
@@ -221,6 +220,7 @@ class JobManager:
         self._run_as = run_as
         self._records = records
         self._jobs: dict[str, _Job] = {}  # running jobs only
+        self._starting: set[str] = set()  # recorded, not yet running: not shown
         self._limits: dict[Limits, Limits] = {}
         self._closing = False
         self._nursery: trio.Nursery | None = None
@@ -257,6 +257,8 @@ class JobManager:
         job = self._jobs.get(job_id)
         if job is not None:
             return job.info()
+        if job_id in self._starting:
+            return None
         info = self._records.get(job_id)
         output = self._output.get(job_id)
         if info is not None and output is not None and output.start != info.output_start:
@@ -455,18 +457,23 @@ class JobManager:
             uid=self._uid_for(owner),
         )
         self._check_name(record)
-        job = await self._start(record, full_env)
+        # Recorded before it runs: its output cannot fill the disk before its record is in
+        # (a crash in between leaves a record that the next start-up calls SERVER_LOST).
+        record = dataclasses.replace(record, seq=self._records.next_seq(), started_at=time.time())
+        self._records.add(record)  # takes its name; hidden from queries until it runs
+        self._starting.add(record.id)
         try:
-            await self._records.write_durably(Put(job.start))
-        except StoreError as exc:
-            # Without a record a restart would lose it: end it and leave nothing.
-            log.error("job %s: cannot record its start, stopping it: %s", job.id, exc)
-            job.recorded = False
-            with trio.CancelScope(shield=True):
-                await self.stop(job.id, 0)
-            self._forget(job.id)
-            raise ResourceExhausted(f"cannot record the job in the data dir: {exc}") from exc
-        return job.start  # as it started (it may have ended while its record committed)
+            try:
+                await self._records.write_durably(Put(record))
+            except StoreError as exc:
+                raise ResourceExhausted(f"cannot record the job in the data dir: {exc}") from exc
+            job = await self._start(record, full_env)
+        except BaseException:
+            self._records.remove(record.id, forgotten=False)
+            raise
+        finally:
+            self._starting.discard(record.id)
+        return job.start
 
     def _check_name(self, record: JobInfo) -> None:
         if record.name and self._records.named(record.owner, record.name) is not None:
@@ -503,17 +510,13 @@ class JobManager:
                 )
             except OSError as exc:
                 raise exhausted("start the job", exc) from exc
-            # A concurrent Start may have taken the name while this one spawned.
-            self._check_name(record)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self._teardown(cgroup, proc, output, remove_output=True)
             raise
-        record = dataclasses.replace(record, seq=self._records.next_seq(), started_at=time.time())
         job = _Job(record, cgroup, output)
         job.proc = proc
         self._jobs[record.id] = job
-        self._records.add(record)
         # No checkpoint since the shim's verdict: the job is registered and owned by the
         # nursery atomically, so a cancellation cannot leave it half-created.
         self._nursery.start_soon(self._supervise, job, name=f"job {record.id}")
@@ -598,8 +601,10 @@ class JobManager:
                 # behind. The pumps see EOF once the last holder of the pipes is dead.
                 job.cgroup.signal_all(signal.SIGKILL)
                 await job.cgroup.wait_empty()
-                # Nobody is left to write: a pump waiting for disk room gives up, so it ends.
-                job.output.stop_waiting()
+                # Output still in the pipes is kept, waiting for disk room if need be; but a
+                # stopped job ends now (what cannot be stored then is lost, and logged).
+                if job.stop_requested:
+                    job.output.stop_waiting()
         except Exception:
             job.failed = True
             log.exception("job %s failed inside jobd; killing it", job.id)
@@ -692,8 +697,7 @@ class JobManager:
         assert job.final is not None
         if self._jobs.get(job.id) is job:
             del self._jobs[job.id]
-        if job.recorded:
-            self._records.ended(job.final)
+        self._records.ended(job.final)
         job.ended.set()
 
     def _request_stop(self, job: _Job, grace: float, reason: EndReason) -> None:
@@ -720,6 +724,8 @@ class JobManager:
         if job is None:
             return info
         self._request_stop(job, grace, reason)
+        if job.proc is not None and job.proc.returncode is not None:
+            job.output.stop_waiting()  # only its output, blocked on a full disk, is left
         await job.ended.wait()
         assert job.final is not None
         return job.final
@@ -801,7 +807,7 @@ def _prune_output(space: OutputSpace, kept: set[str]) -> None:
     for job_id in stale:
         space.remove(job_id)
     if stale:
-        log.warning("removed the output of %d job(s) left by a previous jobd", len(stale))
+        log.warning("removed the output of %d job(s) that no record keeps", len(stale))
 
 
 @asynccontextmanager

@@ -177,8 +177,9 @@ class Records:
         self.ended_added.set()
         self.write(Put(job))
 
-    def remove(self, job_id: str) -> JobInfo | None:
-        """Forget a job (written behind); its record, or None if it was not kept."""
+    def remove(self, job_id: str, *, forgotten: bool = True) -> JobInfo | None:
+        """Forget a job (written behind); its record, or None if it was not kept.
+        `forgotten`=False: a Start that failed (not counted as a removal)."""
         job = self._by_id.pop(job_id, None)
         if job is None:
             return None
@@ -190,7 +191,8 @@ class Records:
         if job.name and self._names.get((job.owner, job.name)) == job_id:
             del self._names[(job.owner, job.name)]
         self.write(Delete(job_id))
-        self.removed_count.value += 1
+        if forgotten:
+            self.removed_count.value += 1
         return job
 
     def named(self, owner: str, name: str) -> str | None:
