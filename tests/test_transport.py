@@ -806,15 +806,21 @@ async def test_concurrent_calls_beyond_the_stream_cap_wait(pki: Pki, probe: Prob
             assert probe.max_active <= 2
 
 
-async def test_connections_beyond_the_cap_are_closed(pki: Pki, probe: Probe) -> None:
+async def test_connections_beyond_the_cap_are_refused_with_a_status(
+    pki: Pki, probe: Probe
+) -> None:
+    # Established connections past the cap get RESOURCE_EXHAUSTED for their call, then GOAWAY
+    # and close: a client sees why, instead of a dropped connection it would retry at once.
     async with running(pki, probe, TransportLimits(max_connections=1)) as run:
         port = run.server.port
         async with RawClient.open(port, pki) as first:
             stream_id = await first.request("Whoami")
             assert (await first.trailers(stream_id))["grpc-status"] == "0"
-            with pytest.raises(trio.BrokenResourceError):
-                async with RawClient.open(port, pki, "bob") as second:
-                    await second.until(of(h2.events.RemoteSettingsChanged))
+            async with RawClient.open(port, pki, "bob") as second:
+                refused = await second.trailers(await second.request("Whoami"))
+                assert refused["grpc-status"] == "8", refused
+                assert "connections open" in refused["grpc-message"]
+                await second.until(of(h2.events.ConnectionTerminated))
             stream_id = await first.request("Whoami")
             assert (await first.trailers(stream_id))["grpc-status"] == "0"
         await trio.testing.wait_all_tasks_blocked()

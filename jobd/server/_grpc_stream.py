@@ -26,6 +26,7 @@ import h2.settings
 import trio
 from purerpc.grpc_proto import GRPCProtoSocket, GRPCProtoStream
 from purerpc.grpc_socket import GRPCStreamState, SocketWrapper
+from purerpc.grpclib.buffers import MessageReadBuffer
 from purerpc.grpclib.connection import GRPCConfiguration, GRPCConnection
 from purerpc.grpclib.events import (
     Event,
@@ -39,6 +40,7 @@ from purerpc.grpclib.headers import sanitize_headers
 from purerpc.grpclib.status import Status, StatusCode
 
 __all__ = [
+    "ACCEPT_ENCODING",
     "ReaderEnd",
     "ServerSocket",
     "ServerStream",
@@ -180,6 +182,31 @@ class MessageTooLarge(Event):  # type: ignore[misc]
         self.stream_id = stream_id
 
 
+class MessageCompressed(Event):  # type: ignore[misc]
+    """A request message on this stream has the compressed flag set. purerpc inflated it with
+    no bound (issue 9: 1 MiB of gzip became 1 GiB and froze the event loop for 9 s, before
+    the caller's identity was checked); jobd refuses it uninflated, as the gRPC spec says for
+    an encoding the server does not support: UNIMPLEMENTED, with grpc-accept-encoding."""
+
+    def __init__(self, stream_id: int) -> None:
+        self.stream_id = stream_id
+
+
+# The only message encoding jobd reads; advertised in every response's headers.
+ACCEPT_ENCODING = "identity"
+
+
+class _Compressed(Exception):
+    pass
+
+
+class _UncompressedReadBuffer(MessageReadBuffer):  # type: ignore[misc]
+    """purerpc's request message parser, which never inflates a message."""
+
+    def decompress(self, data: bytes) -> bytes:
+        raise _Compressed
+
+
 class PeerGoAway(Event):  # type: ignore[misc]
     """The peer sent GOAWAY: it is leaving, and h2 will send nothing more."""
 
@@ -218,6 +245,7 @@ class _ServerConnection(GRPCConnection):  # type: ignore[misc]
         # Flow-controlled bytes received per stream and not yet given back to the peer.
         self._unacked: dict[int, int] = {}
         super().__init__(config)
+        self.malformed_requests = 0  # streams reset for malformed request headers
         # purerpc's __init__ made a plain H2Connection; redo its setup on ours.
         self.h2_connection = _H2Connection(
             h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
@@ -244,6 +272,26 @@ class _ServerConnection(GRPCConnection):  # type: ignore[misc]
             self._connection_window - _H2_DEFAULT_WINDOW
         )
 
+    def _request_received(self, event: h2.events.RequestReceived) -> list[Event]:
+        """purerpc's, but a malformed request (bad path, content type, grpc-timeout, END_STREAM
+        on the headers) resets that stream only: purerpc's ProtocolError closed the caller's
+        whole connection, with every other call on it."""
+        try:
+            events: list[Event] = super()._request_received(event)
+        except Exception as exc:  # purerpc's ProtocolError, or e.g. int() of a bad grpc-timeout
+            log.debug("stream %d: malformed request: %s", event.stream_id, exc)
+            self.malformed_requests += 1
+            self.message_read_buffers.pop(event.stream_id, None)
+            with contextlib.suppress(h2.exceptions.H2Error):
+                self.h2_connection.reset_stream(
+                    event.stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR
+                )
+            return []
+        self.message_read_buffers[event.stream_id] = _UncompressedReadBuffer(
+            None, self.config.max_message_length
+        )
+        return events
+
     def _data_received(self, event: h2.events.DataReceived) -> list[Event]:
         stream_id = event.stream_id
         if stream_id not in self.message_read_buffers:
@@ -260,6 +308,9 @@ class _ServerConnection(GRPCConnection):  # type: ignore[misc]
         except MessageTooLargeError:
             del self.message_read_buffers[stream_id]  # drop what is buffered and what follows
             return [MessageTooLarge(stream_id)]
+        except _Compressed:
+            del self.message_read_buffers[stream_id]
+            return [MessageCompressed(stream_id)]
         return events
 
     def acknowledge_received_data(self, stream_id: int, flow_controlled_length: int) -> None:
@@ -294,6 +345,7 @@ class _ServerConnection(GRPCConnection):  # type: ignore[misc]
         headers = [
             (":status", "200"),
             ("content-type", "application/grpc" + content_type_suffix),
+            ("grpc-accept-encoding", ACCEPT_ENCODING),
             *self._status_headers(status),
             *sanitize_headers(custom_metadata),
         ]
@@ -675,6 +727,15 @@ class ServerSocket(GRPCProtoSocket):  # type: ignore[misc]
             if stream is not None:
                 del self._streams[event.stream_id]
                 stream.peer_reset()
+        elif isinstance(event, MessageCompressed):
+            if stream is not None:
+                stream.abort(
+                    Status(
+                        StatusCode.UNIMPLEMENTED,
+                        "compressed request messages are not supported: send them "
+                        f"uncompressed (grpc-accept-encoding: {ACCEPT_ENCODING})",
+                    )
+                )
         elif isinstance(event, MessageTooLarge):
             if stream is not None:
                 limit = self._grpc_connection.config.max_message_length

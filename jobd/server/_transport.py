@@ -11,6 +11,7 @@ shared/PURERPC.md closed. Service-agnostic: must not import jobd.engine.
 
 from __future__ import annotations
 
+import collections
 import errno
 import functools
 import logging
@@ -40,7 +41,14 @@ from purerpc.wrappers import (
     extract_message_from_singleton_stream,
 )
 
-from jobd.server._grpc_stream import ReaderEnd, ServerSocket, ServerStream, TrioByteStream
+from jobd.server._audit import RateLimitedLog, audit_event
+from jobd.server._grpc_stream import (
+    ACCEPT_ENCODING,
+    ReaderEnd,
+    ServerSocket,
+    ServerStream,
+    TrioByteStream,
+)
 
 __all__ = [
     "GrpcServer",
@@ -70,15 +78,25 @@ connection inherits it. Unset (LookupError) anywhere else."""
 
 @dataclass(frozen=True, slots=True)
 class TransportLimits:
-    """What one client may cost the server (shared/PURERPC.md rows 7-9). Times in seconds."""
+    """What one client may cost the server (shared/PURERPC.md rows 7-9, issue 9). Times in
+    seconds."""
 
-    max_connections: int = 1000  # more are closed as soon as they are accepted
+    # Established connections in all; one more is answered RESOURCE_EXHAUSTED and closed.
+    max_connections: int = 1000
+    # Connections still in their TLS handshake have a budget of their own, so that silent
+    # peers (no certificate needed) can never lock out clients that complete one: when it is
+    # full, the oldest handshake is dropped for the new connection.
+    max_handshakes: int = 128
+    handshake_timeout: float = 5.0
+    # Per user (certificate CN): established connections, and calls open at once over all of
+    # them; more are answered RESOURCE_EXHAUSTED.
+    max_connections_per_user: int = 100
+    max_calls_per_user: int = 1000
     max_concurrent_streams: int = 100  # per connection: SETTINGS_MAX_CONCURRENT_STREAMS
     # A larger request gets RESOURCE_EXHAUSTED. purerpc applies one limit both ways, so this
     # also caps each response message.
     max_message_bytes: int = 4 * 1024 * 1024
     max_outbound_queued_bytes: int = 1024 * 1024  # per connection: calls wait past this
-    handshake_timeout: float = 10.0
     idle_timeout: float = 300.0  # no call open this long: GOAWAY, close
     # Upper bound on every call's deadline. inf: a call without grpc-timeout (a follow) may
     # run until it ends.
@@ -86,7 +104,14 @@ class TransportLimits:
     close_timeout: float = 5.0  # for the last frames and close_notify of a closing connection
 
     def __post_init__(self) -> None:
-        for name in ("max_connections", "max_concurrent_streams", "max_outbound_queued_bytes"):
+        for name in (
+            "max_connections",
+            "max_handshakes",
+            "max_connections_per_user",
+            "max_calls_per_user",
+            "max_concurrent_streams",
+            "max_outbound_queued_bytes",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if not 1 <= self.max_message_bytes <= 2**31 - 1 - 5:
@@ -171,15 +196,23 @@ class _Dispatcher(ConnectionHandler):  # type: ignore[misc]  # purerpc is untype
         services: Mapping[str, Service],
         server: GrpcServer,
         limits: TransportLimits,
-        unauthenticated: UnauthenticatedError | None,
+        user: str | None,
+        refusal: Status | None = None,
     ) -> None:
         super().__init__(services, server)
+        self._server = server
         # purerpc's default is a 32 MiB message limit.
         self.config = GRPCConfiguration(
-            client_side=False, max_message_length=limits.max_message_bytes
+            client_side=False,
+            max_message_length=limits.max_message_bytes,
+            message_accept_encoding=[ACCEPT_ENCODING],
         )
         self._limits = limits
-        self._unauthenticated = unauthenticated
+        self._user = user
+        # Every call on this connection gets this status (no identity, or over a connection
+        # cap); a refused connection closes after its first call or a short idle time.
+        self._refusal = refusal
+        self._idle_timeout = limits.idle_timeout if refusal is None else limits.handshake_timeout
         self._socket: ServerSocket | None = None
         self._calls: set[ServerStream] = set()
         self._calls_nursery: trio.Nursery | None = None
@@ -245,11 +278,11 @@ class _Dispatcher(ConnectionHandler):  # type: ignore[misc]  # purerpc is untype
         """Return once the connection should close."""
         while not (self._draining and not self._calls):
             idle = not self._calls and not self._draining
-            deadline = self._idle_since + self._limits.idle_timeout if idle else math.inf
+            deadline = self._idle_since + self._idle_timeout if idle else math.inf
             with trio.move_on_at(deadline) as timer:
                 await self._changed.park()
             if timer.cancelled_caught and not self._calls:
-                log.debug("no call for %s s: closing", self._limits.idle_timeout)
+                log.debug("no call for %s s: closing", self._idle_timeout)
                 self.drain()
 
     def drain(self) -> None:
@@ -280,6 +313,8 @@ class _Dispatcher(ConnectionHandler):  # type: ignore[misc]  # purerpc is untype
             self._calls.discard(stream)
             if not self._calls:
                 self._idle_since = trio.current_time()
+            if self._refusal is not None:
+                self.drain()
             self._changed.unpark_all()
 
     async def _answer(self, stream: ServerStream) -> Status | None:
@@ -298,8 +333,25 @@ class _Dispatcher(ConnectionHandler):  # type: ignore[misc]  # purerpc is untype
 
     async def _run_call(self, stream: ServerStream) -> Status | None:
         event: RequestReceived = await stream.receive_event()  # queued by the reader
-        if self._unauthenticated is not None:
-            return self._unauthenticated.status
+        if self._refusal is not None:
+            return self._refusal
+        assert self._user is not None
+        calls = self._server.calls_by_user
+        if calls[self._user] >= self._limits.max_calls_per_user:
+            return Status(
+                StatusCode.RESOURCE_EXHAUSTED,
+                f"user {self._user} has {calls[self._user]} calls open, the server's limit "
+                "per user: end some first",
+            )
+        calls[self._user] += 1
+        try:
+            return await self._run_method(stream, event)
+        finally:
+            calls[self._user] -= 1
+            if not calls[self._user]:
+                del calls[self._user]
+
+    async def _run_method(self, stream: ServerStream, event: RequestReceived) -> Status | None:
         service = self.services.get(event.service_name)
         method = None if service is None else service.methods.get(event.method_name)
         if method is None:
@@ -356,17 +408,25 @@ class _Dispatcher(ConnectionHandler):  # type: ignore[misc]  # purerpc is untype
 
 class _Connection:
     """One accepted TCP connection: TLS handshake under a timeout, in its own task (a silent
-    peer never stalls accept), identity, then a _Dispatcher until it ends."""
+    peer never stalls accept) and within the server's handshake budget, identity and the
+    per-user and server-wide connection caps, then a _Dispatcher until it ends."""
 
     def __init__(self, server: GrpcServer, tcp: trio.SocketStream) -> None:
         self._server = server
         self._tcp = tcp
         self.cancel_scope = trio.CancelScope()
         self.dispatcher: _Dispatcher | None = None
+        self.evicted = False
         try:
-            self.peer = str(tcp.socket.getpeername())
-        except OSError:
+            host, port, *_ = tcp.socket.getpeername()
+            self.peer = f"{host}:{port}"
+        except (OSError, ValueError):
             self.peer = "?"
+
+    def evict(self) -> None:
+        """Drop this handshake to make room for a newer connection."""
+        self.evicted = True
+        self.cancel_scope.cancel()
 
     def drain(self) -> None:
         if self.dispatcher is None:
@@ -385,38 +445,58 @@ class _Connection:
         limits = server.limits
         ssl_stream = trio.SSLStream(self._tcp, server.ssl_context, server_side=True)
         graceful = False
+        user: str | None = None
         try:
             with self.cancel_scope:
-                with trio.move_on_after(limits.handshake_timeout) as handshake:
-                    try:
-                        await ssl_stream.do_handshake()
-                    except trio.BrokenResourceError as exc:
-                        log.debug("TLS handshake with %s failed: %s", self.peer, exc.__cause__)
-                        return
+                try:
+                    with trio.move_on_after(limits.handshake_timeout) as handshake:
+                        try:
+                            await ssl_stream.do_handshake()
+                        except trio.BrokenResourceError as exc:
+                            server.refused_handshake(self.peer, _tls_failure(exc))
+                            return
+                finally:
+                    server.handshake_ended(self)
                 if handshake.cancelled_caught:
-                    log.debug("TLS handshake with %s timed out", self.peer)
+                    server.refused_handshake(self.peer, "handshake timed out")
                     return
-                unauthenticated = None
+                refusal: Status | None
                 try:
                     identity = _identity_from_peer_cert(ssl_stream.getpeercert() or {})
                 except UnauthenticatedError as exc:
-                    unauthenticated = exc
+                    refusal = exc.status
                     log.debug("connection from %s: %s", self.peer, exc.status.status_message)
                 else:
                     # This task's context only: the reader and call tasks it starts copy it.
                     current_identity.set(identity)
                     log.debug("connection from %s: %s", self.peer, identity)
-                self.dispatcher = _Dispatcher(server.services, server, limits, unauthenticated)
+                    user = identity.user
+                    refusal = server.admit_connection(user)
+                    if refusal is not None:
+                        user = None  # not counted
+                self.dispatcher = _Dispatcher(server.services, server, limits, user, refusal)
                 if server.draining:
                     self.dispatcher.drain()
                 await self.dispatcher(TrioByteStream(ssl_stream))
                 graceful = not self.dispatcher.peer_gone
+            if self.evicted and self.dispatcher is None:
+                server.refused_handshake(self.peer, "handshake budget full: oldest dropped")
         finally:
+            if user is not None:
+                server.release_connection(user)
             if graceful:
                 # close_notify, bounded: a peer that reads nothing must not hold us here.
                 with trio.move_on_after(limits.close_timeout):
                     await ssl_stream.aclose()
             await trio.aclose_forcefully(ssl_stream)
+
+
+def _tls_failure(exc: BaseException) -> str:
+    """Why a handshake failed, in a few words: the ssl module's reason, not its repr."""
+    cause = exc.__cause__
+    if isinstance(cause, ssl.SSLError) and cause.reason:
+        return f"TLS error: {cause.reason}"
+    return "peer closed or broke the connection"
 
 
 # accept() errors that mean "out of resources, try again" (as trio.serve_listeners).
@@ -442,6 +522,12 @@ class GrpcServer:
         self.limits = limits
         self.draining = False
         self._connections: set[_Connection] = set()
+        # In their TLS handshake, oldest first (a dict keeps insertion order).
+        self._handshaking: dict[_Connection, None] = {}
+        self._established = 0
+        self._established_by_user: collections.Counter[str] = collections.Counter()
+        self.calls_by_user: collections.Counter[str] = collections.Counter()
+        self._refusals = RateLimitedLog()
         self._changed = trio.lowlevel.ParkingLot()
         self._shutdown_requested = trio.Event()
         self._grace = trio.CancelScope()
@@ -450,6 +536,39 @@ class GrpcServer:
     def connection_count(self) -> int:
         """Open connections, including those still in their TLS handshake."""
         return len(self._connections)
+
+    @property
+    def handshake_count(self) -> int:
+        return len(self._handshaking)
+
+    def handshake_ended(self, connection: _Connection) -> None:
+        self._handshaking.pop(connection, None)
+
+    def refused_handshake(self, peer: str, reason: str) -> None:
+        self._refusals.event("tls-refused", peer=peer, reason=reason)
+
+    def admit_connection(self, user: str) -> Status | None:
+        """Count an established connection of `user`; the status to answer instead when it
+        would pass a cap."""
+        if self._established_by_user[user] >= self.limits.max_connections_per_user:
+            message = (
+                f"user {user} has {self._established_by_user[user]} connections open, the "
+                "server's limit per user: reuse a connection"
+            )
+        elif self._established >= self.limits.max_connections:
+            message = f"the server has {self._established} connections open, its limit"
+        else:
+            self._established += 1
+            self._established_by_user[user] += 1
+            return None
+        audit_event("connection-refused", user=user, reason=message)
+        return Status(StatusCode.RESOURCE_EXHAUSTED, message)
+
+    def release_connection(self, user: str) -> None:
+        self._established -= 1
+        self._established_by_user[user] -= 1
+        if not self._established_by_user[user]:
+            del self._established_by_user[user]
 
     @property
     def outbound_queued_bytes(self) -> int:
@@ -501,14 +620,27 @@ class GrpcServer:
                 log.error("accept: %s; retrying in %s s", os.strerror(exc.errno), _ACCEPT_RETRY)
                 await trio.sleep(_ACCEPT_RETRY)
                 continue
-            if len(self._connections) >= self.limits.max_connections:
+            if len(self._connections) >= self._max_sockets:
+                # A backstop on descriptors only: handshakes and refused connections are
+                # bounded and short-lived, so this is reached only in a flood of both.
                 log.debug("refused a connection: %d open", len(self._connections))
                 await trio.aclose_forcefully(tcp)
                 continue
+            if len(self._handshaking) >= self.limits.max_handshakes:
+                # Dropping the oldest, not refusing the newest: a peer that completes its
+                # handshake in a few milliseconds gets through however many silent ones
+                # keep arriving (issue 9: a global cap let 1,000 of them lock everyone out).
+                oldest = next(iter(self._handshaking))
+                del self._handshaking[oldest]
+                oldest.evict()
             connection = _Connection(self, tcp)
-            # Counted from accept on, so a burst of silent peers cannot exceed the cap.
             self._connections.add(connection)
+            self._handshaking[connection] = None
             connections.start_soon(self._run_connection, connection)
+
+    @property
+    def _max_sockets(self) -> int:
+        return self.limits.max_connections + 2 * self.limits.max_handshakes
 
     async def _run_connection(self, connection: _Connection) -> None:
         try:
@@ -516,6 +648,7 @@ class GrpcServer:
         except Exception:  # a bug in jobd: lose the connection, keep the server
             log.exception("connection from %s failed", connection.peer)
         finally:
+            self._handshaking.pop(connection, None)
             self._connections.discard(connection)
             self._changed.unpark_all()
 
