@@ -13,6 +13,7 @@ SIGKILLs the cgroup. Leaving the manager stops every job.
 
 from __future__ import annotations
 
+import errno
 import logging
 import marshal
 import math
@@ -23,7 +24,7 @@ import signal
 import stat
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ from ._cgroup import detect_layout as _detect_layout
 from ._errors import CgroupError, InvalidArgument, JobdError, NotFound, Unavailable
 from ._lock import lock_directory
 from ._output import OutputStore
+from ._quota import Quota
 from ._types import Chunk, JobInfo, Limits, State, Stream, Usage
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -57,6 +59,22 @@ def _host_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def _pid_max() -> int:
+    try:
+        return int(Path("/proc/sys/kernel/pid_max").read_text())
+    except (OSError, ValueError):
+        return 32768
+
+
+# Per-job maxima that leave the host alive however many jobs ask for them: a quarter of the
+# kernel's pid space, three quarters of its memory (issue 9: they were all of each).
+DEFAULT_MAX_PIDS_FRACTION = 4
+DEFAULT_MAX_MEMORY_FRACTION = 0.75
+# A job's soft RLIMIT_NOFILE, as systemd gives services (select() breaks above 1024); the
+# hard limit stays the server's, so a job that needs more can raise its own.
+DEFAULT_JOB_NOFILE = 1024
+
+
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
     """How the engine runs jobs. Limits of 0 mean "none"."""
@@ -73,10 +91,16 @@ class EngineConfig:
     max_limits: Limits = field(
         default_factory=lambda: Limits(
             cpus=float(os.cpu_count() or 1),
-            memory_bytes=_host_memory(),
-            pids=32768,
+            memory_bytes=int(_host_memory() * DEFAULT_MAX_MEMORY_FRACTION),
+            pids=max(_pid_max() // DEFAULT_MAX_PIDS_FRACTION, 1024),
         )
     )
+    # Running jobs in all and per owner (0: no limit); a Start past them: ResourceExhausted.
+    max_jobs: int = 1000
+    max_jobs_per_user: int = 100
+    job_nofile: int = DEFAULT_JOB_NOFILE  # soft RLIMIT_NOFILE of each job (0: the server's)
+    # Called with the final JobInfo once each job has ended (the server's audit log).
+    on_job_end: Callable[[JobInfo], None] | None = None
     stop_grace: float = 5.0
     io_devices: tuple[str, ...] | None = None  # None: the disk holding data_dir
     layout: Layout | None = None  # None: detect from /proc (tests may pass a fake)
@@ -96,6 +120,9 @@ class EngineConfig:
                 )
         if not math.isfinite(self.stop_grace) or self.stop_grace < 0:
             raise JobdError(f"the stop grace must be >= 0 seconds, not {self.stop_grace}")
+        for name in ("max_jobs", "max_jobs_per_user", "job_nofile"):
+            if getattr(self, name) < 0:
+                raise JobdError(f"{name} must be >= 0, not {getattr(self, name)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +220,7 @@ class JobManager:
         self._uids_in_use: set[int] = set()
         self._next_uid = config.job_uids[0] if config.job_uids else 0
         self._jobs: dict[str, _Job] = {}
+        self._quota = Quota(config.max_jobs, config.max_jobs_per_user)
         self._closing = False
         self._nursery: trio.Nursery | None = None
         self._shims: _shimpool.ShimPool | None = None  # set while the manager is open
@@ -288,8 +316,9 @@ class JobManager:
             raise InvalidArgument("working_dir contains a NUL byte")
         if not os.path.isabs(cwd):
             raise InvalidArgument(f"working_dir {cwd!r} must be an absolute path")
-        if not os.path.isdir(cwd):
-            raise InvalidArgument(f"working_dir {cwd!r} does not exist or is not a directory")
+        # Whether it exists is checked by the shim's chdir, as the job's uid: checked here as
+        # root, "Permission denied" vs "does not exist" told anyone what root-only
+        # directories hold (issue 9).
         run_as = self._run_as
         full_env = {
             "PATH": DEFAULT_PATH,
@@ -315,11 +344,17 @@ class JobManager:
         argv, full_env, cwd = self._validate(command, env or {}, working_dir)
         effective = self.effective_limits(limits)
         job_id = str(uuid.uuid4())
-        uid = self._take_uid()
+        self._quota.admit(owner)  # released when the job ends (_job_ended)
+        try:
+            uid = self._take_uid()
+        except BaseException:
+            self._quota.release(owner)
+            raise
         try:
             return await self._start(job_id, uid, owner, argv, full_env, cwd, effective)
         except BaseException:
             self._release_uid(uid)
+            self._quota.release(owner)
             raise
 
     def _take_uid(self) -> int | None:
@@ -393,6 +428,7 @@ class JobManager:
             "cwd": cwd,
             "argv": list(argv),
             "env": env,
+            "nofile": self._config.job_nofile,
         }
         # A pre-started shim (its interpreter has already booted), or a new one.
         shim = await (self._shims.take() if self._shims else _shimpool.spawn_shim())
@@ -431,6 +467,10 @@ class JobManager:
                 )
             return InvalidArgument(f"cannot execute {program!r} as user {user}: {error}")
         if stage == "chdir":
+            if report["errno"] in (errno.ENOENT, errno.ENOTDIR):
+                return InvalidArgument(
+                    f"working_dir {cwd!r} does not exist or is not a directory (for user {user})"
+                )
             return InvalidArgument(f"cannot use working_dir {cwd!r} as user {user}: {error}")
         return CgroupError(f"job setup failed ({stage} {what}): {error}")
 
@@ -528,6 +568,15 @@ class JobManager:
                 if job.final is None:
                     job.finish(proc.returncode if proc else None, usage)
                 job.ended.set()
+                self._job_ended(job)
+
+    def _job_ended(self, job: _Job) -> None:
+        self._quota.release(job.owner)
+        if self._config.on_job_end is not None and job.final is not None:
+            try:
+                self._config.on_job_end(job.final)
+            except Exception:
+                log.exception("on_job_end failed for job %s", job.id)
 
     @staticmethod
     def _close_streams(proc: trio.Process) -> None:
