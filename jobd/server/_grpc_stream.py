@@ -41,6 +41,7 @@ from purerpc.grpclib.status import Status, StatusCode
 
 __all__ = [
     "ACCEPT_ENCODING",
+    "OutboundBudget",
     "ReaderEnd",
     "ServerSocket",
     "ServerStream",
@@ -71,6 +72,24 @@ _READER_QUEUE_FACTOR = 4
 # How long a call ended by the server (shutdown) may take to finish the message it is sending,
 # so that its status can follow; a peer that reads nothing is cut (reset) after this.
 _MESSAGE_END_GRACE = 1.0
+# What a streaming call reserves of the outbound budgets before it produces its next message:
+# an Output chunk (64 KiB) exists up to three times while it is made and sent (the engine's
+# bytes, the protobuf message, its serialization).
+PRODUCE_RESERVE = 256 * 1024
+
+
+class OutboundBudget:
+    """Bytes waiting to be sent, server-wide: every connection's socket queue plus what
+    streaming calls have reserved to produce their next message (issue 9: 10,000 unread
+    Output streams held 1.94 GB). Past `limit`, a streaming call waits before it produces
+    another message, unless its own connection has nothing queued or reserved (its peer
+    reads): a client that reads is never starved by those that do not."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+
 
 
 # --------------------------------------------------------------------------------------------
@@ -383,8 +402,11 @@ class _BoundedSocket(SocketWrapper):  # type: ignore[misc]
         *,
         max_queued: int,
         on_broken: Callable[[], None],
+        budget: OutboundBudget,
     ) -> None:
         super().__init__(connection, stream)
+        self._budget = budget
+        self.reserved = 0  # of PRODUCE_RESERVE, by this connection's streaming calls
         # trio's own Event: anyio's looks up the running backend on every creation.
         self._flush_event = trio.Event()
         self._chunks: collections.deque[bytes | memoryview] = collections.deque()
@@ -397,7 +419,41 @@ class _BoundedSocket(SocketWrapper):  # type: ignore[misc]
     def _append(self, data: bytes | memoryview) -> None:
         self._chunks.append(data)
         self.queued += len(data)
+        self._budget.used += len(data)
         self._flush_event.set()
+
+    async def reserve(self, stream: ServerStream) -> None:
+        """Wait until `stream` may produce its next message, then reserve PRODUCE_RESERVE of
+        this connection's and the server's budgets for it (`unreserve` gives it back): its
+        window is open, and either nothing of this connection is queued or reserved, or both
+        budgets have room. So a call whose peer reads nothing holds no message at all."""
+        budget = self._budget
+        while not self.broken:
+            if stream.send_window <= 0:
+                await stream._wait_flow_control_update()
+                continue
+            idle = self.queued == 0 and self.reserved == 0
+            over = self.queued + self.reserved + PRODUCE_RESERVE > self._max_queued
+            if not idle and (over or budget.used + PRODUCE_RESERVE > budget.limit):
+                await self._drained.park()  # woken by each write, and each unreserve
+                continue
+            self.reserved += PRODUCE_RESERVE
+            budget.used += PRODUCE_RESERVE
+            return
+
+    def unreserve(self) -> None:
+        self.reserved -= PRODUCE_RESERVE
+        self._budget.used -= PRODUCE_RESERVE
+        self._drained.unpark_all()
+
+    async def __aexit__(self, *exc_info: object) -> bool | None:
+        try:
+            result: bool | None = await super().__aexit__(*exc_info)
+        finally:
+            self._budget.used -= self.queued  # never to be sent
+            self.queued = 0
+            self._chunks.clear()
+        return result
 
     def kick(self) -> None:
         """Queue whatever h2 has produced and wake the writer; never blocks (the reader uses it:
@@ -443,6 +499,7 @@ class _BoundedSocket(SocketWrapper):  # type: ignore[misc]
                     self._on_broken()
                     return
                 self.queued -= size
+                self._budget.used -= size
                 if self.queued <= self._max_queued:
                     self._drained.unpark_all()
             elif self._running:
@@ -500,6 +557,21 @@ class ServerStream(GRPCProtoStream):  # type: ignore[misc]
                 GRPCStreamState.HALF_CLOSED_REMOTE,
             )
         )
+
+    @property
+    def send_window(self) -> int:
+        """Bytes the peer's flow-control windows let this stream send now."""
+        window: int = self._grpc_connection.h2_connection.local_flow_control_window(
+            self._stream_id
+        )
+        return window
+
+    async def reserve(self) -> None:
+        """Wait until this call may produce its next message (see `_BoundedSocket.reserve`)."""
+        await self._socket.reserve(self)
+
+    def unreserve(self) -> None:
+        self._socket.unreserve()
 
     def wake_for_window(self) -> None:
         # purerpc's _set_flow_control_update is async only to set this event.
@@ -649,6 +721,7 @@ class ServerSocket(GRPCProtoSocket):  # type: ignore[misc]
         connection_window: int,
         max_queued: int,
         on_broken: Callable[[], None],
+        budget: OutboundBudget,
     ) -> None:
         super().__init__(config, stream, receive_buffer_size=_RECEIVE_SIZE)
         # purerpc's __init__ builds its own connection and socket wrapper; use jobd's.
@@ -658,7 +731,11 @@ class ServerSocket(GRPCProtoSocket):  # type: ignore[misc]
             connection_window=connection_window,
         )
         self._socket = _BoundedSocket(
-            self._grpc_connection, stream, max_queued=max_queued, on_broken=on_broken
+            self._grpc_connection,
+            stream,
+            max_queued=max_queued,
+            on_broken=on_broken,
+            budget=budget,
         )
         self._max_queued = max_queued
         self._streams: dict[int, ServerStream]

@@ -12,6 +12,7 @@ shared/PURERPC.md closed. Service-agnostic: must not import jobd.engine.
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import functools
 import logging
@@ -37,13 +38,13 @@ from purerpc.server import ConnectionHandler
 from purerpc.wrappers import (
     call_server_stream_stream,
     call_server_stream_unary,
-    call_server_unary_stream,
     extract_message_from_singleton_stream,
 )
 
 from jobd.server._audit import RateLimitedLog, audit_event
 from jobd.server._grpc_stream import (
     ACCEPT_ENCODING,
+    OutboundBudget,
     ReaderEnd,
     ServerSocket,
     ServerStream,
@@ -97,6 +98,9 @@ class TransportLimits:
     # also caps each response message.
     max_message_bytes: int = 4 * 1024 * 1024
     max_outbound_queued_bytes: int = 1024 * 1024  # per connection: calls wait past this
+    # Server-wide: bytes queued for all sockets plus those reserved by streaming calls for
+    # their next message. Past it, a stream waits unless its own connection is idle.
+    max_outbound_bytes: int = 32 * 1024 * 1024
     idle_timeout: float = 300.0  # no call open this long: GOAWAY, close
     # Upper bound on every call's deadline. inf: a call without grpc-timeout (a follow) may
     # run until it ends.
@@ -111,6 +115,7 @@ class TransportLimits:
             "max_calls_per_user",
             "max_concurrent_streams",
             "max_outbound_queued_bytes",
+            "max_outbound_bytes",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
@@ -175,9 +180,28 @@ async def _call_unary_unary(func: Callable[..., Any], stream: ServerStream) -> N
     await stream.close(Status(StatusCode.OK))
 
 
+async def _call_unary_stream(func: Callable[..., Any], stream: ServerStream) -> None:
+    """purerpc's call_server_unary_stream, but the next message is asked of the handler only
+    once it can be sent (`ServerStream.reserve`): a call whose peer reads nothing holds no
+    message, and all of them together stay within the server's outbound budget."""
+    request = await extract_message_from_singleton_stream(stream)
+    async with contextlib.aclosing(func(request)) as responses:
+        while True:
+            await stream.reserve()
+            try:
+                try:
+                    message = await anext(responses)
+                except StopAsyncIteration:
+                    break
+                await stream.send_message(message)
+            finally:
+                stream.unreserve()
+    await stream.close(Status(StatusCode.OK))
+
+
 _RUNNERS: dict[Cardinality, _Runner] = {
     Cardinality.UNARY_UNARY: _call_unary_unary,
-    Cardinality.UNARY_STREAM: call_server_unary_stream,
+    Cardinality.UNARY_STREAM: _call_unary_stream,
     Cardinality.STREAM_UNARY: call_server_stream_unary,
     Cardinality.STREAM_STREAM: call_server_stream_stream,
 }
@@ -198,6 +222,8 @@ class _Dispatcher(ConnectionHandler):  # type: ignore[misc]  # purerpc is untype
         limits: TransportLimits,
         user: str | None,
         refusal: Status | None = None,
+        *,
+        close_after_call: bool = False,
     ) -> None:
         super().__init__(services, server)
         self._server = server
@@ -210,9 +236,10 @@ class _Dispatcher(ConnectionHandler):  # type: ignore[misc]  # purerpc is untype
         self._limits = limits
         self._user = user
         # Every call on this connection gets this status (no identity, or over a connection
-        # cap); a refused connection closes after its first call or a short idle time.
+        # cap); one over a cap closes after its first call or a short idle time.
         self._refusal = refusal
-        self._idle_timeout = limits.idle_timeout if refusal is None else limits.handshake_timeout
+        self._close_after_call = close_after_call
+        self._idle_timeout = limits.handshake_timeout if close_after_call else limits.idle_timeout
         self._socket: ServerSocket | None = None
         self._calls: set[ServerStream] = set()
         self._calls_nursery: trio.Nursery | None = None
@@ -236,6 +263,7 @@ class _Dispatcher(ConnectionHandler):  # type: ignore[misc]  # purerpc is untype
                 connection_window=self._limits.connection_window_bytes,
                 max_queued=self._limits.max_outbound_queued_bytes,
                 on_broken=self._lose_peer,
+                budget=self._server.outbound,
             )
             async with socket:  # purerpc: the writer task starts, our SETTINGS go out
                 self._socket = socket
@@ -313,7 +341,7 @@ class _Dispatcher(ConnectionHandler):  # type: ignore[misc]  # purerpc is untype
             self._calls.discard(stream)
             if not self._calls:
                 self._idle_since = trio.current_time()
-            if self._refusal is not None:
+            if self._close_after_call:
                 self.drain()
             self._changed.unpark_all()
 
@@ -460,21 +488,25 @@ class _Connection:
                 if handshake.cancelled_caught:
                     server.refused_handshake(self.peer, "handshake timed out")
                     return
-                refusal: Status | None
+                refusal: Status | None = None
                 try:
                     identity = _identity_from_peer_cert(ssl_stream.getpeercert() or {})
                 except UnauthenticatedError as exc:
                     refusal = exc.status
                     log.debug("connection from %s: %s", self.peer, exc.status.status_message)
+                    user = ""  # counted as one anonymous user, each call UNAUTHENTICATED
                 else:
                     # This task's context only: the reader and call tasks it starts copy it.
                     current_identity.set(identity)
                     log.debug("connection from %s: %s", self.peer, identity)
                     user = identity.user
-                    refusal = server.admit_connection(user)
-                    if refusal is not None:
-                        user = None  # not counted
-                self.dispatcher = _Dispatcher(server.services, server, limits, user, refusal)
+                over_cap = server.admit_connection(user)
+                if over_cap is not None:
+                    refusal, user = over_cap, None  # not counted; closes after one answer
+                self.dispatcher = _Dispatcher(
+                    server.services, server, limits, user, refusal, close_after_call=over_cap
+                    is not None
+                )
                 if server.draining:
                     self.dispatcher.drain()
                 await self.dispatcher(TrioByteStream(ssl_stream))
@@ -528,6 +560,7 @@ class GrpcServer:
         self._established_by_user: collections.Counter[str] = collections.Counter()
         self.calls_by_user: collections.Counter[str] = collections.Counter()
         self._refusals = RateLimitedLog()
+        self.outbound = OutboundBudget(limits.max_outbound_bytes)
         self._changed = trio.lowlevel.ParkingLot()
         self._shutdown_requested = trio.Event()
         self._grace = trio.CancelScope()
@@ -574,6 +607,11 @@ class GrpcServer:
     def outbound_queued_bytes(self) -> int:
         """Bytes queued for all connections' sockets and not yet written."""
         return sum(c.dispatcher.queued_bytes for c in self._connections if c.dispatcher)
+
+    @property
+    def outbound_budget_used(self) -> int:
+        """Of `limits.max_outbound_bytes`: queued plus reserved by streaming calls."""
+        return self.outbound.used
 
     def shutdown(self, grace: float) -> None:
         """Stop accepting, send GOAWAY on every connection, let open calls finish for up to
