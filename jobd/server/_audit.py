@@ -18,7 +18,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TextIO
 
 __all__ = [
@@ -130,18 +130,21 @@ class RateLimitedLog:
     """At most `burst` lines, refilled at `per_second`, for events a peer can cause at will
     (refused TLS handshakes); what is dropped is counted in the next line written."""
 
-    def __init__(self, per_second: float = 1.0, burst: int = 10) -> None:
+    def __init__(
+        self, per_second: float = 1.0, burst: int = 10, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._rate = per_second
         self._burst = float(burst)
         self._tokens = float(burst)
-        self._last = time.monotonic()
+        self._clock = clock
+        self._last = clock()
         self._suppressed = 0
         self._lock = threading.Lock()
 
     def event(self, event: str, **fields: object) -> bool:
         """Log it if the budget allows; True if it was logged."""
         with self._lock:
-            now = time.monotonic()
+            now = self._clock()
             self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
             self._last = now
             if self._tokens < 1:

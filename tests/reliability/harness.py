@@ -77,13 +77,14 @@ class ServerProcess:
     data_dir: Path
     cgroup_name: str
     extra: tuple[str, ...] = ()
+    wrapper: tuple[str, ...] = ()  # a command that execs jobd (e.g. prlimit ...)
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
     log: bytearray = field(default_factory=bytearray)
     _reader: threading.Thread | None = None
 
     def start(self) -> ServerProcess:
-        argv = [JOBD, "serve", "--listen", "127.0.0.1:0",
+        argv = [*self.wrapper, JOBD, "serve", "--listen", "127.0.0.1:0",
                 "--cert", str(self.pki.dir / "server.pem"),
                 "--key", str(self.pki.dir / "server.key"),
                 "--client-ca", str(self.pki.dir / "ca.pem"),
@@ -178,11 +179,11 @@ class ServerProcess:
 
 
 @contextmanager
-def serving(pki: Pki, tmp: Path, *extra: str, cgroup_name: str | None = None
-            ) -> Iterator[ServerProcess]:
+def serving(pki: Pki, tmp: Path, *extra: str, cgroup_name: str | None = None,
+            wrapper: tuple[str, ...] = ()) -> Iterator[ServerProcess]:
     """A server for the block; SIGTERM at the end must exit 0 and leave nothing at all."""
     name = cgroup_name or new_cgroup_name()
-    server = ServerProcess(pki, tmp / "data", name, extra).start()
+    server = ServerProcess(pki, tmp / "data", name, extra, wrapper).start()
     try:
         yield server
     finally:
