@@ -135,6 +135,10 @@ def _opt(name: str, env: str, **kw: Any) -> Callable[[F], F]:
 @_opt("--max-calls-per-user", "JOBD_MAX_CALLS_PER_USER", type=click.IntRange(min=1),
       default=TRANSPORT.max_calls_per_user,
       help="Calls (e.g. follows) open at once per user, over all connections.")
+@_opt("--max-silent-connections", "JOBD_MAX_SILENT_CONNECTIONS", type=click.IntRange(min=1),
+      default=TRANSPORT.max_silent,
+      help="Accepted connections that have sent nothing yet (at most a quarter of the open-"
+      "files limit); when full, the oldest is dropped.")
 @_opt("--max-handshakes", "JOBD_MAX_HANDSHAKES", type=click.IntRange(min=1),
       default=TRANSPORT.max_handshakes,
       help="Connections in their TLS handshake at once; when full, the oldest is dropped.")
@@ -172,6 +176,7 @@ async def serve(
     max_connections: int,
     max_connections_per_user: int,
     max_calls_per_user: int,
+    max_silent_connections: int,
     max_handshakes: int,
     handshake_timeout: float,
     stop_grace: float,
@@ -218,6 +223,7 @@ async def serve(
             max_connections=max_connections,
             max_connections_per_user=max_connections_per_user,
             max_calls_per_user=max_calls_per_user,
+            max_silent=max_silent_connections,
             max_handshakes=max_handshakes,
             handshake_timeout=handshake_timeout,
         )

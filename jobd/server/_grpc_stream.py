@@ -117,7 +117,7 @@ class TrioByteStream(anyio.abc.ByteStream):
     with the extra attributes it asks for (`SocketAttribute.raw_socket` for its socket options)
     and the TLS ones a handler may want."""
 
-    def __init__(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
+    def __init__(self, stream: trio.SSLStream[Any]) -> None:  # over a SocketStream
         self._stream = stream
 
     async def receive(self, max_bytes: int = _RECEIVE_SIZE) -> bytes:
