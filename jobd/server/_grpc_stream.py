@@ -73,21 +73,51 @@ _READER_QUEUE_FACTOR = 4
 # so that its status can follow; a peer that reads nothing is cut (reset) after this.
 _MESSAGE_END_GRACE = 1.0
 # What a streaming call reserves of the outbound budgets before it produces its next message:
-# an Output chunk (64 KiB) exists up to three times while it is made and sent (the engine's
-# bytes, the protobuf message, its serialization).
-PRODUCE_RESERVE = 256 * 1024
+# one Output chunk (64 KiB) and its framing. (It exists up to three times while it is made and
+# sent: the engine's bytes, the protobuf message, its serialization; measured per unread
+# stream, not reserved three times, so that many quiet follows fit in the budget.)
+PRODUCE_RESERVE = 64 * 1024 + 64
 
 
 class OutboundBudget:
-    """Bytes waiting to be sent, server-wide: every connection's socket queue plus what
-    streaming calls have reserved to produce their next message (issue 9: 10,000 unread
-    Output streams held 1.94 GB). Past `limit`, a streaming call waits before it produces
-    another message, unless its own connection has nothing queued or reserved (its peer
-    reads): a client that reads is never starved by those that do not."""
+    """Bytes waiting to be sent, server-wide and per user: every connection's socket queue
+    plus what streaming calls have reserved for their next message, sent or stalled on flow
+    control (issue 9: 10,000 unread Output streams held 1.94 GB). A stream whose peer has
+    never acknowledged its data produces a message only while both budgets have room; one
+    whose peer has (it reads) only needs room in its own connection's queue. So those who
+    read nothing hold a bounded amount in all, and can starve neither readers nor, past
+    their own user's share, other users' new calls."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, per_user: int) -> None:
         self.limit = limit
+        self.per_user = per_user
         self.used = 0
+        self._by_user: collections.Counter[str] = collections.Counter()
+        self._waiting = trio.lowlevel.ParkingLot()
+
+    def has_room(self, user: str) -> bool:
+        return (
+            self.used + PRODUCE_RESERVE <= self.limit
+            and self._by_user[user] + PRODUCE_RESERVE <= self.per_user
+        )
+
+    def take(self, user: str, size: int) -> None:
+        self.used += size
+        self._by_user[user] += size
+
+    def give(self, user: str, size: int) -> None:
+        self.used -= size
+        left = self._by_user[user] - size
+        if left > 0:
+            self._by_user[user] = left
+        else:
+            del self._by_user[user]
+        if self._waiting and self.used + PRODUCE_RESERVE <= self.limit:
+            # FIFO, a few at a time: thousands of unread streams may be waiting here.
+            self._waiting.unpark(count=size // PRODUCE_RESERVE + 1)
+
+    async def wait(self) -> None:
+        await self._waiting.park()
 
 
 
@@ -403,10 +433,14 @@ class _BoundedSocket(SocketWrapper):  # type: ignore[misc]
         max_queued: int,
         on_broken: Callable[[], None],
         budget: OutboundBudget,
+        user: str,
     ) -> None:
         super().__init__(connection, stream)
         self._budget = budget
-        self.reserved = 0  # of PRODUCE_RESERVE, by this connection's streaming calls
+        self._user = user  # whose budget share this connection's bytes count against
+        # Reserved by this connection's streaming calls and not stalled on flow control: what
+        # may still reach the queue soon.
+        self.active = 0
         # trio's own Event: anyio's looks up the running backend on every creation.
         self._flush_event = trio.Event()
         self._chunks: collections.deque[bytes | memoryview] = collections.deque()
@@ -419,38 +453,53 @@ class _BoundedSocket(SocketWrapper):  # type: ignore[misc]
     def _append(self, data: bytes | memoryview) -> None:
         self._chunks.append(data)
         self.queued += len(data)
-        self._budget.used += len(data)
+        self._budget.take(self._user, len(data))
         self._flush_event.set()
 
     async def reserve(self, stream: ServerStream) -> None:
         """Wait until `stream` may produce its next message, then reserve PRODUCE_RESERVE of
-        this connection's and the server's budgets for it (`unreserve` gives it back): its
-        window is open, and either nothing of this connection is queued or reserved, or both
-        budgets have room. So a call whose peer reads nothing holds no message at all."""
+        the budgets for it until it is sent (`unreserve`): its window is open; this
+        connection's queue has room (or holds nothing at all); and, unless its peer has
+        acknowledged its data before, the server's and the user's budgets have room. So a
+        call whose peer reads nothing holds at most one message, and only within budget."""
         budget = self._budget
-        while not self.broken:
+        while not self.broken:  # broken: the connection's scope is cancelled already
             if stream.send_window <= 0:
                 await stream._wait_flow_control_update()
                 continue
-            idle = self.queued == 0 and self.reserved == 0
-            over = self.queued + self.reserved + PRODUCE_RESERVE > self._max_queued
-            if not idle and (over or budget.used + PRODUCE_RESERVE > budget.limit):
+            idle = self.queued == 0 and self.active == 0
+            if not idle and self.queued + self.active + PRODUCE_RESERVE > self._max_queued:
                 await self._drained.park()  # woken by each write, and each unreserve
                 continue
-            self.reserved += PRODUCE_RESERVE
-            budget.used += PRODUCE_RESERVE
-            return
+            if not stream.peer_acknowledged and not budget.has_room(self._user):
+                await budget.wait()
+                continue
+            break
+        self.active += PRODUCE_RESERVE
+        budget.take(self._user, PRODUCE_RESERVE)
+        stream.holding = True
 
-    def unreserve(self) -> None:
-        self.reserved -= PRODUCE_RESERVE
-        self._budget.used -= PRODUCE_RESERVE
-        self._drained.unpark_all()
+    def stalled(self, stalled: bool) -> None:
+        """A stream holding a reservation waits on flow control (or resumes): while it waits,
+        it cannot fill the queue, so it does not count against the connection's room; it
+        still counts against the budgets (it holds the message)."""
+        self.active += -PRODUCE_RESERVE if stalled else PRODUCE_RESERVE
+        if stalled:
+            self._drained.unpark_all()
+
+    def unreserve(self, stream: ServerStream) -> None:
+        if stream.holding:
+            stream.holding = False
+            self.active -= PRODUCE_RESERVE
+            self._budget.give(self._user, PRODUCE_RESERVE)
+            self._drained.unpark_all()
 
     async def __aexit__(self, *exc_info: object) -> bool | None:
         try:
             result: bool | None = await super().__aexit__(*exc_info)
         finally:
-            self._budget.used -= self.queued  # never to be sent
+            if self.queued:
+                self._budget.give(self._user, self.queued)  # never to be sent
             self.queued = 0
             self._chunks.clear()
         return result
@@ -499,7 +548,7 @@ class _BoundedSocket(SocketWrapper):  # type: ignore[misc]
                     self._on_broken()
                     return
                 self.queued -= size
-                self._budget.used -= size
+                self._budget.give(self._user, size)
                 if self.queued <= self._max_queued:
                     self._drained.unpark_all()
             elif self._running:
@@ -524,6 +573,9 @@ class ServerStream(GRPCProtoStream):  # type: ignore[misc]
         self.reset_by_peer = False
         self.mid_message = False
         self._abort_at_boundary = False
+        self.holding = False  # a reservation of the outbound budgets (`reserve`)
+        # The peer has sent a WINDOW_UPDATE for this stream: it reads what it is sent.
+        self.peer_acknowledged = False
 
     def abort(self, status: Status) -> None:
         if self.abort_status is None and not self.reset_by_peer:
@@ -561,9 +613,12 @@ class ServerStream(GRPCProtoStream):  # type: ignore[misc]
     @property
     def send_window(self) -> int:
         """Bytes the peer's flow-control windows let this stream send now."""
-        window: int = self._grpc_connection.h2_connection.local_flow_control_window(
-            self._stream_id
-        )
+        try:
+            window: int = self._grpc_connection.h2_connection.local_flow_control_window(
+                self._stream_id
+            )
+        except (h2.exceptions.NoSuchStreamError, KeyError):  # StreamClosedError too
+            return 0  # reset or closed: the call's cancellation is on its way
         return window
 
     async def reserve(self) -> None:
@@ -571,7 +626,24 @@ class ServerStream(GRPCProtoStream):  # type: ignore[misc]
         await self._socket.reserve(self)
 
     def unreserve(self) -> None:
-        self._socket.unreserve()
+        self._socket.unreserve(self)
+
+    def set_waiting(self, waiting: bool) -> None:
+        """The call waits for its handler's next message (a follow, for new output), holding
+        its reservation: it cannot fill the queue meanwhile."""
+        if self.holding:
+            self._socket.stalled(waiting)
+
+    async def _wait_flow_control_update(self) -> None:
+        # purerpc's; a wait in the middle of a message while holding a reservation is a stall.
+        if not self.holding:
+            await super()._wait_flow_control_update()
+            return
+        self._socket.stalled(True)
+        try:
+            await super()._wait_flow_control_update()
+        finally:
+            self._socket.stalled(False)
 
     def wake_for_window(self) -> None:
         # purerpc's _set_flow_control_update is async only to set this event.
@@ -722,6 +794,7 @@ class ServerSocket(GRPCProtoSocket):  # type: ignore[misc]
         max_queued: int,
         on_broken: Callable[[], None],
         budget: OutboundBudget,
+        user: str = "",
     ) -> None:
         super().__init__(config, stream, receive_buffer_size=_RECEIVE_SIZE)
         # purerpc's __init__ builds its own connection and socket wrapper; use jobd's.
@@ -736,6 +809,7 @@ class ServerSocket(GRPCProtoSocket):  # type: ignore[misc]
             max_queued=max_queued,
             on_broken=on_broken,
             budget=budget,
+            user=user,
         )
         self._max_queued = max_queued
         self._streams: dict[int, ServerStream]
@@ -782,6 +856,7 @@ class ServerSocket(GRPCProtoSocket):  # type: ignore[misc]
                 for each in self._streams.values():
                     each.wake_for_window()
             elif stream is not None:
+                stream.peer_acknowledged = True
                 stream.wake_for_window()
         elif isinstance(event, RequestReceived):
             last = self._goaway_last_stream_id

@@ -104,6 +104,9 @@ class TransportLimits:
     # Server-wide: bytes queued for all sockets plus those reserved by streaming calls for
     # their next message. Past it, a stream waits unless its own connection is idle.
     max_outbound_bytes: int = 32 * 1024 * 1024
+    # One user's share of it, for calls whose peer has never acknowledged any data: 128 such
+    # calls may hold a message at once (a follow of a job that prints nothing holds one).
+    max_outbound_bytes_per_user: int = 8 * 1024 * 1024
     idle_timeout: float = 300.0  # no call open this long: GOAWAY, close
     # Upper bound on every call's deadline. inf: a call without grpc-timeout (a follow) may
     # run until it ends.
@@ -120,6 +123,7 @@ class TransportLimits:
             "max_concurrent_streams",
             "max_outbound_queued_bytes",
             "max_outbound_bytes",
+            "max_outbound_bytes_per_user",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
@@ -193,10 +197,15 @@ async def _call_unary_stream(func: Callable[..., Any], stream: ServerStream) -> 
         while True:
             await stream.reserve()
             try:
+                # A follow may wait here for long: meanwhile its reservation counts against
+                # the budgets (it will hold a message), not against its connection's room.
+                stream.set_waiting(True)
                 try:
                     message = await anext(responses)
                 except StopAsyncIteration:
                     break
+                finally:
+                    stream.set_waiting(False)
                 await stream.send_message(message)
             finally:
                 stream.unreserve()
@@ -268,6 +277,7 @@ class _Dispatcher(ConnectionHandler):  # type: ignore[misc]  # purerpc is untype
                 max_queued=self._limits.max_outbound_queued_bytes,
                 on_broken=self._lose_peer,
                 budget=self._server.outbound,
+                user=self._user or "",
             )
             async with socket:  # purerpc: the writer task starts, our SETTINGS go out
                 self._socket = socket
@@ -584,7 +594,9 @@ class GrpcServer:
         self._established_by_user: collections.Counter[str] = collections.Counter()
         self.calls_by_user: collections.Counter[str] = collections.Counter()
         self._refusals = RateLimitedLog()
-        self.outbound = OutboundBudget(limits.max_outbound_bytes)
+        self.outbound = OutboundBudget(
+            limits.max_outbound_bytes, limits.max_outbound_bytes_per_user
+        )
         self._changed = trio.lowlevel.ParkingLot()
         self._shutdown_requested = trio.Event()
         self._grace = trio.CancelScope()

@@ -59,6 +59,11 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = 30.0) 
 
 def cgroup_dirs(cgroup_name: str) -> list[Path]:
     """Every directory of the tree `cgroup_name` in any hierarchy."""
+    for _ in range(20):
+        try:
+            return [p for p in Path("/sys/fs/cgroup").rglob(cgroup_name) if p.is_dir()]
+        except FileNotFoundError:  # another suite removed a cgroup during the walk
+            continue
     return [p for p in Path("/sys/fs/cgroup").rglob(cgroup_name) if p.is_dir()]
 
 

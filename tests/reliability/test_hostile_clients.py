@@ -66,8 +66,10 @@ def legit_call(server: ServerProcess, user: str = "alice") -> float:
 
 def test_unread_output_streams_cost_bounded_memory(hostile_pki: Pki, tmp_path: Path) -> None:
     """Finding 3: 10,000 Output streams (100 connections x 100) opened and never read cost
-    1.94 GB. Half the connections grant the default windows and never acknowledge data,
-    half grant 2 GiB windows and never read the socket at all. Bound: 256 MiB for 10,000
+    1.94 GB. A third of the connections grant the default windows, a third a 2 GiB window
+    for the connection only (as grpcio does: each stream stalls mid-message), and none of
+    them acknowledges any stream's data; a third grant 2 GiB windows and never read the
+    socket at all. Bound: 256 MiB for 10,000
     streams (CI: 1,000 streams, the same per-stream share plus 32 MiB). A reader that does
     read meanwhile gets all of a job's output, sha256 equal."""
     connections = scale(10, 100)
@@ -88,8 +90,10 @@ def test_unread_output_streams_cost_bounded_memory(hostile_pki: Pki, tmp_path: P
             raws: list[RawH2] = []
             try:
                 for i in range(connections):
-                    reads = i % 2 == 0
+                    reads = i % 3 != 1
                     raw = RawH2(server, "bob", window=None if reads else 2**31 - 1)
+                    if i % 3 == 2:
+                        raw.conn.increment_flow_control_window(2**31 - 1 - 65535)
                     raws.append(raw)
                     for _ in range(100):
                         raw.request("Output", request, send=False)
