@@ -504,8 +504,7 @@ def test_server_raises_its_fd_limit_and_jobs_get_1024(hostile_pki: Pki, tmp_path
     """Finding 6: jobs inherited the server's RLIMIT_NOFILE; the server never raised its own
     soft limit. Started with soft 512 / hard 8192: the server runs with 8192, a job with
     soft 1024 (hard 8192: a job that needs more may raise its own)."""
-    wrapper = ("prlimit", "--nofile=512:8192")
-    with serving(hostile_pki, tmp_path, wrapper=wrapper) as server:
+    with serving(hostile_pki, tmp_path, prefix=("prlimit", "--nofile=512:8192")) as server:
         limits = Path(f"/proc/{server.pid}/limits").read_text()
         assert re.search(r"Max open files\s+8192\s+8192", limits), limits
         with channel(server, "alice") as (_, alice):
