@@ -188,6 +188,26 @@ async def test_server_start_on_a_data_dir_without_inodes_is_resource_exhausted(
             assert logs.stdout == b"hi\n"
 
 
+async def test_sigterm_stops_a_server_whose_jobs_wait_on_a_full_disk(
+    tmp_path: Path, cgroup_name: str
+) -> None:
+    """The job blocks on its pipe, the operator log says so once, the server keeps serving,
+    and SIGTERM still stops everything and exits 0 (running_server checks both)."""
+    pki_ = Pki.make(tmp_path / "certs")
+    with tmpfs(tmp_path / "data", "size=8m") as data:
+        device = block_device_of(tmp_path)
+        async with running_server(
+            tmp_path, pki_, cgroup_name, "--io-device", device, "--max-data", "0"
+        ) as server:
+            fill(data, leave=64 * 1024)
+            job = await server.start_job("sh", "-c", "while :; do seq 100000; done")
+            await wait_until(lambda: b"output blocked" in server.log)
+            status = await server.client("status", job, check=True)
+            assert status.stdout == b"running\n"
+        assert server.log.count(b"output blocked") == 1
+        assert b"is full (No space left on device)" in server.log
+
+
 def _seeking(server: Server, job_id: str) -> dict[str, object]:
     channel, stub = _grpc_stub(server, "alice")
     out: dict[str, object] = {}
