@@ -22,8 +22,10 @@ from jobd.engine import (
     open_job_manager,
 )
 from jobd.engine._cgroup import block_device_of
+from jobd.engine._output import OutputStore
 from jobd.v1 import jobd_pb2 as pb
 
+from .conftest import unique_uid_range
 from .e2e import Pki, Server, running_server
 from .test_e2e import _code, _grpc_stub
 from .test_retention import fds, fill, tmpfs
@@ -40,10 +42,17 @@ async def engine_on_tmpfs(
     with tmpfs(tmp_path / "data", *options) as data:
         engine_config = EngineConfig(
             data_dir=data, cgroup_name=cgroup_name, io_devices=(block_device_of(tmp_path),),
+            job_uids=unique_uid_range(), uid_registry=tmp_path / "uid-ranges",
             **config,  # type: ignore[arg-type]
         )
         async with open_job_manager(engine_config) as engine:
             yield engine, data
+
+
+def out(engine: JobManager, job_id: str) -> OutputStore:
+    store = engine._output.get(job_id)
+    assert store is not None
+    return store
 
 
 async def output_of(engine: JobManager, job_id: str) -> bytes:
@@ -69,7 +78,7 @@ async def test_one_users_flood_never_costs_another_users_output(
         engine, _,
     ):
         flood = await engine.start("bob", ["yes"])
-        bobs = engine._get(flood.id).output
+        bobs = out(engine, flood.id)
         # It filled the data dir (twice over), and lost its own oldest output.
         await wait_until(lambda: bobs.size > 32 << 20)
         assert bobs.start > 0
@@ -81,7 +90,7 @@ async def test_one_users_flood_never_costs_another_users_output(
             if got.endswith(b"\n200000\n"):
                 break
         assert got == SEQ
-        assert engine._get(alice.id).output.start == 0
+        assert out(engine, alice.id).start == 0
         assert engine.status(alice.id).state is State.RUNNING
         assert not bobs.blocked and engine.status(flood.id).state is State.RUNNING
         stopped = await engine.stop(flood.id, grace=0)
@@ -96,14 +105,14 @@ async def test_a_job_blocked_on_a_full_disk_waits_and_resumes_losslessly(
     async with engine_on_tmpfs(tmp_path, cgroup_name, "size=8m", max_data=0) as (engine, data):
         foreign = fill(data, leave=64 * 1024)  # an operator's file fills the disk
         job = await engine.start("alice", ["seq", "200000"])
-        output = engine._get(job.id).output
+        output = out(engine, job.id)
         await wait_until(lambda: bool(output.blocked))
         assert "is full (No space left on device)" in output.blocked
         assert str(data) in output.blocked
         # The job waits on its pipe: not killed, not ended, and the server goes on serving.
         assert engine.status(job.id).state is State.RUNNING
         other = await engine.start("bob", ["true"])  # a Start still works (no data written)
-        await engine._get(other.id).ended.wait()
+        await engine.wait(other.id)
         if then == "free space":
             foreign.unlink()  # found by the space's poll, within a second
             assert await output_of(engine, job.id) == SEQ
@@ -144,7 +153,8 @@ async def test_no_inodes_on_start_is_resource_exhausted_and_creates_nothing(
 
 async def test_ended_jobs_hold_no_descriptors(tmp_path: Path, cgroup_name: str) -> None:
     """Found: each ended job kept its two output files open (500 jobs: 35 -> 1,036 fds)."""
-    config = EngineConfig(data_dir=tmp_path / "data", cgroup_name=cgroup_name)
+    config = EngineConfig(data_dir=tmp_path / "data", cgroup_name=cgroup_name,
+                          job_uids=unique_uid_range(), uid_registry=tmp_path / "uid-ranges")
     async with open_job_manager(config) as engine:
         warm = await engine.start("alice", ["echo", "warm"])
         await output_of(engine, warm.id)
@@ -153,11 +163,11 @@ async def test_ended_jobs_hold_no_descriptors(tmp_path: Path, cgroup_name: str) 
             jobs = [await engine.start("alice", ["echo", f"{batch}-{i}"]) for i in range(20)]
             for i, job in enumerate(jobs):
                 assert await output_of(engine, job.id) == f"{batch}-{i}\n".encode()
-                await engine._get(job.id).ended.wait()
+                await engine.wait(job.id)
         # The shim pool keeps a few pre-started shims (their pipes) in flux: allow for them,
         # not for 200 jobs' files (400 descriptors before the fix).
         assert len(fds() - before) <= 12
-        assert all(engine._get(j.id).output.statistics().open_fds == 0 for j in jobs)
+        assert all(out(engine, j.id).statistics().open_fds == 0 for j in jobs)
 
 
 # ----------------------------------------------------------------- the real server
