@@ -98,6 +98,33 @@ async def test_one_users_flood_never_costs_another_users_output(
         assert bobs.size - bobs.start >= 1 << 20
 
 
+async def test_a_capped_output_survives_a_restart_with_its_offsets(
+    tmp_path: Path, cgroup_name: str
+) -> None:
+    """--max-job-output dropped the oldest part; after a restart Status and Output say the
+    same: output_bytes counts everything, output_start where kept output begins, and the
+    kept bytes are byte for byte at their offsets."""
+    seq = b"".join(b"%d\n" % i for i in range(1, 1_000_001))
+    config = EngineConfig(data_dir=tmp_path / "data", cgroup_name=cgroup_name,
+                          job_uids=unique_uid_range(), uid_registry=tmp_path / "uid-ranges",
+                          max_job_output=128 * 1024)
+    async with open_job_manager(config) as engine:
+        job = await engine.start("alice", ["seq", "1000000"])  # 6.9 MB, written in pieces
+        await engine.wait(job.id)
+        before = engine.status(job.id)
+        first = [c async for c in engine.read_output(job.id)]
+    assert before.output_bytes == len(seq) and 0 < before.output_start < len(seq)
+    assert first[0].offset == before.output_start
+    async with open_job_manager(config) as engine:
+        after = engine.status(job.id)
+        assert (after.output_bytes, after.output_start) == (len(seq), before.output_start)
+        again = [c async for c in engine.read_output(job.id, 0)]
+        assert again == first
+        assert b"".join(c.data for c in again) == seq[after.output_start :]
+        tail = b"".join([c.data async for c in engine.read_output(job.id, tail_lines=2)])
+        assert tail == b"999999\n1000000\n"
+
+
 @pytest.mark.parametrize("then", ["free space", "stop it"])
 async def test_a_job_blocked_on_a_full_disk_waits_and_resumes_losslessly(
     tmp_path: Path, cgroup_name: str, then: str
@@ -109,6 +136,7 @@ async def test_a_job_blocked_on_a_full_disk_waits_and_resumes_losslessly(
         await wait_until(lambda: bool(output.blocked))
         assert "is full (No space left on device)" in output.blocked
         assert str(data) in output.blocked
+        assert engine.status(job.id).output_blocked == output.blocked  # Status says why
         # The job waits on its pipe: not killed, not ended, and the server goes on serving.
         assert engine.status(job.id).state is State.RUNNING
         other = await engine.start("bob", ["true"])  # a Start still works (no data written)
