@@ -37,7 +37,7 @@ from ._types import Chunk, Stream
 
 # A chunk handed to a reader is at most this big: adjacent same-stream chunks are merged up to
 # it (a job printing line by line would otherwise cost a message per line), larger ones split.
-MAX_CHUNK = 64 * 1024
+MAX_CHUNK = 1024 * 1024  # perf (issue 12): 1 MiB messages, until readers take it as a parameter
 
 # offset, time, length, stream; padded to 32 bytes so that records are aligned and the length
 # has room for any single write.

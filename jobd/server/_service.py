@@ -21,6 +21,7 @@ from jobd import engine
 from jobd.v1 import jobd_grpc
 from jobd.v1 import jobd_pb2 as pb
 
+from ._grpc_stream import FramedMessage
 from ._transport import Identity, current_identity
 
 audit = logging.getLogger("jobd.audit")
@@ -85,6 +86,28 @@ def job_to_pb(job: engine.JobInfo) -> pb.Job:
             oom_kills=job.usage.oom_kills,
         ),
     )
+
+
+def _output_message(chunk: engine.Chunk) -> FramedMessage:
+    """`pb.OutputChunk(data=chunk.data, stream=..., offset=..., time=...)` as sent, but with the
+    data field written last, by hand, so that the transport sends `chunk.data` without copying
+    it (protobuf would copy it into the message, then into the serialized string)."""
+    head = pb.OutputChunk(
+        stream=pb.Stream.ValueType(chunk.stream), offset=chunk.offset, time=_timestamp(chunk.time)
+    ).SerializeToString()
+    return FramedMessage(head + _DATA_TAG + _varint(len(chunk.data)), chunk.data)
+
+
+_DATA_TAG = bytes([pb.OutputChunk.DATA_FIELD_NUMBER << 3 | 2])  # field 1, length-delimited
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
 
 
 def _grace(request: pb.StopRequest) -> float | None:
@@ -199,12 +222,7 @@ class JobService(jobd_grpc.JobServiceServicer):
             chunks = self._jobs.read_output(request.id, request.offset, follow=request.follow)
             try:
                 async for chunk in chunks:
-                    yield pb.OutputChunk(
-                        data=chunk.data,
-                        stream=pb.Stream.ValueType(chunk.stream),
-                        offset=chunk.offset,
-                        time=_timestamp(chunk.time),
-                    )
+                    yield _output_message(chunk)  # type: ignore[misc]  # framed OutputChunk
             finally:
                 await chunks.aclose()  # type: ignore[attr-defined]
 
