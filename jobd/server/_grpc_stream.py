@@ -72,6 +72,31 @@ _FRAME_HEADER = struct.Struct(">HBBBI")
 _GRPC_PREFIX = struct.Struct(">?I")  # compressed flag, message length
 _CONN_SEND_DATA = h2.connection.ConnectionInputs.SEND_DATA
 _STREAM_SEND_DATA = h2.stream.StreamInputs.SEND_DATA
+_CONN_SEND_HEADERS = h2.connection.ConnectionInputs.SEND_HEADERS
+_STREAM_SEND_HEADERS = h2.stream.StreamInputs.SEND_HEADERS
+_STREAM_SEND_END_STREAM = h2.stream.StreamInputs.SEND_END_STREAM
+_HEADERS, _END_STREAM, _END_HEADERS = 0x1, 0x1, 0x4  # frame type, flags (RFC 7540 6.2)
+
+
+def _literal_never_indexed(name: bytes | int, value: bytes) -> bytes:
+    """One HPACK field "literal without indexing" (RFC 7541 6.2.2), no Huffman coding: it
+    leaves the decoder's and our encoder's dynamic tables as they are, so the encoded block can
+    be sent again and again. `name` is a static-table index (< 127) or the name itself; values
+    and names here are shorter than 127 bytes."""
+    if isinstance(name, int):
+        assert 15 <= name < 15 + 127
+        head = bytes([0x0F, name - 15])
+    else:
+        head = bytes([0x00, len(name)]) + name
+    assert len(value) < 127
+    return head + bytes([len(value)]) + value
+
+
+# Our own response headers for a call answered with protobuf, and its OK trailers, HPACK-encoded
+# once: ":status: 200" (static index 8), "content-type: application/grpc+proto" (name: static
+# index 31), "grpc-status: 0". h2 would encode and validate them on every call.
+_RESPONSE_START_BLOCK = bytes([0x88]) + _literal_never_indexed(31, b"application/grpc+proto")
+_OK_TRAILERS_BLOCK = _literal_never_indexed(b"grpc-status", b"0")
 # The reader stops reading once this many times the outbound cap is queued: h2 answers PINGs
 # and SETTINGS by itself, so a peer that sends those and reads nothing would grow the queue.
 _READER_QUEUE_FACTOR = 4
@@ -339,9 +364,41 @@ class _ServerConnection(GRPCConnection):  # type: ignore[misc]
         ]
         self.h2_connection.send_headers(stream_id, headers, end_stream=True)
 
+    def start_response(
+        self, stream_id: int, content_type_suffix: str = "", custom_metadata: Any = ()
+    ) -> None:
+        if content_type_suffix == "+proto" and not custom_metadata and self._plain_responses():
+            self._send_constant_headers(stream_id, _RESPONSE_START_BLOCK, end_stream=False)
+        else:
+            super().start_response(stream_id, content_type_suffix, custom_metadata)
+
     def end_response(self, stream_id: int, status: Status, custom_metadata: Any = ()) -> None:
+        plain_ok = status.status_code is StatusCode.OK and not status.status_message
+        if plain_ok and not custom_metadata:
+            self._send_constant_headers(stream_id, _OK_TRAILERS_BLOCK, end_stream=True)
+            return
         headers = [*self._status_headers(status), *sanitize_headers(custom_metadata)]
         self.h2_connection.send_headers(stream_id, headers, end_stream=True)
+
+    def _plain_responses(self) -> bool:
+        # purerpc adds grpc-encoding headers only when configured with an encoding.
+        return self.config._message_encoding is None and (
+            self.config._message_accept_encoding is None
+        )
+
+    def _send_constant_headers(self, stream_id: int, block: bytes, *, end_stream: bool) -> None:
+        """What h2's send_headers does for a header block we encoded once (state checks, the
+        same errors), minus the encoding and the validation of our own constant headers."""
+        h2c = self.h2_connection
+        h2c.state_machine.process_input(_CONN_SEND_HEADERS)
+        stream = h2c.streams[stream_id]  # the client opened it: it exists
+        stream.state_machine.process_input(_STREAM_SEND_HEADERS)
+        flags = _END_HEADERS
+        if end_stream:
+            stream.state_machine.process_input(_STREAM_SEND_END_STREAM)
+            flags |= _END_STREAM
+        frame = _FRAME_HEADER.pack(len(block) >> 8, len(block) & 0xFF, _HEADERS, flags, stream_id)
+        h2c._data_to_send += frame + block
 
     @staticmethod
     def _status_headers(status: Status) -> list[tuple[str, str]]:

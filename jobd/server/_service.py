@@ -5,6 +5,7 @@ identity arrives through `current_identity`, set by the transport from the peer 
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import time
@@ -130,11 +131,38 @@ class _Call:
     code: str = "OK"
 
 
+class _EndedJobMessages:
+    """Serialized `Job` messages of ended jobs, which Status is asked for again and again
+    (a client polling for the result). An entry is served only for a `JobInfo` equal to the
+    one it was made from, so whatever the engine changes about a job (removal, a new record
+    after a restart) can never be answered from here; at most `size` entries, oldest dropped."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self._size = size
+        self._entries: collections.OrderedDict[str, tuple[engine.JobInfo, FramedMessage]] = (
+            collections.OrderedDict()
+        )
+
+    def message(self, job: engine.JobInfo) -> pb.Job | FramedMessage:
+        if job.state is engine.State.RUNNING:
+            return job_to_pb(job)  # its usage changes
+        entry = self._entries.get(job.id)
+        if entry is not None and entry[0] == job:
+            return entry[1]
+        framed = FramedMessage(job_to_pb(job).SerializeToString(), b"")
+        self._entries[job.id] = (job, framed)
+        self._entries.move_to_end(job.id)
+        if len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+        return framed
+
+
 class JobService(jobd_grpc.JobServiceServicer):
     """Every handler: who is calling, may they, do it, log it."""
 
     def __init__(self, jobs: engine.JobManager) -> None:
         self._jobs = jobs
+        self._ended = _EndedJobMessages()
 
     @contextmanager
     def _call(self, method: str, job_id: str = "") -> Iterator[_Call]:
@@ -204,7 +232,8 @@ class JobService(jobd_grpc.JobServiceServicer):
 
     async def Status(self, request: pb.JobRequest) -> pb.Job:
         with self._call("Status", request.id) as call:
-            return job_to_pb(self._authorized(call, request.id))
+            job = self._authorized(call, request.id)
+            return self._ended.message(job)  # type: ignore[return-value]  # framed: same bytes
 
     async def List(self, request: pb.ListRequest) -> pb.ListResponse:
         with self._call("List") as call:
