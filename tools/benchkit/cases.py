@@ -182,7 +182,8 @@ async def fanout(ctx: Ctx) -> list[Row]:
                     r for rs in await run_workers("follow", argsets, before_go=new_job) for r in rs
                 ]
                 total = sum(r["bytes"] for r in results)
-                assert total == n * z.fanout_bytes, (total, n)
+                if total != n * z.fanout_bytes:
+                    raise AssertionError(f"{n} followers got {total} bytes: {results[:3]}")
                 span = max(r["t1"] for r in results) - min(r["t0"] for r in results)
                 agg[n].append(total / span / MB)
                 slow[n].append(min(mbps(r) for r in results))

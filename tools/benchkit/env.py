@@ -198,7 +198,12 @@ async def open_jobd(workdir: Path, certs: Path, *extra: str) -> AsyncIterator[Jo
                     port = int(match.group(1))
                 else:
                     await trio.sleep(0.05)
-        yield Jobd(proc, port, name, log)
+        try:
+            yield Jobd(proc, port, name, log)
+        except BaseException:
+            # Whatever went wrong, the server's own account of it is in its log.
+            sys.stderr.write(f"jobd log ({log}):\n{log.read_text(errors='replace')[-5000:]}\n")
+            raise
     finally:
         with trio.CancelScope(shield=True):
             if proc.returncode is None:
