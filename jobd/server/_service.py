@@ -5,13 +5,14 @@ identity arrives through `current_identity`, set by the transport from the peer 
 
 from __future__ import annotations
 
+import base64
 import collections
 import logging
 import math
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import purerpc
 import trio
@@ -22,13 +23,19 @@ from jobd import engine
 from jobd.v1 import jobd_grpc
 from jobd.v1 import jobd_pb2 as pb
 
+from ._audit import audit_event
 from ._grpc_stream import FramedMessage
 from ._transport import Identity, current_identity
 
-audit = logging.getLogger("jobd.audit")
 log = logging.getLogger(__name__)
 
 ADMIN_ROLE = "admin"
+DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 100, 1000
+# Room left in a List response for its envelope and token, below the message limit.
+PAGE_MARGIN = 64 * 1024
+_TOKEN_PREFIX = "jobs-before:"
+# The most output data in one OutputChunk message (the client's receive limit is 4 MiB).
+OUTPUT_CHUNK = 64 * 1024
 
 
 @contextmanager
@@ -46,6 +53,8 @@ def map_errors() -> Iterator[None]:
         raise purerpc.ResourceExhaustedError(str(exc)) from exc
     except engine.FailedPrecondition as exc:
         raise purerpc.FailedPreconditionError(str(exc)) from exc
+    except engine.AlreadyExists as exc:
+        raise purerpc.AlreadyExistsError(str(exc)) from exc
     except engine.JobdError as exc:
         # Not caused by the client (cgroups, setup): say what failed, log it for the operator.
         log.error("engine failure: %s", exc)
@@ -70,8 +79,26 @@ def _limits_to_pb(limits: engine.Limits) -> pb.Limits:
     )
 
 
+def _duration(seconds: float) -> Duration | None:
+    if not seconds:
+        return None
+    d = Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
+
+
 def job_to_pb(job: engine.JobInfo) -> pb.Job:
     return pb.Job(
+        reason=pb.EndReason.ValueType(job.reason),
+        name=job.name,
+        labels=dict(job.labels),
+        output_bytes=job.output_bytes,
+        output_start=job.output_start,
+        working_dir=job.working_dir,
+        uid=job.uid or 0,
+        timeout=_duration(job.timeout),
+        network=pb.Network.ValueType(job.network),
+        output_blocked=job.output_blocked,
         id=job.id,
         owner=job.owner,
         command=list(job.command),
@@ -109,6 +136,62 @@ def _varint(n: int) -> bytes:
         n >>= 7
     out.append(n)
     return bytes(out)
+def limit_fields(limits: engine.Limits) -> dict[str, object]:
+    """The effective limits as audit fields."""
+    return {
+        "cpus": limits.cpus,
+        "memory_bytes": limits.memory_bytes,
+        "pids": limits.pids,
+        "io_read_bps": limits.io_read_bps,
+        "io_write_bps": limits.io_write_bps,
+    }
+
+
+# Without the store's reason: what the state alone says.
+_END_REASONS = {
+    engine.State.RUNNING: engine.EndReason.UNSPECIFIED,
+    engine.State.EXITED: engine.EndReason.EXIT,
+    engine.State.STOPPED: engine.EndReason.STOP,
+    engine.State.KILLED: engine.EndReason.SIGNAL,
+}
+
+
+def audit_job_end(job: engine.JobInfo) -> None:
+    """The one audit line of a job's end (the engine calls it: EngineConfig.on_job_end)."""
+    reason = getattr(job, "reason", None)  # the store's EndReason, where merged
+    if not isinstance(reason, engine.EndReason) or reason is engine.EndReason.UNSPECIFIED:
+        reason = _END_REASONS[job.state]
+        if job.oom_killed:
+            reason = engine.EndReason.OOM
+    audit_event(
+        "job-end",
+        job=job.id,
+        user=job.owner,
+        state=job.state.name,
+        reason=reason.name,
+        exit_code=job.exit_code,
+        signal=job.signal,
+        duration_s=round(max(job.ended_at - job.started_at, 0.0), 3),
+        cpu_usec=job.usage.cpu_usec,
+        memory_peak_bytes=job.usage.memory_peak_bytes,
+        oom_kills=job.usage.oom_kills,
+    )
+
+
+def _page_token(token: str) -> int | None:
+    """The seq a page token stands for (jobs before it come next); None for the first."""
+    if not token:
+        return None
+    try:
+        text = base64.urlsafe_b64decode(token.encode("ascii")).decode("ascii")
+        if text.startswith(_TOKEN_PREFIX) and text[len(_TOKEN_PREFIX) :].isdigit():
+            return int(text[len(_TOKEN_PREFIX) :])
+    except (ValueError, UnicodeError):
+        pass
+    raise purerpc.InvalidArgumentError(
+        "page_token is not one this server gave: pass next_page_token of the previous page, "
+        "or none for the first"
+    )
 
 
 def _grace(request: pb.StopRequest) -> float | None:
@@ -121,6 +204,17 @@ def _grace(request: pb.StopRequest) -> float | None:
     return seconds
 
 
+def _stream_filter(value: int) -> engine.Stream | None:
+    if not value:
+        return None
+    try:
+        return engine.Stream(value)
+    except ValueError:
+        raise purerpc.InvalidArgumentError(
+            f"stream must be STDOUT (1), STDERR (2) or unset for both, not {value}"
+        ) from None
+
+
 @dataclass(slots=True)
 class _Call:
     """One RPC, for the audit log."""
@@ -129,6 +223,7 @@ class _Call:
     identity: Identity | None
     job_id: str = ""
     code: str = "OK"
+    details: dict[str, object] = field(default_factory=dict)  # more fields for its line
 
 
 class _EndedJobMessages:
@@ -160,9 +255,12 @@ class _EndedJobMessages:
 class JobService(jobd_grpc.JobServiceServicer):
     """Every handler: who is calling, may they, do it, log it."""
 
-    def __init__(self, jobs: engine.JobManager) -> None:
+    def __init__(
+        self, jobs: engine.JobManager, *, max_message_bytes: int = 4 * 1024 * 1024
+    ) -> None:
         self._jobs = jobs
         self._ended = _EndedJobMessages()
+        self._page_bytes = max(max_message_bytes - PAGE_MARGIN, 1)
 
     @contextmanager
     def _call(self, method: str, job_id: str = "") -> Iterator[_Call]:
@@ -182,14 +280,14 @@ class JobService(jobd_grpc.JobServiceServicer):
             call.code = "CANCELLED" if isinstance(exc, trio.Cancelled) else "UNKNOWN"
             raise
         finally:
-            user = call.identity.user if call.identity else "-"
-            audit.info(
-                "rpc user=%s method=%s job=%s code=%s duration_ms=%.1f",
-                user,
-                method,
-                call.job_id or "-",
-                call.code,
-                (time.perf_counter() - start) * 1000,
+            audit_event(
+                "rpc",
+                user=call.identity.user if call.identity else None,
+                method=method,
+                job=call.job_id or None,
+                code=call.code,
+                duration_ms=round((time.perf_counter() - start) * 1000, 1),
+                **call.details,
             )
 
     def _authorized(self, call: _Call, job_id: str) -> engine.JobInfo:
@@ -199,16 +297,24 @@ class JobService(jobd_grpc.JobServiceServicer):
         identity = call.identity
         assert identity is not None
         if job.owner != identity.user and ADMIN_ROLE not in identity.roles:
-            raise purerpc.PermissionDeniedError(
-                f"job {job.id} belongs to another user; {identity.user} may act only on "
-                "their own jobs"
-            )
+            # NOT_FOUND, word for word what a missing job gets: PERMISSION_DENIED told anyone
+            # which ids exist. The audit line says what happened.
+            call.details["denied"] = "not the owner"
+            raise purerpc.NotFoundError(f"no job {job.id}")
         return job
 
     async def Start(self, request: pb.StartRequest) -> pb.Job:
         with self._call("Start") as call:
             assert call.identity is not None
+            call.details["command"] = list(request.command)
+            if request.name:
+                call.details["name"] = request.name
+            if request.working_dir:
+                call.details["working_dir"] = request.working_dir
             lim = request.limits
+            if request.network not in engine.Network._value2member_map_:
+                raise purerpc.InvalidArgumentError(f"unknown network {request.network}")
+            timeout = request.timeout.ToNanoseconds() / 1e9 if request.HasField("timeout") else 0
             job = await self._jobs.start(
                 call.identity.user,
                 list(request.command),
@@ -221,8 +327,13 @@ class JobService(jobd_grpc.JobServiceServicer):
                     io_read_bps=lim.io_read_bps,
                     io_write_bps=lim.io_write_bps,
                 ),
+                name=request.name,
+                labels=dict(request.labels),
+                timeout=timeout,
+                network=engine.Network(request.network),
             )
             call.job_id = job.id
+            call.details.update(limit_fields(job.limits))
             return job_to_pb(job)
 
     async def Stop(self, request: pb.StopRequest) -> pb.Job:
@@ -235,11 +346,66 @@ class JobService(jobd_grpc.JobServiceServicer):
             job = self._authorized(call, request.id)
             return self._ended.message(job)  # type: ignore[return-value]  # framed: same bytes
 
+    async def Wait(self, request: pb.JobRequest) -> pb.Job:
+        """Until the job ends; the client's deadline (grpc-timeout, enforced by the
+        transport) bounds it."""
+        with self._call("Wait", request.id) as call:
+            self._authorized(call, request.id)
+            return job_to_pb(await self._jobs.wait(request.id))
+
+    async def Remove(self, request: pb.RemoveRequest) -> pb.Job:
+        with self._call("Remove", request.id) as call:
+            self._authorized(call, request.id)
+            return job_to_pb(await self._jobs.remove(request.id, force=request.force))
+
     async def List(self, request: pb.ListRequest) -> pb.ListResponse:
+        """A page of the caller's kept jobs (an admin's: everyone's, or `owner`'s), newest
+        first. A non-admin naming another owner gets PERMISSION_DENIED (not silently their
+        own jobs). A page ends early rather than pass the message limit."""
         with self._call("List") as call:
             assert call.identity is not None
-            owner = None if ADMIN_ROLE in call.identity.roles else call.identity.user
-            return pb.ListResponse(jobs=[job_to_pb(j) for j in self._jobs.list(owner)])
+            admin = ADMIN_ROLE in call.identity.roles
+            owner: str | None = request.owner or None
+            if not admin:
+                if owner is not None and owner != call.identity.user:
+                    raise purerpc.PermissionDeniedError(
+                        f"only admins may list another user's jobs; {call.identity.user} "
+                        "may list only their own"
+                    )
+                owner = call.identity.user
+            if request.page_size < 0:
+                raise purerpc.InvalidArgumentError(
+                    f"page_size must be >= 0 (0: {DEFAULT_PAGE_SIZE}), not {request.page_size}"
+                )
+            size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+            states = set()
+            for value in request.states:
+                if value not in engine.State._value2member_map_:
+                    raise purerpc.InvalidArgumentError(f"unknown state {value} in states")
+                states.add(engine.State(value))
+            page = self._jobs.list_page(
+                owner,
+                before=_page_token(request.page_token),
+                limit=size,
+                states=frozenset(states),
+                labels=dict(request.labels),
+                id_prefix=request.id_prefix,
+                name=request.name,
+            )
+            response = pb.ListResponse()
+            total, more = 0, page.more
+            for info in page.jobs:
+                job = job_to_pb(info)
+                total += job.ByteSize() + 8  # field tag and length prefix
+                if total > self._page_bytes and len(response.jobs):
+                    more = True
+                    break
+                response.jobs.append(job)
+            if more and response.jobs:
+                last = page.jobs[len(response.jobs) - 1]
+                token = f"{_TOKEN_PREFIX}{last.seq}".encode()
+                response.next_page_token = base64.urlsafe_b64encode(token).decode()
+            return response
 
     async def Output(  # type: ignore[override]  # a server stream: an async generator
         self, request: pb.OutputRequest
@@ -248,23 +414,22 @@ class JobService(jobd_grpc.JobServiceServicer):
         # here; `_call` is a plain (non-async) context manager around the iteration.
         with self._call("Output", request.id) as call:
             self._authorized(call, request.id)
-            chunks = self._jobs.read_output(request.id, request.offset, follow=request.follow)
+            chunks = self._jobs.read_output(
+                request.id,
+                request.offset,
+                follow=request.follow,
+                tail_lines=request.tail_lines,
+                since=request.since.ToNanoseconds() / 1e9 if request.HasField("since") else None,
+                stream=_stream_filter(request.stream),
+                max_chunk=OUTPUT_CHUNK,
+            )
             try:
                 async for chunk in chunks:
                     yield _output_message(chunk)  # type: ignore[misc]  # framed OutputChunk
             finally:
                 await chunks.aclose()  # type: ignore[attr-defined]
 
-    # The second milestone's calls (docs/DESIGN.md, "API additions") answer UNIMPLEMENTED
-    # until the engine supports them, never UNKNOWN.
-    async def Wait(self, request: pb.JobRequest) -> pb.Job:
-        with self._call("Wait", request.id):
-            raise purerpc.UnimplementedError("Wait is not supported by this server yet")
-
-    async def Remove(self, request: pb.RemoveRequest) -> pb.Job:
-        with self._call("Remove", request.id):
-            raise purerpc.UnimplementedError("Remove is not supported by this server yet")
-
+    # Input is the client helper's (issue 13): UNIMPLEMENTED until then, never UNKNOWN.
     async def Input(self, requests: AsyncIterator[pb.InputChunk]) -> pb.Job:
         with self._call("Input"):
             raise purerpc.UnimplementedError("Input is not supported by this server yet")
