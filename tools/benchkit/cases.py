@@ -221,7 +221,9 @@ async def start_latency(ctx: Ctx) -> list[Row]:
     sh -c '...; exec setpriv ...'), alternating in each repeat; the trio spawn for scale."""
     z = ctx.sizes
     command = ["true"]
-    counts = {"back to back": z.starts, "150 ms apart": z.starts // 4, "50 concurrent": 100}
+    counts = {
+        "back to back": z.starts, "150 ms apart": z.starts // 4, "50 concurrent": 50 * z.repeats,
+    }  # fmt: skip
     lat: dict[str, dict[str, list[list[float]]]] = {m: {"jobd": [], "S": []} for m in START_MODES}
     spawn: list[float] = []
     async with open_jobd(ctx.workdir, ctx.certs) as jobd, open_sync_peer(ctx.certs) as speer:
