@@ -31,13 +31,20 @@ from pathlib import Path
 import trio
 from trio_util import AsyncValue
 
-from . import _shimpool
+from . import _sandbox, _shimpool
 from ._cgroup import CgroupTree, JobCgroup, Layout, Mode, ProcessGroup, block_device_of
 from ._cgroup import detect_layout as _detect_layout
-from ._errors import CgroupError, InvalidArgument, JobdError, NotFound, Unavailable
+from ._errors import (
+    CgroupError,
+    FailedPrecondition,
+    InvalidArgument,
+    JobdError,
+    NotFound,
+    Unavailable,
+)
 from ._lock import lock_directory
 from ._output import OutputStore
-from ._types import Chunk, JobInfo, Limits, State, Stream, Usage
+from ._types import Chunk, JobInfo, Limits, Network, State, Stream, Usage
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Up to one pipe-full (_shimpool.PIPE_SIZE) per read: fewer, larger reads and output chunks.
@@ -80,6 +87,10 @@ class EngineConfig:
     stop_grace: float = 5.0
     io_devices: tuple[str, ...] | None = None  # None: the disk holding data_dir
     layout: Layout | None = None  # None: detect from /proc (tests may pass a fake)
+    default_network: Network = Network.HOST  # for a Start that names none
+    deny_host_network: bool = False  # a Start asking for the host's network is refused
+    tmp_size: int = 0  # bytes per private /tmp, /var/tmp, /dev/shm; 0: the memory limit bounds it
+    allow_user_namespaces: bool = False  # else a seccomp filter refuses CLONE_NEWUSER
 
     def __post_init__(self) -> None:
         """An operator's mistake is refused at start-up, not found job by job later."""
@@ -96,6 +107,15 @@ class EngineConfig:
                 )
         if not math.isfinite(self.stop_grace) or self.stop_grace < 0:
             raise JobdError(f"the stop grace must be >= 0 seconds, not {self.stop_grace}")
+        if self.default_network not in (Network.HOST, Network.NONE):
+            raise JobdError("the default network must be host or none")
+        if self.deny_host_network and self.default_network is Network.HOST:
+            raise JobdError(
+                "--deny-host-network refuses the host network, so the default cannot be host: "
+                "pass --default-network none too"
+            )
+        if self.tmp_size < 0:
+            raise JobdError(f"the tmp size must be >= 0 bytes, not {self.tmp_size}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +147,7 @@ class _Job:
         self.started_at = time.time()
         self.proc: trio.Process | None = None
         self.uid: int | None = None
+        self.network = Network.HOST
         self.cancel_scope = trio.CancelScope()
         # When the job must be SIGKILLed (trio time); inf until a stop is requested. A later
         # stop with a shorter grace moves it earlier.
@@ -150,6 +171,7 @@ class _Job:
             started_at=self.started_at,
             limits=self.limits,
             usage=self.cgroup.usage(),
+            network=self.network,
         )
 
     def finish(self, returncode: int | None, usage: Usage) -> None:
@@ -180,6 +202,7 @@ class _Job:
             ended_at=time.time(),
             limits=self.limits,
             usage=usage,
+            network=self.network,
         )
 
 
@@ -196,6 +219,7 @@ class JobManager:
         self._closing = False
         self._nursery: trio.Nursery | None = None
         self._shims: _shimpool.ShimPool | None = None  # set while the manager is open
+        self._sandbox: _sandbox.Sandbox | None = None  # set while the manager is open
         self._output_dir = config.data_dir / "output"
 
     def refuse_new_jobs(self) -> None:
@@ -308,19 +332,38 @@ class JobManager:
         env: Mapping[str, str] | None = None,
         working_dir: str = "",
         limits: Limits = NO_LIMITS,
+        network: Network = Network.UNSPECIFIED,
     ) -> JobInfo:
         """Start a job; returns once the command is executing (or raises, creating nothing)."""
         if self._closing or self._nursery is None:
             raise Unavailable("jobd is shutting down and starts no new jobs")
         argv, full_env, cwd = self._validate(command, env or {}, working_dir)
         effective = self.effective_limits(limits)
+        net = self._network(network)
         job_id = str(uuid.uuid4())
         uid = self._take_uid()
         try:
-            return await self._start(job_id, uid, owner, argv, full_env, cwd, effective)
+            return await self._start(job_id, uid, owner, argv, full_env, cwd, effective, net)
         except BaseException:
             self._release_uid(uid)
             raise
+
+    def _network(self, requested: Network) -> Network:
+        """The network a Start gets: what it asked for, or the server's default."""
+        if requested not in tuple(Network):
+            raise InvalidArgument(f"unknown network {int(requested)}: use HOST or NONE")
+        network = Network(requested) or self._config.default_network
+        if network is Network.HOST and self._config.deny_host_network:
+            raise InvalidArgument(
+                "this server refuses the host network to jobs (--deny-host-network): ask for "
+                "NETWORK_NONE or leave the network unset"
+            )
+        if network is Network.NONE and not (self._sandbox and self._sandbox.network_none):
+            raise FailedPrecondition(
+                "this host cannot give a job a network of its own (no network namespaces; "
+                "the server log says why at start-up): ask for NETWORK_HOST"
+            )
+        return network
 
     def _take_uid(self) -> int | None:
         """A uid no running job has (or the run-as user's own when jobs share it)."""
@@ -349,6 +392,7 @@ class JobManager:
         full_env: dict[str, str],
         cwd: str,
         effective: Limits,
+        network: Network,
     ) -> JobInfo:
         assert self._nursery is not None
         cgroup: JobCgroup | ProcessGroup = (
@@ -363,7 +407,7 @@ class JobManager:
         proc: trio.Process | None = None
         try:
             output = OutputStore(self._output_dir, job_id)
-            proc = await self._spawn(argv, full_env, cwd, cgroup, uid)
+            proc = await self._spawn(argv, full_env, cwd, cgroup, uid, network)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self._teardown(cgroup, proc, output, remove_output=True)
@@ -371,6 +415,7 @@ class JobManager:
         job = _Job(job_id, owner, argv, effective, cgroup, output)
         job.proc = proc
         job.uid = uid
+        job.network = network
         self._jobs[job_id] = job
         # No checkpoint since the shim's verdict: the job is registered and owned by the
         # nursery atomically, so a cancellation cannot leave it half-created.
@@ -384,7 +429,10 @@ class JobManager:
         cwd: str,
         cgroup: JobCgroup | ProcessGroup,
         uid: int | None,
+        network: Network,
     ) -> trio.Process:
+        """The job's main process, running the command in its leaves and namespaces (see
+        `_shim.py`: with namespaces it is the shim, which ends exactly as the command did)."""
         run_as = self._run_as
         spec = {
             "procs": cgroup.procs_files,
@@ -393,9 +441,14 @@ class JobManager:
             "cwd": cwd,
             "argv": list(argv),
             "env": env,
+            "sandbox": self._sandbox.job_plan(network) if self._sandbox else None,
         }
         # A pre-started shim (its interpreter has already booted), or a new one.
-        shim = await (self._shims.take() if self._shims else _shimpool.spawn_shim())
+        shim = await (
+            self._shims.take()
+            if self._shims
+            else _shimpool.spawn_shim(self._sandbox.prep if self._sandbox else None)
+        )
         proc = shim.proc
         if isinstance(cgroup, ProcessGroup):
             cgroup.pgid = proc.pid
@@ -636,9 +689,10 @@ async def open_job_manager(config: EngineConfig) -> AsyncIterator[JobManager]:
         raise
     manager = JobManager(config, tree, run_as)
     try:
+        manager._sandbox = await _open_sandbox(config, tree)
         async with trio.open_nursery() as nursery:
             manager._nursery = nursery
-            manager._shims = _shimpool.ShimPool()
+            manager._shims = _shimpool.ShimPool(manager._sandbox.prep)
             await nursery.start(manager._shims.run)
             try:
                 yield manager
@@ -653,6 +707,26 @@ async def open_job_manager(config: EngineConfig) -> AsyncIterator[JobManager]:
         os.close(output_lock)
         if tree is not None:
             tree.close()
+
+
+async def _open_sandbox(config: EngineConfig, tree: CgroupTree | None) -> _sandbox.Sandbox:
+    """Find what isolation this host allows and say it: never pretend."""
+    settings = _sandbox.SandboxSettings(
+        tmp_size=config.tmp_size, allow_user_namespaces=config.allow_user_namespaces
+    )
+    sandbox = await _sandbox.probe_sandbox(settings, tree.layout if tree else None)
+    log.info("isolation: %s", sandbox.describe())
+    if not sandbox.namespaces and config.default_network is Network.NONE:
+        raise JobdError(
+            "--default-network none needs network namespaces, which this host refuses: "
+            f"{sandbox.describe()}"
+        )
+    if tree is None and sandbox.namespaces and not config.tmp_size:
+        log.warning(
+            "without cgroups nothing bounds a job's /tmp, /var/tmp and /dev/shm but "
+            "--tmp-size (unset: half the host's memory each)"
+        )
+    return sandbox
 
 
 def _open_tree(config: EngineConfig) -> CgroupTree | None:

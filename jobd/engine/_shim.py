@@ -1,65 +1,294 @@
-"""The exec shim: joins the job's cgroup leaves, drops privileges, changes directory and execs
-the command. Run as `python -I -S _shim.py CONTROL_FD STATUS_FD`; imports only the standard
-library. It waits (possibly long: the server keeps a pool of them, `_shimpool.py`) for its
-spec, one marshalled dict {procs, uid, gid, cwd, argv, env}, read to EOF from CONTROL_FD; an
-empty read means the server has gone or shut down, and it exits.
+"""The exec shim: puts a job into its cgroup leaves and namespaces, drops privileges, changes
+directory and execs the command. Run as `python -I -S _shim.py CONTROL_FD STATUS_FD`; imports
+only the standard library. It reads two marshalled messages from CONTROL_FD: at once its
+*preparation* (length-prefixed: the namespaces and mounts no job decides, `_sandbox.py`), then,
+possibly much later (the server keeps a pool of shims, `_shimpool.py`), its job's spec, read
+to EOF: {procs, uid, gid, cwd, argv, env, sandbox}. An empty read means the server has gone
+or shut down, and it exits.
 
 Why a shim and not `preexec_fn`: CPython runs `preexec_fn` *after* the `user=` drop, so the
 root-owned `cgroup.procs` can no longer be written, and `preexec_fn` is unsafe in a process
-with threads. This program is single-threaded, never forks (the job's pid is the command's
-pid), and is already inside the leaves when `execvp` runs, so the command and everything it
-forks start inside them. Failure is reported as one marshalled dict on the status fd
-(close-on-exec, so a successful exec leaves the parent reading a bare EOF).
+with threads. This program is single-threaded and is already inside the leaves before it
+forks or execs anything, so everything of the job starts inside them.
+
+Without a sandbox it execs the command itself (the job's pid is the command's pid). With one
+(theory of operation):
+- while idle it has already unshared a mount, IPC and PID namespace and mounted the job's
+  private tmpfs on /tmp, /var/tmp, /dev/shm (no job chose anything yet: nothing of it runs);
+- given the job it joins the leaves, unshares a cgroup namespace (its root is the leaf just
+  joined) and, for NETWORK_NONE, a network namespace with loopback up, and mounts the job's
+  own view of cgroupfs;
+- it forks PID 1 of the new PID namespace, a reaper that only collects orphans and dies
+  with the shim (PR_SET_PDEATHSIG), and then the main child (pid 2 in the namespace), which
+  mounts a /proc of its namespace, drops privileges, sets no_new_privs and the seccomp
+  filter, and execs;
+- the shim, still the server's child and outside the namespace, waits for the main child,
+  kills PID 1 (the kernel then kills everything left in the namespace) and ends exactly as
+  the main child did: the same exit code, or the same signal raised on itself. So the server
+  sees the command's own wait status (SIGKILL stays signal 9, never "exit 137").
+The shim ignores SIGTERM, SIGINT and SIGHUP (a Stop's SIGTERM goes to every process of the
+cgroup: the command decides, the shim follows it); SIGKILL (the cgroup kill) ends it, and
+PID 1 and the namespace with it.
+
+Failure is reported as one marshalled dict on the status fd (close-on-exec, so a successful
+exec leaves the parent reading a bare EOF).
 """
 
-# Imports are the job's start latency: each costs the interpreter's boot time. marshal,
-# errno and _signal are built in (no json: it pulls in re; no `signal`: it pulls in enum). An
-# import after the privilege drop might not even be readable.
+# Imports are the job's start latency when the pool is empty: each costs the interpreter's
+# boot time (ctypes ~7 ms, paid while the shim idles in the pool). marshal, errno and _signal
+# are built in (no json: it pulls in re; no `signal`: it pulls in enum).
 import _signal  # type: ignore[import-not-found]
+import ctypes
 import errno
 import marshal
 import os
 import sys
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                        ctypes.c_char_p)
+_libc.prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                        ctypes.c_ulong)
+_libc.ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_char_p)
+
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NAME = 1, 4, 15
+PR_SET_SECCOMP, PR_SET_NO_NEW_PRIVS, SECCOMP_MODE_FILTER = 22, 38, 2
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+SIOCSIFFLAGS, IFF_UP = 0x8914, 1
+# Dispositions the shim changes for itself, and the command must get back as defaults. The
+# Python runtime ignores SIGPIPE and SIGXFSZ; ignored dispositions survive exec.
+_IGNORED = (_signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP)
+_RESET = (_signal.SIGPIPE, _signal.SIGXFSZ, *_IGNORED)
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.c_void_p))
+
+
+def _check(ret: int, what: str) -> None:
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), what)
+
+
+def _mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
+    _check(
+        _libc.mount(source.encode(), target.encode(), fstype.encode() if fstype else None,
+                    flags, data.encode() if data else None),
+        target,
+    )
+
+
+def _unshare(flags: int) -> None:
+    _check(_libc.unshare(flags), "unshare")
+
+
+def _prctl(option: int, arg2: int = 0, arg3: int = 0) -> None:
+    _check(_libc.prctl(option, arg2, arg3, 0, 0), "prctl")
+
+
+def _install_seccomp(bpf: ctypes.Array[ctypes.c_char]) -> None:
+    prog = _SockFprog(len(bpf) // 8, ctypes.addressof(bpf))
+    _prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(prog))
+
+
+def _loopback_up() -> None:
+    """`ip link set lo up` in a new network namespace: SIOCSIFFLAGS on an AF_INET socket."""
+    sock = _libc.socket(2, 2 | 0o2000000, 0)  # AF_INET, SOCK_DGRAM | SOCK_CLOEXEC
+    _check(0 if sock >= 0 else -1, "socket")
+    try:
+        ifreq = ctypes.create_string_buffer(b"lo".ljust(16, b"\0") + IFF_UP.to_bytes(2, "little"), 40)
+        _check(_libc.ioctl(sock, SIOCSIFFLAGS, ifreq), "lo")
+    finally:
+        os.close(sock)
+
+
+def _read_prep(fd: int) -> dict[str, object] | None:
+    """The length-prefixed preparation message, or None at EOF (no server)."""
+    head = b""
+    while len(head) < 4:
+        chunk = os.read(fd, 4 - len(head))
+        if not chunk:
+            return None
+        head += chunk
+    size, body = int.from_bytes(head, "little"), b""
+    while len(body) < size:
+        chunk = os.read(fd, size - len(body))
+        if not chunk:
+            return None
+        body += chunk
+    prep: dict[str, object] = marshal.loads(body)
+    return prep
+
+
+def _prepare(prep: dict[str, object]) -> ctypes.Array[ctypes.c_char] | None:
+    """What no job decides, done while idle: unshare, mounts; returns the built seccomp
+    filter (kept alive until it is installed)."""
+    flags = prep.get("unshare", 0)
+    assert isinstance(flags, int)
+    if flags:
+        _unshare(flags)
+    for source, target, fstype, mflags, data in prep.get("mounts", ()):  # type: ignore[attr-defined]
+        _mount(source, target, fstype, mflags, data)
+    bpf = prep.get("seccomp")
+    if isinstance(bpf, bytes) and bpf:
+        return ctypes.create_string_buffer(bpf, len(bpf))
+    return None
+
 
 def main() -> None:
+    if sys.argv[1] == "--probe":
+        _probe()
     control_fd, status_fd = int(sys.argv[1]), int(sys.argv[2])
     os.set_inheritable(status_fd, False)
+    for sig in _IGNORED:
+        _signal.signal(sig, _signal.SIG_IGN)
+    prep = _read_prep(control_fd)
+    if prep is None:
+        os._exit(0)  # no job for us: the server shut down or died
+    failure: OSError | None = None
+    bpf = None
+    try:
+        bpf = _prepare(prep)
+    except OSError as exc:
+        failure = exc  # reported once there is a job to report it to
     parts = []
     while chunk := os.read(control_fd, 65536):
         parts.append(chunk)
     os.close(control_fd)
     if not parts:
-        os._exit(0)  # no job for us: the server shut down or died
+        os._exit(0)
     spec = marshal.loads(b"".join(parts))  # written by the server itself (_shimpool)
-    argv, env = spec["argv"], spec["env"]
-    stage = "cgroup"
-    what = ""
+    stage, what = "namespaces", "unshare"
     try:
+        if failure is not None:
+            raise failure
         for procs in spec["procs"]:
-            what = procs
+            stage, what = "cgroup", procs
             fd = os.open(procs, os.O_WRONLY)
             try:
                 os.write(fd, b"0")  # pid 0: the writing process itself
             finally:
                 os.close(fd)
-        if spec["uid"] is not None:
-            stage, what = "user", str(spec["uid"])
-            os.setgroups([spec["gid"]])
-            os.setgid(spec["gid"])
-            os.setuid(spec["uid"])
-        stage, what = "chdir", spec["cwd"]
-        os.chdir(spec["cwd"])
-        # The Python runtime ignores SIGPIPE and SIGXFSZ; a command expects the defaults
-        # (e.g. `yes | head` must end by SIGPIPE). Ignored dispositions survive exec.
-        for sig in (_signal.SIGPIPE, _signal.SIGXFSZ):
+        sandbox = spec["sandbox"]
+        if sandbox is None:
+            _child(spec, status_fd, None, bpf)  # no namespaces: exec in place
+        stage, what = "namespaces", "unshare"
+        if sandbox["unshare"]:
+            _unshare(sandbox["unshare"])
+        for source, target, fstype, mflags, data in sandbox["mounts"]:
+            what = target
+            _mount(source, target, fstype, mflags, data)
+        if sandbox["loopback"]:
+            what = "lo"
+            _loopback_up()
+        what = "fork"
+        # The reaper's way to see the shim alive after fork (getppid() is 0 across the
+        # namespace boundary): the shim holds the write end until it dies.
+        alive_r, alive_w = os.pipe()  # close-on-exec: the command never holds it
+        reaper = os.fork()
+        if reaper == 0:
+            os.close(alive_w)
+            _reap(alive_r, status_fd)
+        os.close(alive_r)
+        main_pid = os.fork()
+        if main_pid == 0:
+            _child(spec, status_fd, sandbox, bpf)
+    except OSError as exc:
+        _report(status_fd, stage, what, exc)
+    # The main child has the status pipe (close-on-exec) now: its exec closes the last copy.
+    os.close(status_fd)
+    null = os.open("/dev/null", os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)  # the job's pipes reach EOF when the job's processes are gone
+    os.close(null)
+    _, status = os.waitpid(main_pid, 0)
+    os.kill(reaper, _signal.SIGKILL)
+    os.waitpid(reaper, 0)  # returns once the kernel has killed all of the namespace
+    _end_like(status)
+
+
+def _child(
+    spec: dict[str, object],
+    status_fd: int,
+    sandbox: dict[str, object] | None,
+    bpf: ctypes.Array[ctypes.c_char] | None,
+) -> None:
+    """Become the job's command, or report why not and exit 127."""
+    argv, env = spec["argv"], spec["env"]
+    assert isinstance(argv, list) and isinstance(env, dict)
+    stage = what = ""
+    try:
+        if sandbox is not None:
+            stage, what = "namespaces", "/proc"
+            _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "")
+        uid, gid = spec["uid"], spec["gid"]
+        if uid is not None:
+            assert isinstance(uid, int) and isinstance(gid, int)
+            stage, what = "user", str(uid)
+            os.setgroups([gid])
+            os.setgid(gid)
+            os.setuid(uid)
+        cwd = spec["cwd"]
+        assert isinstance(cwd, str)
+        stage, what = "chdir", cwd
+        os.chdir(cwd)
+        for sig in _RESET:
             _signal.signal(sig, _signal.SIG_DFL)
+        stage, what = "privileges", "no_new_privs"
+        _prctl(PR_SET_NO_NEW_PRIVS, 1)
+        if bpf is not None:
+            what = "seccomp"
+            _install_seccomp(bpf)
         stage, what = "exec", argv[0]
         _execvpe(argv, env)
     except OSError as exc:
-        report = {"stage": stage, "what": what, "errno": exc.errno, "error": exc.strerror}
-        os.write(status_fd, marshal.dumps(report))
-        os._exit(127)
+        _report(status_fd, stage, what, exc)
+
+
+def _report(status_fd: int, stage: str, what: str, exc: OSError) -> None:
+    report = {"stage": stage, "what": what, "errno": exc.errno, "error": exc.strerror}
+    os.write(status_fd, marshal.dumps(report))
+    os._exit(127)
+
+
+def _reap(alive_fd: int, status_fd: int) -> None:
+    """PID 1 of the job's PID namespace: collect every orphan; die with the shim."""
+    try:
+        _prctl(PR_SET_PDEATHSIG, _signal.SIGKILL)
+        os.set_blocking(alive_fd, False)
+        try:
+            os.read(alive_fd, 1)
+            os._exit(0)  # EOF: the shim died before PR_SET_PDEATHSIG, so must we
+        except BlockingIOError:
+            os.close(alive_fd)
+        os.close(status_fd)
+        null = os.open("/dev/null", os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.close(null)
+        name = ctypes.create_string_buffer(b"jobd-init")
+        _libc.prctl(PR_SET_NAME, ctypes.addressof(name), 0, 0, 0)
+        _signal.pthread_sigmask(_signal.SIG_BLOCK, {_signal.SIGCHLD})
+        while True:
+            try:
+                os.wait()
+            except ChildProcessError:
+                _signal.sigwait({_signal.SIGCHLD})
+    finally:
+        os._exit(0)
+
+
+def _end_like(status: int) -> None:
+    """Exit with the main child's code, or die of its signal."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)  # no core file of the shim itself
+        if sig not in (_signal.SIGKILL, _signal.SIGSTOP):
+            _signal.signal(sig, _signal.SIG_DFL)
+        os.kill(os.getpid(), sig)
+        os._exit(128 + sig)  # a signal whose default is to be ignored (it cannot kill)
+    os._exit(os.waitstatus_to_exitcode(status))
 
 
 def _execvpe(argv: list[str], env: dict[str, str]) -> None:
@@ -76,6 +305,43 @@ def _execvpe(argv: list[str], env: dict[str, str]) -> None:
             if exc.errno not in (errno.ENOENT, errno.ENOTDIR) and saved is None:
                 saved = exc
     raise saved or FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
+
+
+def _probe() -> None:
+    """`_shim.py --probe PREP_HEX STEP`: try one step in a child (the preparation, a cgroup
+    or network namespace, the seccomp filter); print {step: errno or 0} marshalled, in hex."""
+    prep = marshal.loads(bytes.fromhex(sys.argv[2]))
+    name = sys.argv[3]
+    steps = {
+        "namespaces": lambda: _prepare({**prep, "seccomp": None}),
+        "cgroupns": lambda: _unshare(0x02000000),
+        "netns": lambda: (_unshare(0x40000000), _loopback_up()),
+        "seccomp": lambda: _install_probe(prep.get("seccomp")),
+    }
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            steps[name]()
+        except OSError as exc:
+            code = exc.errno or 1
+        os.write(w, str(code).encode())
+        os._exit(0)
+    os.close(w)
+    answer = os.read(r, 64)
+    os.waitpid(pid, 0)
+    os.write(1, marshal.dumps({name: int(answer or b"-1")}).hex().encode())
+    os._exit(0)
+
+
+def _install_probe(bpf: object) -> None:
+    if not isinstance(bpf, bytes):
+        return
+    _prctl(PR_SET_NO_NEW_PRIVS, 1)
+    _install_seccomp(ctypes.create_string_buffer(bpf, len(bpf)))
+    if _libc.unshare(0x10000000) == 0:  # CLONE_NEWUSER must now fail
+        raise OSError(errno.EEXIST, "the filter let unshare(CLONE_NEWUSER) through")
 
 
 if __name__ == "__main__":

@@ -77,6 +77,7 @@ class JobInfo:
     ended_at: float = 0.0  # Unix time, 0 while running
     limits: Limits = field(default_factory=Limits)
     usage: Usage = field(default_factory=Usage)
+    network: Network = Network.HOST
 
     def status_word(self) -> str:
         """The status as DESIGN.md has the CLI print it."""
