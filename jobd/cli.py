@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import asyncclick as click
 
-from jobd.engine import EngineConfig, JobdError, Limits
+from jobd.engine import EngineConfig, JobdError, Limits, Network
 from jobd.engine._manager import JOB_UID_FIRST, JOB_UID_LAST
 from jobd.server import ServerConfig, run_server
 from jobd.units import parse_duration, parse_size
@@ -116,6 +116,16 @@ def _opt(name: str, env: str, **kw: Any) -> Callable[[F], F]:
       help="Most processes a job may ask for (0: no maximum).")
 @_opt("--stop-grace", "JOBD_STOP_GRACE", type=DURATION, default="5s",
       help="Time between SIGTERM and SIGKILL when a stop names none.")
+@_opt("--default-network", "JOBD_DEFAULT_NETWORK", default="host",
+      type=click.Choice(["host", "none"]),
+      help="Network of a job that asks for none: the host's, or its own with loopback only.")
+@_opt("--deny-host-network", "JOBD_DENY_HOST_NETWORK", is_flag=True,
+      help="Refuse jobs the host's network (needs --default-network none).")
+@_opt("--tmp-size", "JOBD_TMP_SIZE", type=SIZE, default="0",
+      help="Size of each job's private /tmp, /var/tmp, /dev/shm (0: bounded by the job's "
+      "memory limit, which their pages are charged to).")
+@_opt("--allow-user-namespaces", "JOBD_ALLOW_USER_NAMESPACES", is_flag=True,
+      help="Let jobs create user namespaces (refused by a seccomp filter by default).")
 @_opt("--log-level", "JOBD_LOG_LEVEL", default="info",
       type=click.Choice(["debug", "info", "warning", "error"]), help="Log verbosity.")
 async def serve(
@@ -138,6 +148,10 @@ async def serve(
     max_memory: int,
     max_pids: int,
     stop_grace: float,
+    default_network: str,
+    deny_host_network: bool,
+    tmp_size: int,
+    allow_user_namespaces: bool,
     log_level: str,
 ) -> None:
     """Serve the jobd API over mutual TLS until SIGTERM or SIGINT.
@@ -176,6 +190,10 @@ async def serve(
             max_limits=Limits(cpus=max_cpus, memory_bytes=max_memory, pids=max_pids),
             stop_grace=stop_grace,
             io_devices=io_device or None,
+            default_network=Network.NONE if default_network == "none" else Network.HOST,
+            deny_host_network=deny_host_network,
+            tmp_size=tmp_size,
+            allow_user_namespaces=allow_user_namespaces,
         )
         config = ServerConfig(
             host=host, port=port, cert=cert, key=key, client_ca=client_ca, engine=engine

@@ -101,6 +101,20 @@ def cgroup_name() -> str:
 
 
 @pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory both the test and its jobs see: /tmp, /var/tmp and /dev/shm are private
+    to each job, so a test that signals a job through a file puts it here."""
+    path = Path("/run") / f"{TEST_CGROUP_PREFIX}{uuid.uuid4().hex[:12]}"
+    path.mkdir(mode=0o755)
+    try:
+        yield path
+    finally:
+        for child in path.iterdir():
+            child.unlink()
+        path.rmdir()
+
+
+@pytest.fixture
 def engine_config(tmp_path: Path, cgroup_name: str) -> EngineConfig:
     return EngineConfig(data_dir=tmp_path / "data", cgroup_name=cgroup_name, stop_grace=5.0)
 

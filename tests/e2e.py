@@ -186,3 +186,41 @@ def tcp_sockets(pid: int | str = "self") -> list[list[str]]:
             rows += [fields for line in lines if (fields := line.split())[9] in inodes]
     return rows
 
+
+
+def host_pids(job_id: str) -> dict[int, int]:
+    """The job's processes, as {pid inside the job's PID namespace: pid on the host} (a job
+    sees, and prints, only the former)."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if f"/jobs/{job_id}" not in (entry / "cgroup").read_text():
+                    continue
+                status = (entry / "status").read_text()
+            except OSError:
+                continue
+            ns_pids = next(line for line in status.splitlines() if line.startswith("NSpid:"))
+            levels = ns_pids.split()[1:]
+            if len(levels) > 1:  # the job's shim itself lives outside the namespace
+                out[int(levels[-1])] = int(entry.name)
+    return out
+
+
+def host_pid(job_id: str, ns_pid: int) -> int:
+    return host_pids(job_id)[ns_pid]
+
+
+def in_namespace(ns: str) -> list[int]:
+    """Host pids of the live processes in the namespace a job named by printing
+    `readlink /proc/self/ns/pid` (e.g. "pid:[4026532301]")."""
+    kind = ns.split(":", 1)[0]
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.readlink(entry / "ns" / kind) == ns and alive(int(entry.name)):
+                    out.append(int(entry.name))
+            except OSError:
+                pass
+    return out

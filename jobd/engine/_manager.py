@@ -13,6 +13,7 @@ SIGKILLs the cgroup. Leaving the manager stops every job.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import marshal
 import math
@@ -314,6 +315,8 @@ class JobManager:
             raise InvalidArgument(f"working_dir {cwd!r} must be an absolute path")
         if not os.path.isdir(cwd):
             raise InvalidArgument(f"working_dir {cwd!r} does not exist or is not a directory")
+        if self._sandbox is not None:
+            self._sandbox.check_working_dir(cwd)
         run_as = self._run_as
         full_env = {
             "PATH": DEFAULT_PATH,
@@ -332,7 +335,7 @@ class JobManager:
         env: Mapping[str, str] | None = None,
         working_dir: str = "",
         limits: Limits = NO_LIMITS,
-        network: Network = Network.UNSPECIFIED,
+        network: int = Network.UNSPECIFIED,  # a Network; any other number is refused
     ) -> JobInfo:
         """Start a job; returns once the command is executing (or raises, creating nothing)."""
         if self._closing or self._nursery is None:
@@ -348,7 +351,7 @@ class JobManager:
             self._release_uid(uid)
             raise
 
-    def _network(self, requested: Network) -> Network:
+    def _network(self, requested: int) -> Network:
         """The network a Start gets: what it asked for, or the server's default."""
         if requested not in tuple(Network):
             raise InvalidArgument(f"unknown network {int(requested)}: use HOST or NONE")
@@ -399,7 +402,7 @@ class JobManager:
             self._tree.leaf(job_id) if self._tree else ProcessGroup(job_id)
         )
         try:
-            cgroup.create(effective)
+            cgroup.create(self._leaf_limits(effective))
         except CgroupError as exc:
             # The kernel refused a value (e.g. a limit it cannot apply on this host).
             raise InvalidArgument(f"cannot apply limits {effective}: {exc}") from exc
@@ -421,6 +424,13 @@ class JobManager:
         # nursery atomically, so a cancellation cannot leave it half-created.
         self._nursery.start_soon(self._supervise, job, name=f"job {job_id}")
         return job.info()
+
+    def _leaf_limits(self, limits: Limits) -> Limits:
+        """The leaf's own limits: a sandboxed job's shim and its PID 1 are two processes of
+        its leaf that are not the job's own, so its pids limit counts them on top."""
+        if limits.pids and self._sandbox is not None and self._sandbox.namespaces:
+            return dataclasses.replace(limits, pids=limits.pids + _sandbox.HELPER_PROCESSES)
+        return limits
 
     async def _spawn(
         self,

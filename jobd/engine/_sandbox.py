@@ -17,12 +17,12 @@ import os
 import struct
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import trio
 
 from . import _shim
 from ._cgroup import Layout, Mode
+from ._errors import InvalidArgument
 from ._types import Network
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,8 @@ MS_REC, MS_SLAVE = 0x4000, 0x80000
 _RO = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
 # The world-writable directories of a Debian host: each job gets an empty tmpfs of its own on
 # them, so nothing a job leaves there outlives it or reaches another job.
+# The shim and PID 1 of a sandboxed job sit in its leaf too (see `_shim.py`).
+HELPER_PROCESSES = 2
 PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
 
 
@@ -79,6 +81,19 @@ class Sandbox:
             "mounts": self._cgroup_mounts,
             "loopback": none,
         }
+
+    def check_working_dir(self, cwd: str) -> None:
+        """A directory inside a private one exists only on the host: say so at Start rather
+        than fail the job's chdir."""
+        if not self.namespaces:
+            return
+        real = os.path.realpath(cwd)
+        for private in _existing_private_dirs():
+            if real.startswith(private.rstrip("/") + "/"):
+                raise InvalidArgument(
+                    f"working_dir {cwd!r} is inside {private}, which each job has private "
+                    "and empty: use a directory outside /tmp, /var/tmp, /dev/shm and /run/lock"
+                )
 
     def describe(self) -> str:
         parts: list[str] = []
@@ -194,7 +209,7 @@ _RET_ERRNO = 0x00050000
 _EPERM, _ENOSYS = 1, 38
 _X32 = 0x40000000
 # audit arch, (unshare, clone), clone3: per ABI a process on this machine may use.
-_ABIS = {
+_ABIS: dict[str, list[tuple[int, tuple[int, ...], tuple[int, ...]]]] = {
     "x86_64": [
         (0xC000003E, (272, 56, _X32 | 272, _X32 | 56), (435, _X32 | 435)),  # x86_64, x32
         (0x40000003, (310, 120), (435,)),  # i386
@@ -248,7 +263,7 @@ def seccomp_filter(machine: str | None = None) -> bytes | None:
 
 async def probe_sandbox(settings: SandboxSettings, layout: Layout | None) -> Sandbox:
     """Try, in a throw-away shim, each piece this host may refuse; build what works."""
-    mountinfo = Path("/proc/self/mountinfo").read_text()
+    mountinfo = await trio.Path("/proc/self/mountinfo").read_text()
     prep = plan_prep(settings, mountinfo)
     problems: list[str] = []
     if os.geteuid() != 0:

@@ -97,8 +97,10 @@ def _loopback_up() -> None:
     sock = _libc.socket(2, 2 | 0o2000000, 0)  # AF_INET, SOCK_DGRAM | SOCK_CLOEXEC
     _check(0 if sock >= 0 else -1, "socket")
     try:
-        ifreq = ctypes.create_string_buffer(b"lo".ljust(16, b"\0") + IFF_UP.to_bytes(2, "little"), 40)
-        _check(_libc.ioctl(sock, SIOCSIFFLAGS, ifreq), "lo")
+        # struct ifreq (40 bytes): the name, then the flags.
+        ifreq = (b"lo".ljust(16, b"\0") + IFF_UP.to_bytes(2, "little")).ljust(40, b"\0")
+        ifreq_buf = ctypes.create_string_buffer(ifreq, 40)
+        _check(_libc.ioctl(sock, SIOCSIFFLAGS, ifreq_buf), "lo")
     finally:
         os.close(sock)
 
@@ -312,18 +314,20 @@ def _probe() -> None:
     or network namespace, the seccomp filter); print {step: errno or 0} marshalled, in hex."""
     prep = marshal.loads(bytes.fromhex(sys.argv[2]))
     name = sys.argv[3]
-    steps = {
-        "namespaces": lambda: _prepare({**prep, "seccomp": None}),
-        "cgroupns": lambda: _unshare(0x02000000),
-        "netns": lambda: (_unshare(0x40000000), _loopback_up()),
-        "seccomp": lambda: _install_probe(prep.get("seccomp")),
-    }
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
         code = 0
         try:
-            steps[name]()
+            if name == "namespaces":
+                _prepare({**prep, "seccomp": None})
+            elif name == "cgroupns":
+                _unshare(0x02000000)
+            elif name == "netns":
+                _unshare(0x40000000)
+                _loopback_up()
+            elif name == "seccomp":
+                _install_probe(prep.get("seccomp"))
         except OSError as exc:
             code = exc.errno or 1
         os.write(w, str(code).encode())

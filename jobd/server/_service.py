@@ -84,6 +84,7 @@ def job_to_pb(job: engine.JobInfo) -> pb.Job:
             memory_peak_bytes=job.usage.memory_peak_bytes,
             oom_kills=job.usage.oom_kills,
         ),
+        network=pb.Network.ValueType(job.network),
     )
 
 
@@ -170,6 +171,7 @@ class JobService(jobd_grpc.JobServiceServicer):
                     io_read_bps=lim.io_read_bps,
                     io_write_bps=lim.io_write_bps,
                 ),
+                network=request.network,
             )
             call.job_id = job.id
             return job_to_pb(job)
