@@ -67,8 +67,10 @@ def job_processes(names: set[str]) -> list[str]:
             continue
         try:
             groups = (entry / "cgroup").read_text()
-            zombie = (entry / "stat").read_text().rsplit(")", 1)[-1].split()[0] == "Z"
-            # A killed orphan stays a zombie until init reaps it: dead, so not left running.
+            stat = (entry / "stat").read_text().rsplit(")", 1)[-1].split()
+            # A killed orphan stays a zombie until init reaps it, and a job's PID 1 stays in
+            # exit() until its namespace is released: dead, so not left running.
+            zombie = stat[0] == "Z" or bool(int(stat[6]) & 0x4)  # PF_EXITING
             ours = any(f"/{name}/" in groups for name in names)
             if ours and not zombie:
                 cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")

@@ -144,13 +144,18 @@ def env_without_jobd() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("JOBD_")}
 
 
+PF_EXITING = 0x4
+
+
 def alive(pid: int) -> bool:
-    """Running (a zombie is dead for our purposes: only its parent's reaping is missing)."""
+    """Running. A zombie is dead for our purposes (only its parent's reaping is missing), and
+    so is a process inside exit(): a killed job's PID 1 stays there, past its cgroup, until
+    the kernel has released the rest of its namespace (PF_EXITING, /proc/PID/stat field 9)."""
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (FileNotFoundError, IndexError):
         return False
-    return state != "Z"
+    return fields[0] != "Z" and not int(fields[6]) & PF_EXITING
 
 
 def pids_in(cgroup_name: str) -> list[int]:

@@ -30,6 +30,7 @@ from jobd.engine import (
 )
 from jobd.engine._manager import JOB_UID_FIRST, JOB_UID_LAST
 
+from .e2e import alive as e2e_alive
 from .e2e import host_pid, in_namespace
 
 pytestmark = pytest.mark.cgroups
@@ -61,11 +62,9 @@ def alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    # A zombie is dead for our purposes (its parent has not reaped it yet).
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+    # A zombie is dead for our purposes (its parent has not reaped it yet), and so is a
+    # process inside exit() (see e2e.alive).
+    return e2e_alive(pid)
 
 
 # ----------------------------------------------------------------- states
