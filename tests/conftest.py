@@ -4,6 +4,7 @@ no jobd cgroup is left behind."""
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -111,9 +112,7 @@ def shared_dir() -> Iterator[Path]:
     try:
         yield path
     finally:
-        for child in path.iterdir():
-            child.unlink()
-        path.rmdir()
+        shutil.rmtree(path)
 
 
 @pytest.fixture
