@@ -195,17 +195,30 @@ async def start_latency(ctx: Ctx) -> list[Row]:
     jobd_all: list[float] = []
     spawn_all: list[float] = []
     p50s: list[tuple[float, float]] = []
+    warm_p50s: list[float] = []  # a booted shim always waiting in the pool
+    none_p50s: list[float] = []  # the same, NETWORK_NONE: a network namespace per job
     async with open_jobd(ctx.workdir, ctx.certs) as jobd:
         for i in range(z.repeats):
             [sp] = await run_workers("spawn", [{"command": command, "n": z.starts}])
             [jl] = await run_workers(
                 "starts", [ctx.client(jobd.target, command=command, n=z.starts)]
             )
+            # With a pause between starts the pool always has a booted shim: what a Start
+            # itself costs, on the host network and with a network namespace of its own.
+            [wl] = await run_workers(
+                "starts", [ctx.client(jobd.target, command=command, n=z.starts, pause=0.05)]
+            )
+            [nl] = await run_workers("starts", [ctx.client(
+                jobd.target, command=command, n=z.starts, pause=0.05, network=2)])
             spawn_all += sp
             jobd_all += jl
             p50s.append((median(jl), median(sp)))
+            warm_p50s.append(median(wl))
+            none_p50s.append(median(nl))
             j50, s50 = p50s[-1]
-            ctx.log(f"start #{i}: jobd p50 {j50 * 1e3:.1f} ms, spawn {s50 * 1e3:.1f} ms")
+            ctx.log(f"start #{i}: jobd p50 {j50 * 1e3:.1f} ms (warm pool "
+                    f"{warm_p50s[-1] * 1e3:.1f} ms, NETWORK_NONE {none_p50s[-1] * 1e3:.1f} ms), "
+                    f"spawn {s50 * 1e3:.1f} ms")
     j50 = median([j for j, _ in p50s]) * 1e3
     s50 = median([s for _, s in p50s]) * 1e3
     diff = median([(j - s) * 1e3 for j, s in p50s])
@@ -215,6 +228,10 @@ async def start_latency(ctx: Ctx) -> list[Row]:
             [f"jobd-spawn p50 {diff:.2f} ms"]),
         Row("3 start", "Start RPC p99", pct(jobd_all, 99) * 1e3, "ms",
             pct(spawn_all, 99) * 1e3, "trio open_process"),
+        Row("3 start", "Start RPC p50, warm shim pool", median(warm_p50s) * 1e3, "ms", s50,
+            "trio open_process"),
+        Row("3 start", "Start RPC p50, warm pool, NETWORK_NONE", median(none_p50s) * 1e3, "ms",
+            median(warm_p50s) * 1e3, "same, host network"),
     ]  # fmt: skip
 
 
