@@ -31,7 +31,7 @@ from jobd.engine import (
 )
 from jobd.v1 import jobd_pb2 as pb
 
-from .conftest import SESSION_NAMES, TEST_CGROUP_PREFIX
+from .conftest import SESSION_NAMES, TEST_CGROUP_PREFIX, unique_uid_range
 from .e2e import Pki, alive, host_pids, in_namespace
 from .reliability.harness import channel, code_of, serving
 
@@ -69,7 +69,8 @@ async def engine_with(engine_config: EngineConfig) -> AsyncIterator[object]:
         name = TEST_CGROUP_PREFIX + uuid.uuid4().hex[:12]
         SESSION_NAMES.add(name)
         config = dataclasses.replace(
-            engine_config, cgroup_name=name, data_dir=engine_config.data_dir.parent / name
+            engine_config, cgroup_name=name, data_dir=engine_config.data_dir.parent / name,
+            job_uids=unique_uid_range(),
         )
         return open_job_manager(dataclasses.replace(config, **changes))  # type: ignore[arg-type]
 
