@@ -296,7 +296,8 @@ async def test_stop_reaches_a_command_that_traps_term(engine: JobManager) -> Non
                                                    "while :; do sleep 0.01; done"])
     await wait_for_output(engine, job.id, "ready")
     final = await engine.stop(job.id, grace=30)
-    assert final.state is State.STOPPED and final.signal == signal.SIGTERM
+    # The shim passed SIGTERM by (it ignores it); the command's own exit 7 is recorded.
+    assert (final.state, final.exit_code, final.signal) == (State.STOPPED, 7, 0), final
 
 
 async def test_oom_in_the_namespace_is_still_oom(engine: JobManager) -> None:
@@ -369,3 +370,25 @@ trio.run(main)
     assert "refused: this host cannot give a job a network of its own" in out, out
     assert "NoNewPrivs:\t1" in out, out
     assert len(out.split("PID TTY")[1].splitlines()) > 4, out  # it sees the host's processes
+
+
+# ----------------------------------------------------------------- uids
+
+
+async def test_the_launch_uses_the_owners_uid(engine: JobManager, shared_dir: Path) -> None:
+    """Same owner, same uid (so a second job may append to what the first wrote); two owners,
+    two uids; and the uid each job runs as is the one its record names."""
+    work = shared_dir / "work"
+    work.mkdir()
+    work.chmod(0o1777)
+    first = await engine.start("alice", ["sh", "-c", "id -u; echo one > mine; chmod 600 mine"],
+                               working_dir=str(work))
+    assert (await output_of(engine, first.id)).strip() == str(engine.status(first.id).uid)
+    second = await engine.start("alice", ["sh", "-c", "id -u; echo two >> mine; cat mine"],
+                                working_dir=str(work))
+    out = (await output_of(engine, second.id)).split()
+    assert out == [str(first.uid), "one", "two"], out
+    bobs = await engine.start("bob", ["sh", "-c", "id -u; cat mine"], working_dir=str(work))
+    out = (await output_of(engine, bobs.id)).split("\n")
+    assert out[0] == str(engine.status(bobs.id).uid) != str(first.uid), out
+    assert "Permission denied" in out[1], out
