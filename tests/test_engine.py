@@ -371,9 +371,9 @@ async def test_pids_limit_holds_under_fork_loop(engine: JobManager) -> None:
     pids_dir = layout.v1["pids"] if layout.mode is Mode.HYBRID else layout.unified
     assert pids_dir is not None
     leaf = next(pids_dir.glob(f"jobd-test-*/jobs/{job.id}"))
-    # The leaf also holds the job's shim and its PID 1 (see _shim.py): two on top.
-    assert (leaf / "pids.max").read_text().strip() == "12"
-    assert int((leaf / "pids.current").read_text()) <= 12
+    # The leaf also holds the job's PID 1 (see _shim.py): one on top.
+    assert (leaf / "pids.max").read_text().strip() == "11"
+    assert int((leaf / "pids.current").read_text()) <= 11
     final = await engine.stop(job.id, grace=0)
     assert final.state is State.STOPPED
 

@@ -596,8 +596,8 @@ class JobManager:
         return job
 
     def _leaf_limits(self, limits: Limits) -> Limits:
-        """The leaf's own limits: a sandboxed job's shim and its PID 1 are two processes of
-        its leaf that are not the job's own, so its pids limit counts them on top."""
+        """The leaf's own limits: a sandboxed job's PID 1 is a process of its leaf that is
+        not the job's own, so its pids limit counts it on top."""
         if limits.pids and self._sandbox is not None and self._sandbox.namespaces:
             return dataclasses.replace(limits, pids=limits.pids + _sandbox.HELPER_PROCESSES)
         return limits

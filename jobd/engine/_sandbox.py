@@ -34,8 +34,8 @@ MS_REC, MS_SLAVE = 0x4000, 0x80000
 _RO = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
 # The world-writable directories of a Debian host: each job gets an empty tmpfs of its own on
 # them, so nothing a job leaves there outlives it or reaches another job.
-# The shim and PID 1 of a sandboxed job sit in its leaf too (see `_shim.py`).
-HELPER_PROCESSES = 2
+# PID 1 of a sandboxed job sits in its leaf too (see `_shim.py`).
+HELPER_PROCESSES = 1
 PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
 
 

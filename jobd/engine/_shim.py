@@ -11,24 +11,24 @@ root-owned `cgroup.procs` can no longer be written, and `preexec_fn` is unsafe i
 with threads. This program is single-threaded and is already inside the leaves before it
 forks or execs anything, so everything of the job starts inside them.
 
-Without a sandbox it execs the command itself (the job's pid is the command's pid). With one
-(theory of operation):
-- while idle it has already unshared a mount, IPC and PID namespace and mounted the job's
-  private tmpfs on /tmp, /var/tmp, /dev/shm (no job chose anything yet: nothing of it runs);
-- given the job it joins the leaves, unshares a cgroup namespace (its root is the leaf just
-  joined) and, for NETWORK_NONE, a network namespace with loopback up, and mounts the job's
-  own view of cgroupfs;
-- it forks PID 1 of the new PID namespace, a reaper that only collects orphans and dies
-  with the shim (PR_SET_PDEATHSIG), and then the main child (pid 2 in the namespace), which
-  mounts a /proc of its namespace, drops privileges, sets no_new_privs and the seccomp
-  filter, and execs;
-- the shim, still the server's child and outside the namespace, waits for the main child,
-  kills PID 1 (the kernel then kills everything left in the namespace) and ends exactly as
-  the main child did: the same exit code, or the same signal raised on itself. So the server
-  sees the command's own wait status (SIGKILL stays signal 9, never "exit 137").
-The shim ignores SIGTERM, SIGINT and SIGHUP (a Stop's SIGTERM goes to every process of the
-cgroup: the command decides, the shim follows it); SIGKILL (the cgroup kill) ends it, and
-PID 1 and the namespace with it.
+Without namespaces it execs the command itself (the job's pid is the command's pid). With
+them (theory of operation):
+- while idle it unshares a PID namespace and forks its PID 1, which unshares a mount and
+  IPC namespace and mounts the job's private tmpfs on /tmp, /var/tmp, /dev/shm, /run/lock
+  (no job chose anything yet: nothing of it runs), then waits for the spec;
+- given the job, PID 1 joins the leaves, unshares a cgroup namespace (its root is the leaf
+  just joined) and, for NETWORK_NONE, a network namespace with loopback up, mounts the
+  job's own view of cgroupfs and forks the command (pid 2), which mounts a /proc of its
+  namespace, drops privileges, sets no_new_privs and the seccomp filter, and execs;
+- PID 1 reaps every orphan of the namespace; when the command ends it writes the command's
+  wait status to the shim and exits, and the kernel kills whatever is left in the namespace;
+- the shim (the server's child, outside the namespace and outside the job's cgroup) ends
+  exactly as the command did: the same exit code, or the same signal raised on itself; if
+  PID 1 dies without a word (the cgroup kill, the OOM killer) it dies of SIGKILL. So the
+  server sees the command's own wait status (SIGKILL stays signal 9, never "exit 137").
+  PID 1 dies with the shim (PR_SET_PDEATHSIG), so killing the shim kills the job.
+The shim ignores SIGTERM, SIGINT and SIGHUP (without cgroups a Stop signals the process
+group, the shim included: the command decides, the shim follows it).
 
 Failure is reported as one marshalled dict on the status fd (close-on-exec, so a successful
 exec leaves the parent reading a bare EOF).
@@ -53,6 +53,7 @@ _libc.ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_char_p)
 
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NAME = 1, 4, 15
 PR_SET_SECCOMP, PR_SET_NO_NEW_PRIVS, SECCOMP_MODE_FILTER = 22, 38, 2
+CLONE_NEWPID = 0x20000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 SIOCSIFFLAGS, IFF_UP = 0x8914, 1
 # Dispositions the shim changes for itself, and the command must get back as defaults. The
@@ -138,6 +139,27 @@ def _prepare(prep: dict[str, object]) -> ctypes.Array[ctypes.c_char] | None:
     return None
 
 
+def _read_spec(control_fd: int) -> dict[str, object]:
+    """The job's spec, read to EOF; an empty read (the server shut down or died) exits."""
+    parts = []
+    while chunk := os.read(control_fd, 65536):
+        parts.append(chunk)
+    os.close(control_fd)
+    if not parts:
+        os._exit(0)
+    spec: dict[str, object] = marshal.loads(b"".join(parts))  # written by the server itself
+    return spec
+
+
+def _join(spec: dict[str, object]) -> None:
+    for procs in spec["procs"]:  # type: ignore[attr-defined]
+        fd = os.open(procs, os.O_WRONLY)
+        try:
+            os.write(fd, b"0")  # pid 0: the writing process itself
+        finally:
+            os.close(fd)
+
+
 def main() -> None:
     if sys.argv[1] == "--probe":
         _probe()
@@ -148,33 +170,85 @@ def main() -> None:
     prep = _read_prep(control_fd)
     if prep is None:
         os._exit(0)  # no job for us: the server shut down or died
+    flags = prep.get("unshare", 0)
+    assert isinstance(flags, int)
+    if not flags:
+        _in_place(prep, control_fd, status_fd)
+    # PID 1 of a new PID namespace (forked now, while idle) does the rest; this process, the
+    # server's child outside the namespace and the job's cgroup, only relays how the
+    # command ended, which PID 1 writes on `exit_w` as a 4-byte wait status.
+    exit_r, exit_w = os.pipe()
+    alive_r, alive_w = os.pipe()  # PID 1's way to see us alive (its getppid() is 0)
+    init = -1
+    try:
+        _unshare(CLONE_NEWPID)
+        init = os.fork()
+    except OSError as exc:
+        spec = _read_spec(control_fd)
+        del spec
+        _report(status_fd, "namespaces", "unshare", exc)
+    if init == 0:
+        os.close(exit_r)
+        os.close(alive_w)
+        _init(prep, flags & ~CLONE_NEWPID, control_fd, status_fd, exit_w, alive_r)
+    for fd in (exit_w, alive_r, control_fd, status_fd):
+        os.close(fd)
+    _quiet_stdio()  # the job's pipes reach EOF when the job's own processes are gone
+    data = b""
+    while chunk := os.read(exit_r, 4 - len(data)):
+        data += chunk
+        if len(data) == 4:
+            _end_like(int.from_bytes(data, "little"))
+    # PID 1 died without a word: killed (the cgroup kill, the OOM killer), and the whole
+    # namespace with it, the command too.
+    _end_like(_signal.SIGKILL)
+
+
+def _in_place(prep: dict[str, object], control_fd: int, status_fd: int) -> None:
+    """No namespaces on this host: join the leaves and exec the command in this process."""
+    bpf = _prepare({"seccomp": prep.get("seccomp")})
+    spec = _read_spec(control_fd)
+    try:
+        _join(spec)
+    except OSError as exc:
+        _report(status_fd, "cgroup", str(exc.filename), exc)
+    _child(spec, status_fd, None, bpf)
+
+
+def _init(
+    prep: dict[str, object],
+    flags: int,
+    control_fd: int,
+    status_fd: int,
+    exit_w: int,
+    alive_r: int,
+) -> None:
+    """PID 1 of the job's namespace: prepares them while idle; given the job, joins its
+    leaves, forks the command, reaps every orphan and reports the command's end."""
+    _prctl(PR_SET_PDEATHSIG, _signal.SIGKILL)
+    os.set_blocking(alive_r, False)
+    try:
+        os.read(alive_r, 1)
+        os._exit(0)  # EOF: the shim died before PR_SET_PDEATHSIG, so must we
+    except BlockingIOError:
+        os.close(alive_r)
+    name = ctypes.create_string_buffer(b"jobd-init")
+    _libc.prctl(PR_SET_NAME, ctypes.addressof(name), 0, 0, 0)
     failure: OSError | None = None
     bpf = None
     try:
-        bpf = _prepare(prep)
+        bpf = _prepare({**prep, "unshare": flags})
     except OSError as exc:
         failure = exc  # reported once there is a job to report it to
-    parts = []
-    while chunk := os.read(control_fd, 65536):
-        parts.append(chunk)
-    os.close(control_fd)
-    if not parts:
-        os._exit(0)
-    spec = marshal.loads(b"".join(parts))  # written by the server itself (_shimpool)
+    spec = _read_spec(control_fd)
     stage, what = "namespaces", "unshare"
     try:
         if failure is not None:
             raise failure
-        for procs in spec["procs"]:
-            stage, what = "cgroup", procs
-            fd = os.open(procs, os.O_WRONLY)
-            try:
-                os.write(fd, b"0")  # pid 0: the writing process itself
-            finally:
-                os.close(fd)
+        stage, what = "cgroup", "cgroup.procs"
+        _join(spec)
         sandbox = spec["sandbox"]
-        if sandbox is None:
-            _child(spec, status_fd, None, bpf)  # no namespaces: exec in place
+        assert isinstance(sandbox, dict)
         stage, what = "namespaces", "unshare"
         if sandbox["unshare"]:
             _unshare(sandbox["unshare"])
@@ -185,29 +259,27 @@ def main() -> None:
             what = "lo"
             _loopback_up()
         what = "fork"
-        # The reaper's way to see the shim alive after fork (getppid() is 0 across the
-        # namespace boundary): the shim holds the write end until it dies.
-        alive_r, alive_w = os.pipe()  # close-on-exec: the command never holds it
-        reaper = os.fork()
-        if reaper == 0:
-            os.close(alive_w)
-            _reap(alive_r, status_fd)
-        os.close(alive_r)
-        main_pid = os.fork()
-        if main_pid == 0:
+        command = os.fork()
+        if command == 0:
+            os.close(exit_w)
             _child(spec, status_fd, sandbox, bpf)
     except OSError as exc:
+        os.write(exit_w, (127 << 8).to_bytes(4, "little"))
         _report(status_fd, stage, what, exc)
-    # The main child has the status pipe (close-on-exec) now: its exec closes the last copy.
-    os.close(status_fd)
+    os.close(status_fd)  # the command's exec closes the last copy: the server's verdict
+    _quiet_stdio()
+    while True:  # orphans of the namespace are ours to reap; the command is the one
+        pid, status = os.waitpid(-1, 0)
+        if pid == command:
+            os.write(exit_w, status.to_bytes(4, "little"))
+            os._exit(0)  # the kernel now kills whatever is left in the namespace
+
+
+def _quiet_stdio() -> None:
     null = os.open("/dev/null", os.O_RDWR)
     for fd in (0, 1, 2):
-        os.dup2(null, fd)  # the job's pipes reach EOF when the job's processes are gone
+        os.dup2(null, fd)
     os.close(null)
-    _, status = os.waitpid(main_pid, 0)
-    os.kill(reaper, _signal.SIGKILL)
-    os.waitpid(reaper, 0)  # returns once the kernel has killed all of the namespace
-    _end_like(status)
 
 
 def _child(
@@ -252,33 +324,6 @@ def _report(status_fd: int, stage: str, what: str, exc: OSError) -> None:
     report = {"stage": stage, "what": what, "errno": exc.errno, "error": exc.strerror}
     os.write(status_fd, marshal.dumps(report))
     os._exit(127)
-
-
-def _reap(alive_fd: int, status_fd: int) -> None:
-    """PID 1 of the job's PID namespace: collect every orphan; die with the shim."""
-    try:
-        _prctl(PR_SET_PDEATHSIG, _signal.SIGKILL)
-        os.set_blocking(alive_fd, False)
-        try:
-            os.read(alive_fd, 1)
-            os._exit(0)  # EOF: the shim died before PR_SET_PDEATHSIG, so must we
-        except BlockingIOError:
-            os.close(alive_fd)
-        os.close(status_fd)
-        null = os.open("/dev/null", os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(null, fd)
-        os.close(null)
-        name = ctypes.create_string_buffer(b"jobd-init")
-        _libc.prctl(PR_SET_NAME, ctypes.addressof(name), 0, 0, 0)
-        _signal.pthread_sigmask(_signal.SIG_BLOCK, {_signal.SIGCHLD})
-        while True:
-            try:
-                os.wait()
-            except ChildProcessError:
-                _signal.sigwait({_signal.SIGCHLD})
-    finally:
-        os._exit(0)
 
 
 def _end_like(status: int) -> None:

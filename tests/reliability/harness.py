@@ -60,7 +60,11 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = 30.0) 
 
 def cgroup_dirs(cgroup_name: str) -> list[Path]:
     """Every directory of the tree `cgroup_name` in any hierarchy."""
-    return [p for p in Path("/sys/fs/cgroup").rglob(cgroup_name) if p.is_dir()]
+    while True:
+        try:
+            return [p for p in Path("/sys/fs/cgroup").rglob(cgroup_name) if p.is_dir()]
+        except FileNotFoundError:
+            continue  # another suite's cgroup went away under the walk: walk again
 
 
 def new_cgroup_name() -> str:

@@ -75,8 +75,8 @@ def test_daemons_group_changes_and_ignored_sigterm_all_die_on_stop(
     with channel(shared_server) as (_, alice):
         job = alice.Start(pb.StartRequest(command=["sh", "-c", NASTY]), timeout=TIMEOUT)
         _read_until(alice, job.id, b"ready")
-        # Six of its own, plus its shim and PID 1 (see jobd/engine/_shim.py).
-        wait_until(lambda: len(_job_pids(shared_server, job.id)) >= 8, "every process to start")
+        # Six of its own, plus its PID 1 (see jobd/engine/_shim.py).
+        wait_until(lambda: len(_job_pids(shared_server, job.id)) >= 7, "every process to start")
         pids = _job_pids(shared_server, job.id)
         sessions = {Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[3]
                     for p in pids}
@@ -136,7 +136,7 @@ def test_fork_bomb_is_held_by_the_pids_limit(shared_server: ServerProcess) -> No
         leaf = next(Path("/sys/fs/cgroup/pids").glob(f"{shared_server.cgroup_name}/jobs/{job.id}"))
         wait_until(lambda: int((leaf / "pids.events").read_text().split()[1]) > 0,
                    "the bomb to hit the limit")
-        assert int((leaf / "pids.current").read_text()) <= 64 + 2  # + its shim and PID 1
+        assert int((leaf / "pids.current").read_text()) <= 64 + 1  # + its PID 1
         # The server answers while the bomb runs.
         assert admin.List(pb.ListRequest(), timeout=TIMEOUT) is not None
         pids = _job_pids(shared_server, job.id)
