@@ -986,7 +986,10 @@ async def _open_sandbox(config: EngineConfig, tree: CgroupTree | None) -> _sandb
     settings = _sandbox.SandboxSettings(
         tmp_size=config.tmp_size, allow_user_namespaces=config.allow_user_namespaces
     )
-    sandbox = await _sandbox.probe_sandbox(settings, tree.layout if tree else None)
+    jobs_dirs = [tree.unified_jobs, *tree.v1_jobs.values()] if tree else []
+    sandbox = await _sandbox.probe_sandbox(
+        settings, tree.layout if tree else None, [str(d) for d in jobs_dirs if d]
+    )
     log.info("isolation: %s", sandbox.describe())
     if not sandbox.namespaces and config.default_network is Network.NONE:
         raise JobdError(

@@ -3,7 +3,7 @@ filter that refuses new user namespaces; and, once at start-up, what this host a
 probe, never a guess). Imports only the standard library and trio; the shim (`_shim.py`)
 carries the plan out, this module only builds it.
 
-    sandbox = await probe_sandbox(SandboxSettings(...), layout)
+    sandbox = await probe_sandbox(SandboxSettings(...), layout, cgroup_dirs)
     log.info("isolation: %s", sandbox.describe())
     pool_message = sandbox.prep           # done by every idle shim, before any job is known
     plan = sandbox.job_plan(Network.NONE)  # in the job's spec; None: no namespaces here
@@ -16,6 +16,7 @@ import marshal
 import os
 import struct
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import trio
@@ -160,10 +161,14 @@ def _mounts(mountinfo: str) -> list[tuple[str, str, str]]:
     return out
 
 
-def plan_prep(settings: SandboxSettings, mountinfo: str) -> dict[str, object]:
-    """What every idle shim does before any job is known: new mount, IPC and PID namespaces
-    (the PID one takes effect for its children), host mounts still propagating in but none
-    of ours out (slave), an empty tmpfs on each world-writable dir and a fresh mqueue."""
+def plan_prep(
+    settings: SandboxSettings, mountinfo: str, cgroup_dirs: Sequence[str] = ()
+) -> dict[str, object]:
+    """What every idle shim does before any job is known: new mount, IPC and PID namespaces,
+    host mounts still propagating in but none of ours out (slave), an empty tmpfs on each
+    world-writable dir, a fresh mqueue, and an empty read-only tmpfs over every cgroupfs
+    mount. `cgroup_dirs` (jobd's `jobs` dir in each hierarchy) are opened before that, so
+    the shim can still join a job's leaves under them."""
     tmpfs = "mode=1777" + (f",size={settings.tmp_size}" if settings.tmp_size else "")
     mounts: list[tuple[str, str, str, int, str]] = [("none", "/", "", MS_REC | MS_SLAVE, "")]
     mounts += [("jobd", d, "tmpfs", MS_NOSUID | MS_NODEV, tmpfs) for d in _existing_private_dirs()]
@@ -172,8 +177,13 @@ def plan_prep(settings: SandboxSettings, mountinfo: str) -> dict[str, object]:
         for point, fstype, _ in _mounts(mountinfo)
         if fstype == "mqueue"
     ]
+    # Also a tmpfs between a cgroupfs mount and a fresh mount of the same hierarchy later:
+    # the kernel refuses one stacked right on itself (EBUSY).
+    covers = {p: p for p, fstype, _ in _mounts(mountinfo) if fstype in ("cgroup", "cgroup2")}
+    mounts += [("jobd", p, "tmpfs", _RO, "size=4k,mode=555") for p in covers]
     return {
         "unshare": CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWPID,
+        "cgroup_dirs": list(cgroup_dirs),
         "mounts": mounts,
         "seccomp": None if settings.allow_user_namespaces else seccomp_filter(),
     }
@@ -182,17 +192,17 @@ def plan_prep(settings: SandboxSettings, mountinfo: str) -> dict[str, object]:
 def plan_cgroup_mounts(
     mountinfo: str, layout: Layout | None, *, cgroupns: bool
 ) -> list[tuple[str, str, str, int, str]]:
-    """Over every cgroupfs mount: in the job's cgroup namespace a fresh read-only mount of the
-    same hierarchy (its root is then the job's own leaf) where the job has a leaf; an empty
-    read-only tmpfs everywhere else, so no other job's leaf can be seen."""
+    """Over every cgroupfs mount (covered while idle, `plan_prep`): in the job's cgroup
+    namespace a fresh read-only mount of the same hierarchy (its root is then the job's own
+    leaf) where the job has a leaf; elsewhere the empty cover stays, so no other job's leaf
+    can be seen."""
     used_v1 = set(layout.v1) if layout and layout.mode is Mode.HYBRID and cgroupns else set()
     unified = bool(layout and layout.mode is not Mode.NONE and cgroupns)
     plan: dict[str, list[tuple[str, str, str, int, str]]] = {}
     for point, fstype, super_opts in _mounts(mountinfo):
         if fstype not in ("cgroup", "cgroup2"):
             continue
-        # The kernel refuses a hierarchy stacked right on itself (EBUSY): a tmpfs between.
-        plan[point] = [("jobd", point, "tmpfs", _RO, "size=4k,mode=555")]
+        plan[point] = []
         opts = [o for o in super_opts.split(",") if o not in ("rw", "ro")]
         if fstype == "cgroup2" and unified:
             plan[point].append(("cgroup2", point, "cgroup2", _RO, ""))
@@ -261,10 +271,12 @@ def seccomp_filter(machine: str | None = None) -> bytes | None:
 # ----------------------------------------------------------------- probe
 
 
-async def probe_sandbox(settings: SandboxSettings, layout: Layout | None) -> Sandbox:
+async def probe_sandbox(
+    settings: SandboxSettings, layout: Layout | None, cgroup_dirs: list[str]
+) -> Sandbox:
     """Try, in a throw-away shim, each piece this host may refuse; build what works."""
     mountinfo = await trio.Path("/proc/self/mountinfo").read_text()
-    prep = plan_prep(settings, mountinfo)
+    prep = plan_prep(settings, mountinfo, cgroup_dirs)
     problems: list[str] = []
     if os.geteuid() != 0:
         result = {"namespaces": 1, "cgroupns": 1, "netns": 1}

@@ -124,13 +124,15 @@ def _read_prep(fd: int) -> dict[str, object] | None:
     return prep
 
 
-def _prepare(prep: dict[str, object]) -> ctypes.Array[ctypes.c_char] | None:
-    """What no job decides, done while idle: unshare, mounts; returns the built seccomp
-    filter (kept alive until it is installed)."""
+def _prepare(prep: dict[str, object], dirs: dict[str, int]) -> ctypes.Array[ctypes.c_char] | None:
+    """What no job decides, done while idle: unshare, open jobd's cgroup dirs (into `dirs`),
+    mounts; returns the built seccomp filter (kept alive until it is installed)."""
     flags = prep.get("unshare", 0)
     assert isinstance(flags, int)
     if flags:
         _unshare(flags)
+    for path in prep.get("cgroup_dirs", ()):  # type: ignore[attr-defined]
+        dirs[path] = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     for source, target, fstype, mflags, data in prep.get("mounts", ()):  # type: ignore[attr-defined]
         _mount(source, target, fstype, mflags, data)
     bpf = prep.get("seccomp")
@@ -151,9 +153,15 @@ def _read_spec(control_fd: int) -> dict[str, object]:
     return spec
 
 
-def _join(spec: dict[str, object]) -> None:
+def _join(spec: dict[str, object], dirs: dict[str, int]) -> None:
+    """Into every leaf of the job: through the directories opened before cgroupfs was
+    covered, where a leaf is under one of them."""
     for procs in spec["procs"]:  # type: ignore[attr-defined]
-        fd = os.open(procs, os.O_WRONLY)
+        parent = next((d for d in dirs if procs.startswith(d + "/")), None)
+        if parent is None:
+            fd = os.open(procs, os.O_WRONLY)
+        else:
+            fd = os.open(procs[len(parent) + 1:], os.O_WRONLY, dir_fd=dirs[parent])
         try:
             os.write(fd, b"0")  # pid 0: the writing process itself
         finally:
@@ -206,10 +214,10 @@ def main() -> None:
 
 def _in_place(prep: dict[str, object], control_fd: int, status_fd: int) -> None:
     """No namespaces on this host: join the leaves and exec the command in this process."""
-    bpf = _prepare({"seccomp": prep.get("seccomp")})
+    bpf = _prepare({"seccomp": prep.get("seccomp")}, {})
     spec = _read_spec(control_fd)
     try:
-        _join(spec)
+        _join(spec, {})
     except OSError as exc:
         _report(status_fd, "cgroup", str(exc.filename), exc)
     _child(spec, status_fd, None, bpf)
@@ -236,8 +244,9 @@ def _init(
     _libc.prctl(PR_SET_NAME, ctypes.addressof(name), 0, 0, 0)
     failure: OSError | None = None
     bpf = None
+    dirs: dict[str, int] = {}
     try:
-        bpf = _prepare({**prep, "unshare": flags})
+        bpf = _prepare({**prep, "unshare": flags}, dirs)
     except OSError as exc:
         failure = exc  # reported once there is a job to report it to
     spec = _read_spec(control_fd)
@@ -246,7 +255,7 @@ def _init(
         if failure is not None:
             raise failure
         stage, what = "cgroup", "cgroup.procs"
-        _join(spec)
+        _join(spec, dirs)
         sandbox = spec["sandbox"]
         assert isinstance(sandbox, dict)
         stage, what = "namespaces", "unshare"
@@ -365,7 +374,7 @@ def _probe() -> None:
         code = 0
         try:
             if name == "namespaces":
-                _prepare({**prep, "seccomp": None})
+                _prepare({**prep, "seccomp": None}, {})
             elif name == "cgroupns":
                 _unshare(0x02000000)
             elif name == "netns":
