@@ -303,14 +303,16 @@ async def test_stopped_by_sigterm_says_so(engine: JobManager) -> None:
     assert (final.state, final.reason, final.signal) == (State.STOPPED, EndReason.STOP, 15)
 
 
-async def test_kill_after_grace(engine: JobManager, autojump_clock: trio.abc.Clock) -> None:
-    """A job that ignores SIGTERM is SIGKILLed once the grace period has passed (only time
-    is waited on here: the job ignores the signal, nothing races the clock)."""
+async def test_kill_after_grace(engine: JobManager) -> None:
+    """A job that ignores SIGTERM is SIGKILLed once the grace period has passed. On the real
+    clock: after the kill the engine waits for the kernel to empty the cgroup (a PID 1 and
+    its namespace take a moment under load), which an autojump clock turned into a 30 s
+    cleanup timeout. The lower bound holds at any speed: the job ignores the SIGTERM."""
     job = await engine.start("alice", ["sh", "-c", "trap '' TERM; echo ready; sleep 1000"])
     await wait_for_output(engine, job.id, b"ready")
     before = trio.current_time()
-    final = await engine.stop(job.id, grace=30)
-    assert trio.current_time() - before >= 30
+    final = await engine.stop(job.id, grace=0.5)
+    assert trio.current_time() - before >= 0.5
     assert final.state is State.STOPPED and final.signal == signal.SIGKILL
 
 
