@@ -88,9 +88,9 @@ class Sandbox:
         than fail the job's chdir."""
         if not self.namespaces:
             return
-        real = os.path.realpath(cwd)
+        path = os.path.normpath(cwd)  # not resolved as root: that would probe the host (issue 9)
         for private in _existing_private_dirs():
-            if real.startswith(private.rstrip("/") + "/"):
+            if path.startswith(private.rstrip("/") + "/"):
                 raise InvalidArgument(
                     f"working_dir {cwd!r} is inside {private}, which each job has private "
                     "and empty: use a directory outside /tmp, /var/tmp, /dev/shm and /run/lock"

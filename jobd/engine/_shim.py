@@ -42,6 +42,7 @@ import ctypes
 import errno
 import marshal
 import os
+import resource
 import sys
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -312,6 +313,14 @@ def _child(
             os.setgroups([gid])
             os.setgid(gid)
             os.setuid(uid)
+        nofile = spec.get("nofile")
+        if nofile:
+            # The job's soft limit on open files: it inherited the server's, raised to the hard
+            # limit. The hard limit is left alone, so a job that needs more may raise its own.
+            assert isinstance(nofile, int)
+            stage, what = "rlimit", "RLIMIT_NOFILE"
+            _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(nofile, hard), hard))
         cwd = spec["cwd"]
         assert isinstance(cwd, str)
         stage, what = "chdir", cwd
