@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import asyncclick as click
 
-from jobd.engine import EngineConfig, JobdError, Limits
+from jobd.engine import EngineConfig, JobdError, Limits, Network
 from jobd.engine._manager import JOB_UID_FIRST, JOB_UID_LAST
 from jobd.server import ServerConfig, TransportLimits, run_server
 from jobd.server._audit import configure_logging
@@ -147,6 +147,16 @@ def _opt(name: str, env: str, **kw: Any) -> Callable[[F], F]:
       default=f"{TRANSPORT.handshake_timeout:g}s", help="Time a client has to complete TLS.")
 @_opt("--stop-grace", "JOBD_STOP_GRACE", type=DURATION, default="5s",
       help="Time between SIGTERM and SIGKILL when a stop names none.")
+@_opt("--default-network", "JOBD_DEFAULT_NETWORK", default="host",
+      type=click.Choice(["host", "none"]),
+      help="Network of a job that asks for none: the host's, or its own with loopback only.")
+@_opt("--deny-host-network", "JOBD_DENY_HOST_NETWORK", is_flag=True,
+      help="Refuse jobs the host's network (needs --default-network none).")
+@_opt("--tmp-size", "JOBD_TMP_SIZE", type=SIZE, default="0",
+      help="Size of each job's private /tmp, /var/tmp, /dev/shm (0: bounded by the job's "
+      "memory limit, which their pages are charged to).")
+@_opt("--allow-user-namespaces", "JOBD_ALLOW_USER_NAMESPACES", is_flag=True,
+      help="Let jobs create user namespaces (refused by a seccomp filter by default).")
 @_opt("--keep-finished", "JOBD_KEEP_FINISHED", type=DURATION, default="7d",
       help="How long an ended job's record and output are kept (0: until removed).")
 @_opt("--uid-registry", "JOBD_UID_REGISTRY", type=click.Path(file_okay=False, path_type=Path),
@@ -193,6 +203,10 @@ async def serve(
     max_handshakes: int,
     handshake_timeout: float,
     stop_grace: float,
+    default_network: str,
+    deny_host_network: bool,
+    tmp_size: int,
+    allow_user_namespaces: bool,
     keep_finished: float,
     uid_registry: Path,
     max_job_output: int,
@@ -235,6 +249,10 @@ async def serve(
             job_nofile=job_nofile,
             stop_grace=stop_grace,
             io_devices=io_device or None,
+            default_network=Network.NONE if default_network == "none" else Network.HOST,
+            deny_host_network=deny_host_network,
+            tmp_size=tmp_size,
+            allow_user_namespaces=allow_user_namespaces,
             keep_finished=keep_finished,
             uid_registry=uid_registry,
             max_job_output=max_job_output,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -68,8 +69,10 @@ def job_processes(names: set[str]) -> list[str]:
             continue
         try:
             groups = (entry / "cgroup").read_text()
-            zombie = (entry / "stat").read_text().rsplit(")", 1)[-1].split()[0] == "Z"
-            # A killed orphan stays a zombie until init reaps it: dead, so not left running.
+            stat = (entry / "stat").read_text().rsplit(")", 1)[-1].split()
+            # A killed orphan stays a zombie until init reaps it, and a job's PID 1 stays in
+            # exit() until its namespace is released: dead, so not left running.
+            zombie = stat[0] == "Z" or bool(int(stat[6]) & 0x4)  # PF_EXITING
             ours = any(f"/{name}/" in groups for name in names)
             if ours and not zombie:
                 cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -105,6 +108,18 @@ def unique_uid_range(width: int = 1000) -> tuple[int, int]:
     """A job uid range of this test's own: parallel suites on one host never share a uid."""
     first = 2_000_000 + secrets.randbelow(2_000_000_000 // width) * width
     return first, first + width - 1
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory both the test and its jobs see: /tmp, /var/tmp and /dev/shm are private
+    to each job, so a test that signals a job through a file puts it here."""
+    path = Path("/run") / f"{TEST_CGROUP_PREFIX}{uuid.uuid4().hex[:12]}"
+    path.mkdir(mode=0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path)
 
 
 @pytest.fixture

@@ -154,13 +154,18 @@ def env_without_jobd() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("JOBD_")}
 
 
+PF_EXITING = 0x4
+
+
 def alive(pid: int) -> bool:
-    """Running (a zombie is dead for our purposes: only its parent's reaping is missing)."""
+    """Running. A zombie is dead for our purposes (only its parent's reaping is missing), and
+    so is a process inside exit(): a killed job's PID 1 stays there, past its cgroup, until
+    the kernel has released the rest of its namespace (PF_EXITING, /proc/PID/stat field 9)."""
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (FileNotFoundError, IndexError):
         return False
-    return state != "Z"
+    return fields[0] != "Z" and not int(fields[6]) & PF_EXITING
 
 
 def pids_in(cgroup_name: str) -> list[int]:
@@ -196,3 +201,41 @@ def tcp_sockets(pid: int | str = "self") -> list[list[str]]:
             rows += [fields for line in lines if (fields := line.split())[9] in inodes]
     return rows
 
+
+
+def host_pids(job_id: str) -> dict[int, int]:
+    """The job's processes, as {pid inside the job's PID namespace: pid on the host} (a job
+    sees, and prints, only the former)."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if f"/jobs/{job_id}" not in (entry / "cgroup").read_text():
+                    continue
+                status = (entry / "status").read_text()
+            except OSError:
+                continue
+            ns_pids = next(line for line in status.splitlines() if line.startswith("NSpid:"))
+            levels = ns_pids.split()[1:]
+            if len(levels) > 1:  # the job's shim itself lives outside the namespace
+                out[int(levels[-1])] = int(entry.name)
+    return out
+
+
+def host_pid(job_id: str, ns_pid: int) -> int:
+    return host_pids(job_id)[ns_pid]
+
+
+def in_namespace(ns: str) -> list[int]:
+    """Host pids of the live processes in the namespace a job named by printing
+    `readlink /proc/self/ns/pid` (e.g. "pid:[4026532301]")."""
+    kind = ns.split(":", 1)[0]
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.readlink(entry / "ns" / kind) == ns and alive(int(entry.name)):
+                    out.append(int(entry.name))
+            except OSError:
+                pass
+    return out

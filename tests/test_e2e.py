@@ -90,8 +90,8 @@ async def test_status_json_and_oom_word(server: Server) -> None:
     assert int(data["limits"]["memory_bytes"]) == 32 * 2**20
 
 
-async def test_follow_is_live_and_ends_with_the_job(server: Server, tmp_path: Path) -> None:
-    trigger = Path("/tmp") / f"jobd-e2e-{uuid.uuid4().hex}"
+async def test_follow_is_live_and_ends_with_the_job(server: Server, shared_dir: Path) -> None:
+    trigger = shared_dir / "trigger"
     job = await server.start_job(
         "sh", "-c", f"echo first; while [ ! -e {trigger} ]; do sleep 0.02; done; echo second"
     )

@@ -34,7 +34,7 @@ from pathlib import Path
 import trio
 from trio_util import AsyncValue
 
-from . import _shimpool
+from . import _sandbox, _shimpool
 from ._cgroup import CgroupTree, JobCgroup, Layout, Mode, ProcessGroup, block_device_of
 from ._cgroup import detect_layout as _detect_layout
 from ._errors import (
@@ -125,6 +125,10 @@ class EngineConfig:
     max_job_output: int = 1024 * MiB
     max_data: int | None = None
     layout: Layout | None = None  # None: detect from /proc (tests may pass a fake)
+    default_network: Network = Network.HOST  # for a Start that names none
+    deny_host_network: bool = False  # a Start asking for the host's network is refused
+    tmp_size: int = 0  # bytes per private /tmp, /var/tmp, /dev/shm; 0: the memory limit bounds it
+    allow_user_namespaces: bool = False  # else a seccomp filter refuses CLONE_NEWUSER
     # An ended job's record and output are removed this many seconds after it ended (0: kept
     # until removed).
     keep_finished: float = 7 * 86400.0
@@ -147,6 +151,15 @@ class EngineConfig:
                 )
         if not math.isfinite(self.stop_grace) or self.stop_grace < 0:
             raise JobdError(f"the stop grace must be >= 0 seconds, not {self.stop_grace}")
+        if self.default_network not in (Network.HOST, Network.NONE):
+            raise JobdError("the default network must be host or none")
+        if self.deny_host_network and self.default_network is Network.HOST:
+            raise JobdError(
+                "--deny-host-network refuses the host network, so the default cannot be host: "
+                "pass --default-network none too"
+            )
+        if self.tmp_size < 0:
+            raise JobdError(f"the tmp size must be >= 0 bytes, not {self.tmp_size}")
         if not math.isfinite(self.keep_finished) or self.keep_finished < 0:
             raise JobdError(
                 f"--keep-finished must be >= 0 seconds (0: forever), not {self.keep_finished}"
@@ -253,6 +266,7 @@ class JobManager:
         self._closing = False
         self._nursery: trio.Nursery | None = None
         self._shims: _shimpool.ShimPool | None = None  # set while the manager is open
+        self._sandbox: _sandbox.Sandbox | None = None  # set while the manager is open
         output_dir = config.data_dir / "output"
         max_data = config.max_data
         self._output = OutputSpace(
@@ -442,6 +456,8 @@ class JobManager:
         # Whether it exists is checked by the shim's chdir, as the job's uid: checked here as
         # root, "Permission denied" vs "does not exist" told anyone what root-only
         # directories hold (issue 9).
+        if self._sandbox is not None:
+            self._sandbox.check_working_dir(cwd)
         run_as = self._run_as
         full_env = {
             "PATH": DEFAULT_PATH,
@@ -464,7 +480,7 @@ class JobManager:
         name: str = "",
         labels: Mapping[str, str] | None = None,
         timeout: float = 0.0,  # noqa: ASYNC109  (the job's run time, not this call's)
-        network: Network = Network.UNSPECIFIED,
+        network: int = Network.UNSPECIFIED,  # a Network; any other number is refused
     ) -> JobInfo:
         """Start a job; returns once the command is executing and its record committed (or
         raises, creating nothing)."""
@@ -481,7 +497,7 @@ class JobManager:
             name=validate_name(name),
             labels=validate_labels(labels or {}),
             timeout=validate_timeout(timeout),
-            network=network,
+            network=self._network(network),
             limits=self.effective_limits(limits),
             uid=self._uid_for(owner),
         )
@@ -506,6 +522,23 @@ class JobManager:
             self._starting.discard(record.id)
         return job.start
 
+    def _network(self, requested: int) -> Network:
+        """The network a Start gets: what it asked for, or the server's default."""
+        if requested not in tuple(Network):
+            raise InvalidArgument(f"unknown network {int(requested)}: use HOST or NONE")
+        network = Network(requested) or self._config.default_network
+        if network is Network.HOST and self._config.deny_host_network:
+            raise InvalidArgument(
+                "this server refuses the host network to jobs (--deny-host-network): ask for "
+                "NETWORK_NONE or leave the network unset"
+            )
+        if network is Network.NONE and not (self._sandbox and self._sandbox.network_none):
+            raise FailedPrecondition(
+                "this host cannot give a job a network of its own (no network namespaces; "
+                "the server log says why at start-up): ask for NETWORK_HOST"
+            )
+        return network
+
     def _check_name(self, record: JobInfo) -> None:
         if record.name and self._records.named(record.owner, record.name) is not None:
             raise AlreadyExists(
@@ -525,7 +558,7 @@ class JobManager:
             self._tree.leaf(record.id) if self._tree else ProcessGroup(record.id)
         )
         try:
-            cgroup.create(record.limits)
+            cgroup.create(self._leaf_limits(record.limits))
         except CgroupError as exc:
             # The kernel refused a value (e.g. a limit it cannot apply on this host).
             raise InvalidArgument(f"cannot apply limits {record.limits}: {exc}") from exc
@@ -537,7 +570,8 @@ class JobManager:
             try:
                 output = self._output.create(record.id)  # ResourceExhausted when it cannot
                 proc = await self._spawn(
-                    record.command, full_env, record.working_dir, cgroup, record.uid
+                    record.command, full_env, record.working_dir, cgroup, record.uid,
+                    record.network,
                 )
             except OSError as exc:
                 raise exhausted("start the job", exc) from exc
@@ -553,6 +587,13 @@ class JobManager:
         self._nursery.start_soon(self._supervise, job, name=f"job {record.id}")
         return job
 
+    def _leaf_limits(self, limits: Limits) -> Limits:
+        """The leaf's own limits: a sandboxed job's PID 1 is a process of its leaf that is
+        not the job's own, so its pids limit counts it on top."""
+        if limits.pids and self._sandbox is not None and self._sandbox.namespaces:
+            return dataclasses.replace(limits, pids=limits.pids + _sandbox.HELPER_PROCESSES)
+        return limits
+
     async def _spawn(
         self,
         argv: tuple[str, ...],
@@ -560,7 +601,10 @@ class JobManager:
         cwd: str,
         cgroup: JobCgroup | ProcessGroup,
         uid: int | None,
+        network: Network,
     ) -> trio.Process:
+        """The job's main process, running the command in its leaves and namespaces (see
+        `_shim.py`: with namespaces it is the shim, which ends exactly as the command did)."""
         run_as = self._run_as
         spec = {
             "procs": cgroup.procs_files,
@@ -569,10 +613,15 @@ class JobManager:
             "cwd": cwd,
             "argv": list(argv),
             "env": env,
+            "sandbox": self._sandbox.job_plan(network) if self._sandbox else None,
             "nofile": self._config.job_nofile,
         }
         # A pre-started shim (its interpreter has already booted), or a new one.
-        shim = await (self._shims.take() if self._shims else _shimpool.spawn_shim())
+        shim = await (
+            self._shims.take()
+            if self._shims
+            else _shimpool.spawn_shim(self._sandbox.prep if self._sandbox else None)
+        )
         proc = shim.proc
         if isinstance(cgroup, ProcessGroup):
             cgroup.pgid = proc.pid
@@ -895,6 +944,7 @@ async def open_job_manager(config: EngineConfig) -> AsyncIterator[JobManager]:
             raise JobdError(str(exc)) from exc
         stack.push_async_callback(records.aclose)
         manager = JobManager(config, tree, run_as, records)
+        manager._sandbox = await _open_sandbox(config, tree)
         stack.callback(manager._output.close)  # every descriptor released; the files stay
         _prune_output(manager._output, kept={job.id for job in records})
         for job in records:
@@ -909,7 +959,7 @@ async def open_job_manager(config: EngineConfig) -> AsyncIterator[JobManager]:
                 async with trio.open_nursery() as nursery:
                     manager._nursery = nursery
                     await nursery.start(manager._output.run)
-                    manager._shims = _shimpool.ShimPool()
+                    manager._shims = _shimpool.ShimPool(manager._sandbox.prep)
                     await nursery.start(manager._shims.run)
                     try:
                         yield manager
@@ -920,6 +970,29 @@ async def open_job_manager(config: EngineConfig) -> AsyncIterator[JobManager]:
                         nursery.cancel_scope.cancel()
             finally:
                 upkeep.cancel_scope.cancel()
+
+
+async def _open_sandbox(config: EngineConfig, tree: CgroupTree | None) -> _sandbox.Sandbox:
+    """Find what isolation this host allows and say it: never pretend."""
+    settings = _sandbox.SandboxSettings(
+        tmp_size=config.tmp_size, allow_user_namespaces=config.allow_user_namespaces
+    )
+    jobs_dirs = [tree.unified_jobs, *tree.v1_jobs.values()] if tree else []
+    sandbox = await _sandbox.probe_sandbox(
+        settings, tree.layout if tree else None, [str(d) for d in jobs_dirs if d]
+    )
+    log.info("isolation: %s", sandbox.describe())
+    if not sandbox.namespaces and config.default_network is Network.NONE:
+        raise JobdError(
+            "--default-network none needs network namespaces, which this host refuses: "
+            f"{sandbox.describe()}"
+        )
+    if tree is None and sandbox.namespaces and not config.tmp_size:
+        log.warning(
+            "without cgroups nothing bounds a job's /tmp, /var/tmp and /dev/shm but "
+            "--tmp-size (unset: half the host's memory each)"
+        )
+    return sandbox
 
 
 def _open_tree(config: EngineConfig) -> CgroupTree | None:

@@ -1,73 +1,359 @@
-"""The exec shim: joins the job's cgroup leaves, drops privileges, changes directory and execs
-the command. Run as `python -I -S _shim.py CONTROL_FD STATUS_FD`; imports only the standard
-library. It waits (possibly long: the server keeps a pool of them, `_shimpool.py`) for its
-spec, one marshalled dict {procs, uid, gid, cwd, argv, env}, read to EOF from CONTROL_FD; an
-empty read means the server has gone or shut down, and it exits.
+"""The exec shim: puts a job into its cgroup leaves and namespaces, drops privileges, changes
+directory and execs the command. Run as `python -I -S _shim.py CONTROL_FD STATUS_FD`; imports
+only the standard library. It reads two marshalled messages from CONTROL_FD: at once its
+*preparation* (length-prefixed: the namespaces and mounts no job decides, `_sandbox.py`), then,
+possibly much later (the server keeps a pool of shims, `_shimpool.py`), its job's spec, read
+to EOF: {procs, uid, gid, cwd, argv, env, sandbox}. An empty read means the server has gone
+or shut down, and it exits.
 
 Why a shim and not `preexec_fn`: CPython runs `preexec_fn` *after* the `user=` drop, so the
 root-owned `cgroup.procs` can no longer be written, and `preexec_fn` is unsafe in a process
-with threads. This program is single-threaded, never forks (the job's pid is the command's
-pid), and is already inside the leaves when `execvp` runs, so the command and everything it
-forks start inside them. Failure is reported as one marshalled dict on the status fd
-(close-on-exec, so a successful exec leaves the parent reading a bare EOF).
+with threads. This program is single-threaded and is already inside the leaves before it
+forks or execs anything, so everything of the job starts inside them.
+
+Without namespaces it execs the command itself (the job's pid is the command's pid). With
+them (theory of operation):
+- while idle it unshares a PID namespace and forks its PID 1, which unshares a mount and
+  IPC namespace and mounts the job's private tmpfs on /tmp, /var/tmp, /dev/shm, /run/lock
+  (no job chose anything yet: nothing of it runs), then waits for the spec;
+- given the job, PID 1 joins the leaves, unshares a cgroup namespace (its root is the leaf
+  just joined) and, for NETWORK_NONE, a network namespace with loopback up, mounts the
+  job's own view of cgroupfs and forks the command (pid 2), which mounts a /proc of its
+  namespace, drops privileges, sets no_new_privs and the seccomp filter, and execs;
+- PID 1 reaps every orphan of the namespace; when the command ends it writes the command's
+  wait status to the shim and exits, and the kernel kills whatever is left in the namespace;
+- the shim (the server's child, outside the namespace and outside the job's cgroup) ends
+  exactly as the command did: the same exit code, or the same signal raised on itself; if
+  PID 1 dies without a word (the cgroup kill, the OOM killer) it dies of SIGKILL. So the
+  server sees the command's own wait status (SIGKILL stays signal 9, never "exit 137").
+  PID 1 dies with the shim (PR_SET_PDEATHSIG), so killing the shim kills the job.
+The shim ignores SIGTERM, SIGINT and SIGHUP (without cgroups a Stop signals the process
+group, the shim included: the command decides, the shim follows it).
+
+Failure is reported as one marshalled dict on the status fd (close-on-exec, so a successful
+exec leaves the parent reading a bare EOF).
 """
 
-# Imports are the job's start latency: each costs the interpreter's boot time. marshal,
-# errno and _signal are built in (no json: it pulls in re; no `signal`: it pulls in enum). An
-# import after the privilege drop might not even be readable.
+# Imports are the job's start latency when the pool is empty: each costs the interpreter's
+# boot time (ctypes ~7 ms, paid while the shim idles in the pool). marshal, errno and _signal
+# are built in (no json: it pulls in re; no `signal`: it pulls in enum).
 import _signal  # type: ignore[import-not-found]
+import ctypes
 import errno
 import marshal
 import os
 import resource
 import sys
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                        ctypes.c_char_p)
+_libc.prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                        ctypes.c_ulong)
+_libc.ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_char_p)
 
-def main() -> None:
-    control_fd, status_fd = int(sys.argv[1]), int(sys.argv[2])
-    os.set_inheritable(status_fd, False)
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NAME = 1, 4, 15
+PR_SET_SECCOMP, PR_SET_NO_NEW_PRIVS, SECCOMP_MODE_FILTER = 22, 38, 2
+CLONE_NEWPID = 0x20000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+SIOCSIFFLAGS, IFF_UP = 0x8914, 1
+# Dispositions the shim changes for itself, and the command must get back as defaults. The
+# Python runtime ignores SIGPIPE and SIGXFSZ; ignored dispositions survive exec.
+_IGNORED = (_signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP)
+_RESET = (_signal.SIGPIPE, _signal.SIGXFSZ, *_IGNORED)
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.c_void_p))
+
+
+def _check(ret: int, what: str) -> None:
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), what)
+
+
+def _mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
+    _check(
+        _libc.mount(source.encode(), target.encode(), fstype.encode() if fstype else None,
+                    flags, data.encode() if data else None),
+        target,
+    )
+
+
+def _unshare(flags: int) -> None:
+    _check(_libc.unshare(flags), "unshare")
+
+
+def _prctl(option: int, arg2: int = 0, arg3: int = 0) -> None:
+    _check(_libc.prctl(option, arg2, arg3, 0, 0), "prctl")
+
+
+def _install_seccomp(bpf: ctypes.Array[ctypes.c_char]) -> None:
+    prog = _SockFprog(len(bpf) // 8, ctypes.addressof(bpf))
+    _prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(prog))
+
+
+def _loopback_up() -> None:
+    """`ip link set lo up` in a new network namespace: SIOCSIFFLAGS on an AF_INET socket."""
+    sock = _libc.socket(2, 2 | 0o2000000, 0)  # AF_INET, SOCK_DGRAM | SOCK_CLOEXEC
+    _check(0 if sock >= 0 else -1, "socket")
+    try:
+        # struct ifreq (40 bytes): the name, then the flags.
+        ifreq = (b"lo".ljust(16, b"\0") + IFF_UP.to_bytes(2, "little")).ljust(40, b"\0")
+        ifreq_buf = ctypes.create_string_buffer(ifreq, 40)
+        _check(_libc.ioctl(sock, SIOCSIFFLAGS, ifreq_buf), "lo")
+    finally:
+        os.close(sock)
+
+
+def _read_prep(fd: int) -> dict[str, object] | None:
+    """The length-prefixed preparation message, or None at EOF (no server)."""
+    head = b""
+    while len(head) < 4:
+        chunk = os.read(fd, 4 - len(head))
+        if not chunk:
+            return None
+        head += chunk
+    size, body = int.from_bytes(head, "little"), b""
+    while len(body) < size:
+        chunk = os.read(fd, size - len(body))
+        if not chunk:
+            return None
+        body += chunk
+    prep: dict[str, object] = marshal.loads(body)
+    return prep
+
+
+def _prepare(prep: dict[str, object], dirs: dict[str, int]) -> ctypes.Array[ctypes.c_char] | None:
+    """What no job decides, done while idle: unshare, open jobd's cgroup dirs (into `dirs`),
+    mounts; returns the built seccomp filter (kept alive until it is installed)."""
+    flags = prep.get("unshare", 0)
+    assert isinstance(flags, int)
+    if flags:
+        _unshare(flags)
+    for path in prep.get("cgroup_dirs", ()):  # type: ignore[attr-defined]
+        dirs[path] = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    for source, target, fstype, mflags, data in prep.get("mounts", ()):  # type: ignore[attr-defined]
+        _mount(source, target, fstype, mflags, data)
+    bpf = prep.get("seccomp")
+    if isinstance(bpf, bytes) and bpf:
+        return ctypes.create_string_buffer(bpf, len(bpf))
+    return None
+
+
+def _read_spec(control_fd: int) -> dict[str, object]:
+    """The job's spec, read to EOF; an empty read (the server shut down or died) exits."""
     parts = []
     while chunk := os.read(control_fd, 65536):
         parts.append(chunk)
     os.close(control_fd)
     if not parts:
-        os._exit(0)  # no job for us: the server shut down or died
-    spec = marshal.loads(b"".join(parts))  # written by the server itself (_shimpool)
-    argv, env = spec["argv"], spec["env"]
-    stage = "cgroup"
-    what = ""
-    try:
-        for procs in spec["procs"]:
-            what = procs
+        os._exit(0)
+    spec: dict[str, object] = marshal.loads(b"".join(parts))  # written by the server itself
+    return spec
+
+
+def _join(spec: dict[str, object], dirs: dict[str, int]) -> None:
+    """Into every leaf of the job: through the directories opened before cgroupfs was
+    covered, where a leaf is under one of them."""
+    for procs in spec["procs"]:  # type: ignore[attr-defined]
+        parent = next((d for d in dirs if procs.startswith(d + "/")), None)
+        if parent is None:
             fd = os.open(procs, os.O_WRONLY)
-            try:
-                os.write(fd, b"0")  # pid 0: the writing process itself
-            finally:
-                os.close(fd)
-        if spec["uid"] is not None:
-            stage, what = "user", str(spec["uid"])
-            os.setgroups([spec["gid"]])
-            os.setgid(spec["gid"])
-            os.setuid(spec["uid"])
+        else:
+            fd = os.open(procs[len(parent) + 1:], os.O_WRONLY, dir_fd=dirs[parent])
+        try:
+            os.write(fd, b"0")  # pid 0: the writing process itself
+        finally:
+            os.close(fd)
+
+
+def main() -> None:
+    if sys.argv[1] == "--probe":
+        _probe()
+    control_fd, status_fd = int(sys.argv[1]), int(sys.argv[2])
+    os.set_inheritable(status_fd, False)
+    for sig in _IGNORED:
+        _signal.signal(sig, _signal.SIG_IGN)
+    prep = _read_prep(control_fd)
+    if prep is None:
+        os._exit(0)  # no job for us: the server shut down or died
+    flags = prep.get("unshare", 0)
+    assert isinstance(flags, int)
+    if not flags:
+        _in_place(prep, control_fd, status_fd)
+    # PID 1 of a new PID namespace (forked now, while idle) does the rest; this process, the
+    # server's child outside the namespace and the job's cgroup, only relays how the
+    # command ended, which PID 1 writes on `exit_w` as a 4-byte wait status.
+    exit_r, exit_w = os.pipe()
+    alive_r, alive_w = os.pipe()  # PID 1's way to see us alive (its getppid() is 0)
+    init = -1
+    try:
+        _unshare(CLONE_NEWPID)
+        init = os.fork()
+    except OSError as exc:
+        spec = _read_spec(control_fd)
+        del spec
+        _report(status_fd, "namespaces", "unshare", exc)
+    if init == 0:
+        os.close(exit_r)
+        os.close(alive_w)
+        _init(prep, flags & ~CLONE_NEWPID, control_fd, status_fd, exit_w, alive_r)
+    for fd in (exit_w, alive_r, control_fd, status_fd):
+        os.close(fd)
+    _quiet_stdio()  # the job's pipes reach EOF when the job's own processes are gone
+    data = b""
+    while chunk := os.read(exit_r, 4 - len(data)):
+        data += chunk
+        if len(data) == 4:
+            _end_like(int.from_bytes(data, "little"))
+    # PID 1 died without a word: killed (the cgroup kill, the OOM killer), and the whole
+    # namespace with it, the command too.
+    _end_like(_signal.SIGKILL)
+
+
+def _in_place(prep: dict[str, object], control_fd: int, status_fd: int) -> None:
+    """No namespaces on this host: join the leaves and exec the command in this process."""
+    bpf = _prepare({"seccomp": prep.get("seccomp")}, {})
+    spec = _read_spec(control_fd)
+    try:
+        _join(spec, {})
+    except OSError as exc:
+        _report(status_fd, "cgroup", str(exc.filename), exc)
+    _child(spec, status_fd, None, bpf)
+
+
+def _init(
+    prep: dict[str, object],
+    flags: int,
+    control_fd: int,
+    status_fd: int,
+    exit_w: int,
+    alive_r: int,
+) -> None:
+    """PID 1 of the job's namespace: prepares them while idle; given the job, joins its
+    leaves, forks the command, reaps every orphan and reports the command's end."""
+    _prctl(PR_SET_PDEATHSIG, _signal.SIGKILL)
+    os.set_blocking(alive_r, False)
+    try:
+        os.read(alive_r, 1)
+        os._exit(0)  # EOF: the shim died before PR_SET_PDEATHSIG, so must we
+    except BlockingIOError:
+        os.close(alive_r)
+    name = ctypes.create_string_buffer(b"jobd-init")
+    _libc.prctl(PR_SET_NAME, ctypes.addressof(name), 0, 0, 0)
+    failure: OSError | None = None
+    bpf = None
+    dirs: dict[str, int] = {}
+    try:
+        bpf = _prepare({**prep, "unshare": flags}, dirs)
+    except OSError as exc:
+        failure = exc  # reported once there is a job to report it to
+    spec = _read_spec(control_fd)
+    stage, what = "namespaces", "unshare"
+    try:
+        if failure is not None:
+            raise failure
+        stage, what = "cgroup", "cgroup.procs"
+        _join(spec, dirs)
+        sandbox = spec["sandbox"]
+        assert isinstance(sandbox, dict)
+        stage, what = "namespaces", "unshare"
+        if sandbox["unshare"]:
+            _unshare(sandbox["unshare"])
+        for source, target, fstype, mflags, data in sandbox["mounts"]:
+            what = target
+            _mount(source, target, fstype, mflags, data)
+        if sandbox["loopback"]:
+            what = "lo"
+            _loopback_up()
+        what = "fork"
+        command = os.fork()
+        if command == 0:
+            os.close(exit_w)
+            _child(spec, status_fd, sandbox, bpf)
+    except OSError as exc:
+        os.write(exit_w, (127 << 8).to_bytes(4, "little"))
+        _report(status_fd, stage, what, exc)
+    os.close(status_fd)  # the command's exec closes the last copy: the server's verdict
+    _quiet_stdio()
+    while True:  # orphans of the namespace are ours to reap; the command is the one
+        pid, status = os.waitpid(-1, 0)
+        if pid == command:
+            os.write(exit_w, status.to_bytes(4, "little"))
+            os._exit(0)  # the kernel now kills whatever is left in the namespace
+
+
+def _quiet_stdio() -> None:
+    null = os.open("/dev/null", os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+
+
+def _child(
+    spec: dict[str, object],
+    status_fd: int,
+    sandbox: dict[str, object] | None,
+    bpf: ctypes.Array[ctypes.c_char] | None,
+) -> None:
+    """Become the job's command, or report why not and exit 127."""
+    argv, env = spec["argv"], spec["env"]
+    assert isinstance(argv, list) and isinstance(env, dict)
+    stage = what = ""
+    try:
+        if sandbox is not None:
+            stage, what = "namespaces", "/proc"
+            _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "")
+        uid, gid = spec["uid"], spec["gid"]
+        if uid is not None:
+            assert isinstance(uid, int) and isinstance(gid, int)
+            stage, what = "user", str(uid)
+            os.setgroups([gid])
+            os.setgid(gid)
+            os.setuid(uid)
         nofile = spec.get("nofile")
         if nofile:
             # The job's soft limit on open files: it inherited the server's, raised to the hard
             # limit. The hard limit is left alone, so a job that needs more may raise its own.
+            assert isinstance(nofile, int)
             stage, what = "rlimit", "RLIMIT_NOFILE"
-            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
             resource.setrlimit(resource.RLIMIT_NOFILE, (min(nofile, hard), hard))
-        stage, what = "chdir", spec["cwd"]
-        os.chdir(spec["cwd"])
-        # The Python runtime ignores SIGPIPE and SIGXFSZ; a command expects the defaults
-        # (e.g. `yes | head` must end by SIGPIPE). Ignored dispositions survive exec.
-        for sig in (_signal.SIGPIPE, _signal.SIGXFSZ):
+        cwd = spec["cwd"]
+        assert isinstance(cwd, str)
+        stage, what = "chdir", cwd
+        os.chdir(cwd)
+        for sig in _RESET:
             _signal.signal(sig, _signal.SIG_DFL)
+        stage, what = "privileges", "no_new_privs"
+        _prctl(PR_SET_NO_NEW_PRIVS, 1)
+        if bpf is not None:
+            what = "seccomp"
+            _install_seccomp(bpf)
         stage, what = "exec", argv[0]
         _execvpe(argv, env)
     except OSError as exc:
-        report = {"stage": stage, "what": what, "errno": exc.errno, "error": exc.strerror}
-        os.write(status_fd, marshal.dumps(report))
-        os._exit(127)
+        _report(status_fd, stage, what, exc)
+
+
+def _report(status_fd: int, stage: str, what: str, exc: OSError) -> None:
+    report = {"stage": stage, "what": what, "errno": exc.errno, "error": exc.strerror}
+    os.write(status_fd, marshal.dumps(report))
+    os._exit(127)
+
+
+def _end_like(status: int) -> None:
+    """Exit with the main child's code, or die of its signal."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)  # no core file of the shim itself
+        if sig not in (_signal.SIGKILL, _signal.SIGSTOP):
+            _signal.signal(sig, _signal.SIG_DFL)
+        os.kill(os.getpid(), sig)
+        os._exit(128 + sig)  # a signal whose default is to be ignored (it cannot kill)
+    os._exit(os.waitstatus_to_exitcode(status))
 
 
 def _execvpe(argv: list[str], env: dict[str, str]) -> None:
@@ -84,6 +370,45 @@ def _execvpe(argv: list[str], env: dict[str, str]) -> None:
             if exc.errno not in (errno.ENOENT, errno.ENOTDIR) and saved is None:
                 saved = exc
     raise saved or FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
+
+
+def _probe() -> None:
+    """`_shim.py --probe PREP_HEX STEP`: try one step in a child (the preparation, a cgroup
+    or network namespace, the seccomp filter); print {step: errno or 0} marshalled, in hex."""
+    prep = marshal.loads(bytes.fromhex(sys.argv[2]))
+    name = sys.argv[3]
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            if name == "namespaces":
+                _prepare({**prep, "seccomp": None}, {})
+            elif name == "cgroupns":
+                _unshare(0x02000000)
+            elif name == "netns":
+                _unshare(0x40000000)
+                _loopback_up()
+            elif name == "seccomp":
+                _install_probe(prep.get("seccomp"))
+        except OSError as exc:
+            code = exc.errno or 1
+        os.write(w, str(code).encode())
+        os._exit(0)
+    os.close(w)
+    answer = os.read(r, 64)
+    os.waitpid(pid, 0)
+    os.write(1, marshal.dumps({name: int(answer or b"-1")}).hex().encode())
+    os._exit(0)
+
+
+def _install_probe(bpf: object) -> None:
+    if not isinstance(bpf, bytes):
+        return
+    _prctl(PR_SET_NO_NEW_PRIVS, 1)
+    _install_seccomp(ctypes.create_string_buffer(bpf, len(bpf)))
+    if _libc.unshare(0x10000000) == 0:  # CLONE_NEWUSER must now fail
+        raise OSError(errno.EEXIST, "the filter let unshare(CLONE_NEWUSER) through")
 
 
 if __name__ == "__main__":

@@ -2,17 +2,18 @@
 Python interpreter to boot. Imports only the standard library and trio.
 
 Each idle shim (`_shim.py`) already runs in its own session with fresh stdout/stderr pipes
-and stdin on /dev/null, and blocks reading its spec from a control pipe; it has joined no
-cgroup, dropped nothing and exec'd nothing yet, so until a job is handed to it, it is only
-an idle child of the server. `take()` hands one out (or spawns one at once when the pool is
+and stdin on /dev/null, has done its preparation (the namespaces and mounts no job decides,
+`_sandbox.py`) and blocks reading its spec from a control pipe; it has joined no cgroup,
+dropped nothing and exec'd nothing yet, so until a job is handed to it, it is only an idle
+child of the server. `take()` hands one out (or spawns one at once when the pool is
 empty); `run()`, a task of the job manager's nursery, refills the pool and kills the idle
 shims when it ends. A shim whose server dies reads EOF on its control pipe and exits.
 
-    pool = ShimPool(size=4)
+    pool = ShimPool(sandbox.prep, size=4)
     await nursery.start(pool.run)
     shim = await pool.take()
     await shim.hand({"procs": [...], "uid": 65534, "gid": 65534, "cwd": "/", "argv": [...],
-                     "env": {...}})
+                     "env": {...}, "sandbox": sandbox.job_plan(network)})
     report = await shim.verdict()      # b"" once the command is executing
 """
 
@@ -87,7 +88,10 @@ class Shim:
                 await pipe.aclose()
 
 
-async def spawn_shim() -> Shim:
+async def spawn_shim(prep: Mapping[str, object] | None = None) -> Shim:
+    """A new shim, told its preparation at once (length-prefixed; it fits the pipe)."""
+    message = marshal.dumps(dict(prep or {}))
+    message = len(message).to_bytes(4, "little") + message
     control_r, control_w = os.pipe()
     status_r, status_w = os.pipe()
     try:
@@ -108,6 +112,7 @@ async def spawn_shim() -> Shim:
     finally:
         os.close(control_r)
         os.close(status_w)
+    os.write(control_w, message)  # a few hundred bytes: fits the empty pipe, never blocks
     for pipe in (proc.stdout, proc.stderr):
         try:
             fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, PIPE_SIZE)  # type: ignore[union-attr]
@@ -119,7 +124,8 @@ async def spawn_shim() -> Shim:
 class ShimPool:
     """Idle shims ready for `take()`; `run()` keeps `size` of them."""
 
-    def __init__(self, size: int = POOL_SIZE) -> None:
+    def __init__(self, prep: Mapping[str, object] | None = None, size: int = POOL_SIZE) -> None:
+        self._prep = prep
         self._size = size
         self._idle: collections.deque[Shim] = collections.deque()
         self._taken = trio.Event()
@@ -129,7 +135,7 @@ class ShimPool:
             shim = self._idle.popleft()
             self._taken.set()
             return shim
-        return await spawn_shim()
+        return await spawn_shim(self._prep)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Refill until cancelled; then kill every idle shim."""
@@ -139,7 +145,7 @@ class ShimPool:
             while True:
                 try:
                     while len(self._idle) < self._size:
-                        self._idle.append(await spawn_shim())
+                        self._idle.append(await spawn_shim(self._prep))
                 except OSError as exc:
                     # EMFILE, EAGAIN, ENOMEM: a Start meanwhile spawns its own shim and gets
                     # RESOURCE_EXHAUSTED if that fails too; never end the manager for it.

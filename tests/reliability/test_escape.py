@@ -33,8 +33,14 @@ def _read_until(stub: Any, job_id: str, marker: bytes) -> bytes:
 
 
 def _job_pids(server: ServerProcess, job_id: str) -> list[int]:
-    return [p for p in pids_in(server.cgroup_name)
-            if job_id in Path(f"/proc/{p}/cgroup").read_text()]
+    pids = []
+    for p in pids_in(server.cgroup_name):
+        try:
+            if job_id in Path(f"/proc/{p}/cgroup").read_text():
+                pids.append(p)
+        except FileNotFoundError:
+            pass  # it ended meanwhile
+    return pids
 
 
 def _gone(server: ServerProcess, job_id: str, pids: list[int]) -> None:
@@ -69,7 +75,8 @@ def test_daemons_group_changes_and_ignored_sigterm_all_die_on_stop(
     with channel(shared_server) as (_, alice):
         job = alice.Start(pb.StartRequest(command=["sh", "-c", NASTY]), timeout=TIMEOUT)
         _read_until(alice, job.id, b"ready")
-        wait_until(lambda: len(_job_pids(shared_server, job.id)) >= 6, "every process to start")
+        # Six of its own, plus its PID 1 (see jobd/engine/_shim.py).
+        wait_until(lambda: len(_job_pids(shared_server, job.id)) >= 7, "every process to start")
         pids = _job_pids(shared_server, job.id)
         sessions = {Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[3]
                     for p in pids}
@@ -90,15 +97,17 @@ done
 mkdir /sys/fs/cgroup/unified/mine 2>/dev/null && echo "MADE a cgroup"
 cat /proc/self/cgroup | sort | md5sum | grep -q "${me%% *}" && echo "still in my leaf"
 echo tried $(find /sys/fs/cgroup -maxdepth 6 -name cgroup.procs 2>/dev/null | wc -l)
+find /sys/fs/cgroup -maxdepth 6 -type d 2>/dev/null
 """
 
 
 def test_a_job_cannot_move_itself_or_touch_any_cgroup_it_can_see(
     shared_server: ServerProcess,
 ) -> None:
-    """As the unprivileged user, it tries to join every cgroup.procs/tasks file it can find
-    (root, siblings, other jobs' leaves, the server's), to raise its own limits, to kill
-    through cgroup.kill and to make a cgroup: all refused, it stays in its leaf."""
+    """As the unprivileged user, it tries to join every cgroup.procs/tasks file it can find,
+    to raise its own limits, to kill through cgroup.kill and to make a cgroup: all refused,
+    it stays in its leaf. What it can find is only its own leaves (its cgroup namespace and
+    read-only cgroupfs): no sibling, no other job's leaf, not jobd's tree."""
     with channel(shared_server) as (_, alice), channel(shared_server, "bob") as (_, bob):
         other = bob.Start(pb.StartRequest(command=["sleep", "1000"]), timeout=TIMEOUT)
         job = alice.Start(pb.StartRequest(command=["sh", "-c", ESCAPE]), timeout=TIMEOUT)
@@ -106,8 +115,10 @@ def test_a_job_cannot_move_itself_or_touch_any_cgroup_it_can_see(
             pb.OutputRequest(id=job.id, follow=True), timeout=TIMEOUT)).decode()
         assert "WROTE" not in out and "MADE" not in out, out
         assert "still in my leaf" in out, out
+        assert other.id not in out and shared_server.cgroup_name not in out, out
+        # It sees only its own leaf in each hierarchy jobd uses, read-only (1 on pure v2).
         tried = int(out.split("tried ")[1].split()[0])
-        assert tried > 10, out
+        assert tried >= 1, out
         assert bob.Status(pb.JobRequest(id=other.id), timeout=TIMEOUT).state == pb.RUNNING
         bob.Stop(pb.StopRequest(id=other.id, grace={"seconds": 0}), timeout=TIMEOUT)
     print(f"cgroup escape: {tried} cgroup.procs files tried, none writable")
@@ -125,7 +136,7 @@ def test_fork_bomb_is_held_by_the_pids_limit(shared_server: ServerProcess) -> No
         leaf = next(Path("/sys/fs/cgroup/pids").glob(f"{shared_server.cgroup_name}/jobs/{job.id}"))
         wait_until(lambda: int((leaf / "pids.events").read_text().split()[1]) > 0,
                    "the bomb to hit the limit")
-        assert int((leaf / "pids.current").read_text()) <= 64
+        assert int((leaf / "pids.current").read_text()) <= 64 + 1  # + its PID 1
         # The server answers while the bomb runs.
         assert admin.List(pb.ListRequest(), timeout=TIMEOUT) is not None
         pids = _job_pids(shared_server, job.id)

@@ -518,11 +518,12 @@ def test_server_raises_its_fd_limit_and_jobs_get_1024(hostile_pki: Pki, tmp_path
 # ----------------------------------------------------------------- 7. what a user may learn
 
 
-def test_working_dir_is_checked_as_the_jobs_uid(server: ServerProcess, tmp_path: Path) -> None:
+def test_working_dir_is_checked_as_the_jobs_uid(server: ServerProcess, shared_dir: Path) -> None:
     """Finding 7: the working_dir check ran as root, so "Permission denied" vs "does not
     exist" told anyone what a root-only directory holds. Checked as the job's uid, an
-    existing and a missing directory under it get the same answer."""
-    private = tmp_path / f"root-only-{uuid.uuid4().hex[:8]}"
+    existing and a missing directory under it get the same answer. (Not under /tmp: each
+    job has its own, and a working_dir inside it is refused before any check.)"""
+    private = shared_dir / f"root-only-{uuid.uuid4().hex[:8]}"
     (private / "exists").mkdir(parents=True)
     private.chmod(0o700)
     answers = []

@@ -226,6 +226,7 @@ async def start_latency(ctx: Ctx) -> list[Row]:
     }  # fmt: skip
     lat: dict[str, dict[str, list[list[float]]]] = {m: {"jobd": [], "S": []} for m in START_MODES}
     spawn: list[float] = []
+    warm: dict[int, list[float]] = {0: [], 2: []}  # p50s with a booted shim waiting, by network
     async with open_jobd(ctx.workdir, ctx.certs) as jobd, open_sync_peer(ctx.certs) as speer:
         targets = {"jobd": jobd.target, "S": speer.target}
         for i in range(z.repeats):
@@ -241,6 +242,12 @@ async def start_latency(ctx: Ctx) -> list[Row]:
                     f"start {mode} #{i}: jobd p50 {median(lat[mode]['jobd'][-1]) * 1e3:.2f} ms, "
                     f"sync peer {median(lat[mode]['S'][-1]) * 1e3:.2f} ms"
                 )
+            # With an untimed pause between starts the pool always has a booted shim: what a
+            # Start itself costs, on the host network and in a network namespace of its own.
+            for network in warm:
+                [got] = await run_workers("starts", [ctx.client(
+                    jobd.target, command=command, n=z.starts // 4, pause=0.05, network=network)])
+                warm[network].append(median(got))
     rows = []
     for mode in START_MODES:
         j, p = lat[mode]["jobd"], lat[mode]["S"]
@@ -253,6 +260,9 @@ async def start_latency(ctx: Ctx) -> list[Row]:
                 median([pct(x, q) for x in p]) * 1e3, "S: Popen sh+setpriv", ratio, target,
                 ratio <= need, ratios,
             ))  # fmt: skip
+    rows.append(Row("3 start", "Start p50, warm shim pool", median(warm[0]) * 1e3, "ms"))
+    rows.append(Row("3 start", "Start p50, warm pool, NETWORK_NONE", median(warm[2]) * 1e3, "ms",
+                    median(warm[0]) * 1e3, "same, host network"))  # fmt: skip
     rows.append(Row("3 start", "trio open_process spawn p50 (for scale)",
                     median(spawn) * 1e3, "ms"))  # fmt: skip
     return rows

@@ -108,10 +108,13 @@ async def w_starts(args: Args) -> Any:
     latencies = []
     for _ in range(args["n"]):
         t0 = time.perf_counter()
-        job = await stub.Start(pb.StartRequest(command=args["command"]))
+        job = await stub.Start(
+            pb.StartRequest(command=args["command"], network=args.get("network", 0))
+        )
         latencies.append(time.perf_counter() - t0)
         assert job.state == pb.RUNNING, job
         await stub.Stop(pb.StopRequest(id=job.id, grace={}))
+        await asyncio.sleep(args.get("pause", 0))  # untimed: lets the server refill its pool
     await ch.close()
     return latencies
 
