@@ -23,7 +23,7 @@ import signal
 import stat
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,9 +34,17 @@ from trio_util import AsyncValue
 from . import _shimpool
 from ._cgroup import CgroupTree, JobCgroup, Layout, Mode, ProcessGroup, block_device_of
 from ._cgroup import detect_layout as _detect_layout
-from ._errors import CgroupError, InvalidArgument, JobdError, NotFound, Unavailable
+from ._errors import (
+    CgroupError,
+    FailedPrecondition,
+    InvalidArgument,
+    JobdError,
+    NotFound,
+    Unavailable,
+)
 from ._lock import lock_directory
 from ._output import OutputStore
+from ._stdin import StdinPipe
 from ._types import Chunk, JobInfo, Limits, State, Stream, Usage
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -134,6 +142,7 @@ class _Job:
         self.term_sent = False
         self.final: JobInfo | None = None
         self.ended = trio.Event()
+        self.stdin: StdinPipe | None = None  # started with stdin: the pipe Input feeds
 
     @property
     def stop_requested(self) -> bool:
@@ -237,6 +246,22 @@ class JobManager:
             raise InvalidArgument(f"offset must be >= 0, not {offset}")
         return self._get(job_id).output.read(offset, follow=follow)
 
+    async def feed_stdin(self, job_id: str, chunks: AsyncIterable[bytes]) -> JobInfo:
+        """Write chunks to the stdin of a job started with stdin, then close it (EOF); once
+        per job. Returns the job's state when done (early if the job stopped reading)."""
+        job = self._get(job_id)
+        if job.stdin is None:
+            raise FailedPrecondition(
+                f"job {job.id} was started without stdin: start it with stdin "
+                "(`jobd-client run -i`) to send it input"
+            )
+        job.stdin.claim()
+        if job.ended.is_set():
+            job.stdin.close()
+            return job.info()
+        await job.stdin.feed(chunks)
+        return job.info()
+
     # ----------------------------------------------------------------- start
 
     def effective_limits(self, requested: Limits) -> Limits:
@@ -308,8 +333,10 @@ class JobManager:
         env: Mapping[str, str] | None = None,
         working_dir: str = "",
         limits: Limits = NO_LIMITS,
+        stdin: bool = False,
     ) -> JobInfo:
-        """Start a job; returns once the command is executing (or raises, creating nothing)."""
+        """Start a job; returns once the command is executing (or raises, creating nothing).
+        With stdin, the job's stdin is a pipe that `feed_stdin` fills (else /dev/null)."""
         if self._closing or self._nursery is None:
             raise Unavailable("jobd is shutting down and starts no new jobs")
         argv, full_env, cwd = self._validate(command, env or {}, working_dir)
@@ -317,7 +344,7 @@ class JobManager:
         job_id = str(uuid.uuid4())
         uid = self._take_uid()
         try:
-            return await self._start(job_id, uid, owner, argv, full_env, cwd, effective)
+            return await self._start(job_id, uid, owner, argv, full_env, cwd, effective, stdin)
         except BaseException:
             self._release_uid(uid)
             raise
@@ -349,6 +376,7 @@ class JobManager:
         full_env: dict[str, str],
         cwd: str,
         effective: Limits,
+        stdin: bool = False,
     ) -> JobInfo:
         assert self._nursery is not None
         cgroup: JobCgroup | ProcessGroup = (
@@ -363,7 +391,7 @@ class JobManager:
         proc: trio.Process | None = None
         try:
             output = OutputStore(self._output_dir, job_id)
-            proc = await self._spawn(argv, full_env, cwd, cgroup, uid)
+            proc = await self._spawn(argv, full_env, cwd, cgroup, uid, stdin)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self._teardown(cgroup, proc, output, remove_output=True)
@@ -371,6 +399,8 @@ class JobManager:
         job = _Job(job_id, owner, argv, effective, cgroup, output)
         job.proc = proc
         job.uid = uid
+        if proc.stdin is not None:
+            job.stdin = StdinPipe(job_id, proc.stdin)
         self._jobs[job_id] = job
         # No checkpoint since the shim's verdict: the job is registered and owned by the
         # nursery atomically, so a cancellation cannot leave it half-created.
@@ -384,6 +414,7 @@ class JobManager:
         cwd: str,
         cgroup: JobCgroup | ProcessGroup,
         uid: int | None,
+        stdin: bool = False,
     ) -> trio.Process:
         run_as = self._run_as
         spec = {
@@ -395,7 +426,10 @@ class JobManager:
             "env": env,
         }
         # A pre-started shim (its interpreter has already booted), or a new one.
-        shim = await (self._shims.take() if self._shims else _shimpool.spawn_shim())
+        if stdin:
+            shim = await _shimpool.spawn_shim(stdin=True)
+        else:
+            shim = await (self._shims.take() if self._shims else _shimpool.spawn_shim())
         proc = shim.proc
         if isinstance(cgroup, ProcessGroup):
             cgroup.pgid = proc.pid
@@ -531,7 +565,7 @@ class JobManager:
 
     @staticmethod
     def _close_streams(proc: trio.Process) -> None:
-        for pipe in (proc.stdout, proc.stderr):
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
             if pipe is not None:
                 pipe.close()  # type: ignore[attr-defined]
 

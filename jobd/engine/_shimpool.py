@@ -78,18 +78,21 @@ class Shim:
         self.close_fds()  # EOF on its control pipe: an idle shim exits by itself
         self.proc.kill()
         await self.proc.wait()
-        for pipe in (self.proc.stdout, self.proc.stderr):
+        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             if pipe is not None:
                 await pipe.aclose()
 
 
-async def spawn_shim() -> Shim:
+async def spawn_shim(*, stdin: bool = False) -> Shim:
+    """A new shim; with stdin, its stdin (the job's) is a pipe whose write end is
+    `proc.stdin`, else /dev/null. Pooled shims have /dev/null: a job with stdin takes a new
+    one (a fd cannot be handed through the spec pipe, and this keeps the pool unchanged)."""
     control_r, control_w = os.pipe()
     status_r, status_w = os.pipe()
     try:
         proc = await trio.lowlevel.open_process(
             [sys.executable, "-I", "-S", _shim.__file__, str(control_r), str(status_w)],
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             pass_fds=(control_r, status_w),
