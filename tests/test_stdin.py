@@ -66,8 +66,6 @@ async def test_a_job_that_does_not_read_blocks_the_writer(engine: JobManager) ->
 
 async def test_a_feed_on_an_ended_job_returns_its_state(engine: JobManager) -> None:
     job = await engine.start("alice", ["true"], stdin=True)
-    await output_of(engine, job.id)
-    while engine.status(job.id).state is State.RUNNING:
-        await trio.sleep(0.01)
+    assert (await engine.stop(job.id)).state is State.EXITED  # returns once it has ended
     info = await engine.feed_stdin(job.id, chunks(b"late"))
     assert info.state is State.EXITED

@@ -567,7 +567,7 @@ class JobManager:
     def _close_streams(proc: trio.Process) -> None:
         for pipe in (proc.stdin, proc.stdout, proc.stderr):
             if pipe is not None:
-                pipe.close()  # type: ignore[attr-defined]
+                pipe.close()  # type: ignore[union-attr]  # trio's FdStream, typed as its ABC
 
     async def stop(self, job_id: str, grace: float | None = None) -> JobInfo:
         """SIGTERM every process of the job, SIGKILL what is left after `grace` seconds
