@@ -67,7 +67,7 @@ async def _serve(
     signals: AsyncIterator[int],
     task_status: trio.TaskStatus[GrpcServer],
 ) -> None:
-    service = JobService(jobs)
+    service = JobService(jobs, max_message_bytes=config.transport.max_message_bytes)
     async with trio.open_nursery() as nursery:
         try:
             server: GrpcServer = await nursery.start(
