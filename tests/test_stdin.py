@@ -31,8 +31,10 @@ async def test_stdin_reaches_the_job_and_its_end_is_eof(engine: JobManager) -> N
 async def test_without_stdin_the_job_reads_dev_null(engine: JobManager) -> None:
     job = await engine.start("alice", ["sh", "-c", "readlink /proc/self/fd/0; cat"])
     assert await output_of(engine, job.id) == b"/dev/null\n"
+    running = await engine.start("alice", ["sleep", "1000"])
     with pytest.raises(FailedPrecondition, match="started without stdin"):
-        await engine.feed_stdin(job.id, chunks(b"x"))
+        await engine.feed_stdin(running.id, chunks(b"x"))
+    await engine.stop(running.id, 0)
 
 
 async def test_one_feed_per_job(engine: JobManager) -> None:
@@ -66,6 +68,6 @@ async def test_a_job_that_does_not_read_blocks_the_writer(engine: JobManager) ->
 
 async def test_a_feed_on_an_ended_job_returns_its_state(engine: JobManager) -> None:
     job = await engine.start("alice", ["true"], stdin=True)
-    assert (await engine.stop(job.id)).state is State.EXITED  # returns once it has ended
+    assert (await engine.wait(job.id)).state is State.EXITED
     info = await engine.feed_stdin(job.id, chunks(b"late"))
     assert info.state is State.EXITED
