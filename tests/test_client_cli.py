@@ -893,3 +893,100 @@ def test_describe_tls_alerts(reason: str, says: str) -> None:
     error = ssl.SSLError(1, f"[SSL: {reason}] ...")
     error.reason = reason
     assert describe(error, "h:1", 10) == f"TLS with the server at h:1 failed: {says}"
+
+
+# --- golden output of the human formats, against the fake ----------------------------------
+
+
+def _ended_job(service: FakeJobService, job_id: str, **fields: Any) -> pb.Job:
+    job = pb.Job(id=job_id, owner="alice", **fields)
+    job.started_at.FromSeconds(1_700_000_000)
+    service.jobs[job.id] = job
+    service.plans[job.id] = Plan()
+    service.stopped[job.id] = trio.Event()
+    return job
+
+
+async def test_list_table_golden(fake: Fake) -> None:
+    a = _ended_job(fake.service, "6f1c0000-0000-4000-8000-000000000001", name="build",
+                   command=["make", "-j4"], state=pb.EXITED, exit_code=2)
+    a.ended_at.FromSeconds(1_700_000_000 + 184)
+    b = _ended_job(fake.service, "6f1c1111-0000-4000-8000-000000000002",
+                   command=["sh", "-c", "sleep 9; echo 'a b'"], state=pb.STOPPED, signal=15)
+    b.started_at.FromSeconds(1_700_000_060)
+    b.ended_at.FromNanoseconds(1_700_000_060 * 10**9 + 1_500_000_000)
+    result = await fake.client("list", TZ="UTC")
+    assert result.stdout.decode() == (
+        "ID                                    NAME   OWNER  STATUS               STARTED              DURATION  COMMAND\n"  # noqa: E501
+        "6f1c0000-0000-4000-8000-000000000001  build  alice  exited (code 2)      2023-11-14 22:13:20  3m04s     make -j4\n"  # noqa: E501
+        "6f1c1111-0000-4000-8000-000000000002  -      alice  stopped (signal 15)  2023-11-14 22:14:20  1.5s      sh -c 'sleep 9; echo '\"'\"'a b'\"'\"''\n"  # noqa: E501
+    )
+    quiet = await fake.client("list", "-q", "--state", "stopped")
+    assert quiet.stdout.decode() == f"{b.id}\n"
+    # An ambiguous id prefix lists its candidates; a unique one (or the name) resolves.
+    ambiguous = await fake.client("status", "6f1c")
+    assert one_error_line(ambiguous) == (
+        f"the id prefix '6f1c' matches 2 jobs: {a.id} (alice, build), {b.id} (alice); "
+        "give more of it"
+    )
+    assert (await fake.client("status", "6f1c1")).stdout == b"stopped (signal 15)\n"
+    missing = await fake.client("status", "6f1c2")
+    assert one_error_line(missing) == "no job with the name or id prefix '6f1c2'"
+    assert (await fake.client("status", "build")).stdout == b"exited (code 2)\n"
+    several = await fake.client("status", "build", b.id)
+    assert several.code == 2  # the first given that is not 0: build's exit code
+    assert several.stdout.decode() == f"build  exited (code 2)\n{b.id}  stopped (signal 15)\n"
+
+
+@pytest.mark.parametrize(
+    ("fields", "says"),
+    [
+        ({"state": pb.EXITED, "reason": pb.END_REASON_EXIT, "exit_code": 3}, ""),
+        ({"state": pb.KILLED, "reason": pb.END_REASON_OOM, "signal": 9,
+          "limits": pb.Limits(memory_bytes=32 << 20)},
+         "was oom-killed: it reached its memory limit (32M)"),
+        ({"state": pb.KILLED, "reason": pb.END_REASON_SIGNAL, "signal": 11},
+         "was killed by signal 11 (SIGSEGV)"),
+        ({"state": pb.STOPPED, "reason": pb.END_REASON_STOP, "signal": 15},
+         "was stopped by a stop request (signal 15 (SIGTERM))"),
+        ({"state": pb.STOPPED, "reason": pb.END_REASON_TIMEOUT, "signal": 15,
+          "timeout": {"seconds": 90}},
+         "was stopped: it ran past its timeout of 1m30s"),
+        ({"state": pb.STOPPED, "reason": pb.END_REASON_SERVER_SHUTDOWN, "signal": 15},
+         "was stopped: the server shut down while it ran"),
+        ({"state": pb.KILLED, "reason": pb.END_REASON_SERVER_LOST, "signal": 9},
+         "was killed: its server died while it ran"),
+        # A server that sends no reason: the state says it.
+        ({"state": pb.KILLED, "signal": 9, "usage": pb.Usage(oom_kills=1)},
+         "was oom-killed: it reached its memory limit"),
+    ],
+)  # fmt: skip
+def test_end_note_for_every_reason(fields: dict[str, Any], says: str) -> None:
+    job = pb.Job(id="j", **fields)
+    assert fmt.end_note(job) == (f"job j {says}" if says else "")
+
+
+def test_summary_and_units_golden() -> None:
+    job = pb.Job(id="j", state=pb.EXITED, usage=pb.Usage(cpu_usec=450_000,
+                                                         memory_peak_bytes=12_900_000))
+    job.started_at.FromSeconds(100)
+    job.ended_at.FromNanoseconds(101_234_000_000)
+    assert fmt.summary(job) == "job j exited (code 0); ran 1.23s, CPU 450ms, peak memory 12.3M"
+    assert [fmt.size(n) for n in (0, 1023, 1024, 1536, 25_276_000_000, 1 << 40)] == [
+        "0B", "1023B", "1K", "1.5K", "23.5G", "1T"]  # fmt: skip
+    assert fmt.limit_message(
+        "INVALID_ARGUMENT: limit memory_bytes=1.09951e+12 exceeds the server maximum 2.5276e+10",
+        {"--memory": "1T"},
+    ) == "INVALID_ARGUMENT: --memory 1T exceeds the server's maximum 23.5G"
+    # A limit the user did not give (the server's own default) keeps the server's words.
+    raw = "limit pids=5000 exceeds the server maximum 100"
+    assert fmt.limit_message(raw, {}) == raw
+
+
+def test_chunk_json_golden() -> None:
+    chunk = pb.OutputChunk(data=b"h\xffi\n", stream=pb.STDERR, offset=7)
+    chunk.time.FromNanoseconds(1_700_000_000_123_456_789)
+    assert fmt.chunk_json(chunk) == (
+        '{"log": "h\\udcffi\\n", "stream": "stderr", "time": "2023-11-14T22:13:20.123456Z", '
+        '"offset": 7, "log_base64": "aP9pCg=="}'
+    )
