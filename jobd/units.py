@@ -49,5 +49,5 @@ def parse_duration(text: str) -> float:
     """Seconds in text: `0`, `500ms`, `5s`, `1.5s`, `1m`, `1h`, `7d`; a bare number is seconds."""
     match = _DURATION.fullmatch(text.strip())
     if match is None:
-        raise ValueError(f"{text!r} is not a duration: use e.g. 0, 500ms, 5s, 1m")
+        raise ValueError(f"{text!r} is not a duration: use e.g. 0, 500ms, 5s, 1m, 2h, 7d")
     return float(match["number"]) * _DURATION_UNITS[(match["unit"] or "s").lower()]

@@ -77,6 +77,7 @@ async def test_a_job_left_running_by_a_crash_is_recorded_lost(
             State.KILLED, EndReason.SERVER_LOST, signal.SIGKILL
         )
         assert await engine.wait(job.id) == lost
+        assert engine.list() == [lost]
     async with open_job_manager(engine_config) as engine:
         assert engine.status(job.id) == lost  # and that is what was committed
 
@@ -153,7 +154,7 @@ async def test_names_are_unique_per_owner_and_checked(engine: JobManager) -> Non
         await engine.start("alice", ["true"], labels={"": "v"})
     with pytest.raises(InvalidArgument, match="bad value of label"):
         await engine.start("alice", ["true"], labels={"k": "\n"})
-    with pytest.raises(InvalidArgument, match="command line is"):
+    with pytest.raises(InvalidArgument, match="command line is too long"):
         await engine.start("alice", ["echo", *(["x" * 100_000] * 3)])
     with pytest.raises(InvalidArgument, match="timeout must be"):
         await engine.start("alice", ["true"], timeout=-1)

@@ -392,7 +392,10 @@ class JobManager:
             while pending and pending[0][0] + keep <= time.time():
                 _, job_id = pending.popleft()
                 if job_id not in self._jobs:
-                    self._forget(job_id)
+                    try:
+                        self._forget(job_id)
+                    except OSError as exc:  # its files stay; never end the manager for it
+                        log.error("job %s: cannot remove its output: %s", job_id, exc)
             if pending:
                 await trio.sleep(max(pending[0][0] + keep - time.time(), 0.0))
             else:
@@ -935,9 +938,7 @@ async def open_job_manager(config: EngineConfig) -> AsyncIterator[JobManager]:
         for job in records:
             output = manager._output.open(job.id)
             if job.state is State.RUNNING:
-                lost = _lost(job, output)
-                records.add(lost)
-                records.ended(lost)
+                records.ended(_lost(job, output))
                 log.warning("job %s was running when its server died: recorded KILLED", job.id)
         async with trio.open_nursery() as upkeep:
             await upkeep.start(records.run)

@@ -251,10 +251,12 @@ class Records:
             return True
         try:
             await trio.to_thread.run_sync(self._store.apply, batch.ops, limiter=self._limiter)
-        except StoreError as exc:
-            batch.error = exc
+        except Exception as exc:  # a failing store never ends this task (nor the manager)
+            batch.error = (
+                exc if isinstance(exc, StoreError) else StoreError(f"job store failure: {exc!r}")
+            )
             if not self._failing:
-                log.error("%s; retrying every %.0f s", exc, RETRY_INTERVAL)
+                log.error("%s; retrying every %.0f s", batch.error, RETRY_INTERVAL)
             self._failing = True
             retry = [op for i, op in enumerate(batch.ops) if i not in batch.durable]
             self._batch.ops[:0] = retry

@@ -60,8 +60,8 @@ def validate_size(command: Sequence[str], working_dir: str) -> None:
     size = sum(len(arg.encode(errors="surrogateescape")) + 1 for arg in command)
     if size > MAX_COMMAND_BYTES:
         raise InvalidArgument(
-            f"the command line is {size} bytes: at most {MAX_COMMAND_BYTES} (pass large data "
-            "through a file or stdin)"
+            f"the command line is too long: {size} bytes, at most {MAX_COMMAND_BYTES} (pass "
+            "large data through a file or stdin)"
         )
     if len(working_dir) > MAX_WORKING_DIR:
-        raise InvalidArgument(f"working_dir is longer than {MAX_WORKING_DIR} characters")
+        raise InvalidArgument(f"working_dir is too long: at most {MAX_WORKING_DIR} characters")

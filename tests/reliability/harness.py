@@ -84,9 +84,10 @@ class ServerProcess:
     _reader: threading.Thread | None = None
     # Kept across restarts of this server; of its own, so parallel suites never collide.
     uids: tuple[int, int] = field(default_factory=unique_uid_range)
+    prefix: tuple[str, ...] = ()  # e.g. ("prlimit", "--nofile=128")
 
     def start(self) -> ServerProcess:
-        argv = [JOBD, "serve", "--listen", "127.0.0.1:0",
+        argv = [*self.prefix, JOBD, "serve", "--listen", "127.0.0.1:0",
                 "--cert", str(self.pki.dir / "server.pem"),
                 "--key", str(self.pki.dir / "server.key"),
                 "--client-ca", str(self.pki.dir / "ca.pem"),
@@ -152,7 +153,8 @@ class ServerProcess:
         with channel(self, "admin") as (_, stub):
             stub.List(pb.ListRequest(), timeout=30)
         for bad in ("Traceback", "internal error", " ERROR ", "Got exception"):
-            assert bad not in self.text, f"{bad!r} in the server log:\n{self.text[-5000:]}"
+            at = self.text.find(bad)
+            assert at < 0, f"{bad!r} in the server log:\n{self.text[max(at - 3000, 0):at + 3000]}"
 
     def terminate(self) -> int:
         """SIGTERM, and the exit code."""
