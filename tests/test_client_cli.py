@@ -505,7 +505,7 @@ async def test_start_sends_the_command_and_limits(fake: Fake) -> None:
 
 
 async def test_choosing_the_certificate(fake: Fake) -> None:
-    """--user on the command line beats JOBD_CLIENT_CERT/JOBD_CLIENT_KEY; those beat JOBD_CLIENT_USER."""
+    """--user on the command line beats JOBD_CLIENT_CERT/_KEY; those beat JOBD_CLIENT_USER."""
     env = {"JOBD_CLIENT_CERT": "nosuch.pem", "JOBD_CLIENT_KEY": "nosuch.key"}
     assert (await fake.client("--user", "bob", "list", **env)).code == 0
     assert one_error_line(await fake.client("list", **env)) == "no certificate at nosuch.pem"

@@ -109,20 +109,30 @@ async def test_exit_codes_of_a_stopped_job(server: Server) -> None:
     )
 
 
+async def _read_until(proc: trio.Process, marker: bytes) -> bytes:
+    assert proc.stdout is not None
+    seen = b""
+    while marker not in seen:
+        chunk = await proc.stdout.receive_some()
+        assert chunk, f"ended without printing {marker!r}: {seen!r}"
+        seen += chunk
+    return seen
+
+
 async def test_run_says_who_stopped_it(server: Server) -> None:
-    async with trio.open_nursery() as nursery:
-        results: list[Result] = []
-
-        async def run() -> None:
-            results.append(await server.client("run", "--name", "victim", "--", "sleep", "1000"))
-
-        nursery.start_soon(run)
-        while (await server.client("status", "victim")).rc != 0:
-            await trio.sleep(0.05)  # polls for the job to exist, not a timing assumption
-        await server.client("stop", "victim", check=True)
-    [result] = results
-    assert result.rc == 143
-    assert note(result).endswith(" was stopped by a stop request (signal 15 (SIGTERM))")
+    proc = await trio.lowlevel.open_process(
+        [*server.client_argv(), "run", "--name", "victim", "--", "sh", "-c",
+         "echo up; exec sleep 1000"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    await _read_until(proc, b"up\n")
+    await server.client("stop", "victim", check=True)
+    assert await proc.wait() == 143
+    assert proc.stderr is not None
+    err = (await proc.stderr.receive_some()).decode()
+    assert err.startswith("jobd-client: job ") and err.endswith(
+        " was stopped by a stop request (signal 15 (SIGTERM))\n"
+    ), err
 
 
 async def test_exit_codes_of_a_timeout(server: Server) -> None:
@@ -188,7 +198,9 @@ async def test_stdin_through_a_pipe(server: Server) -> None:
 async def test_without_i_a_piped_stdin_is_not_sent_and_says_so(server: Server) -> None:
     result = await server.client("run", "--", "cat", stdin=b"hello\n")
     assert (result.rc, result.stdout) == (0, b"")
-    assert result.err == "jobd-client: stdin is a pipe and is not sent to the job: pass -i to send it\n"
+    assert result.err == (
+        "jobd-client: stdin is a pipe and is not sent to the job: pass -i to send it\n"
+    )
     quiet = await server.client("run", "--", "cat")  # stdin /dev/null: nothing to say
     assert (quiet.rc, quiet.stdout, quiet.stderr) == (0, b"", b"")
 
@@ -260,9 +272,13 @@ async def test_input_call_rules(server: Server) -> None:
         "no_id": grpc.StatusCode.INVALID_ARGUMENT,
         "bob": grpc.StatusCode.PERMISSION_DENIED,
     }
-    while (await server.client("logs", kept.id)).stdout != b"one\neof\n":
-        await trio.sleep(0.05)  # polls the output for what the job must print
+    follow = await trio.lowlevel.open_process(
+        [*server.client_argv(), "logs", "-f", kept.id],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+    )  # fmt: skip
+    assert await _read_until(follow, b"eof\n") == b"one\neof\n"
     await server.client("stop", "--grace", "0", fed_id, closed, kept.id, check=True)
+    assert await follow.wait() == 137
 
 
 # ----------------------------------------------------------------- names, prefixes, many ids
@@ -293,7 +309,9 @@ async def test_many_ids_at_once(server: Server) -> None:
     stopped = await server.client("stop", "--grace", "0", *jobs, "nosuch", check=False)
     assert stopped.rc == 1
     assert stopped.stdout.decode().splitlines() == [f"{j}  stopped (signal 9)" for j in jobs]
-    assert stopped.err == "jobd-client: nosuch: no job named 'nosuch' (and it is not an id or id prefix)\n"
+    assert stopped.err == (
+        "jobd-client: nosuch: no job named 'nosuch' (and it is not an id or id prefix)\n"
+    )
     waited = await server.client("wait", *jobs)
     assert waited.rc == 137
     removed = await server.client("rm", *jobs, check=True)
@@ -320,8 +338,10 @@ async def test_rm_ended(server: Server) -> None:
 
 async def test_list_filters_and_pages(server: Server) -> None:
     done = [await server.start_job("true") for _ in range(3)]
-    labelled = (await server.client("start", "--label", "team=x", "--label", "env=ci", "--",
-                                    "sleep", "1000", check=True)).stdout.decode().strip()  # fmt: skip
+    started = await server.client(
+        "start", "--label", "team=x", "--label", "env=ci", "--", "sleep", "1000", check=True
+    )
+    labelled = started.stdout.decode().strip()
     await server.client("wait", *done, check=True)
     quiet = await server.client("list", "-q", check=True)
     assert quiet.stdout.decode().split() == [*done, labelled]
