@@ -255,7 +255,7 @@ def _input_codes(server: Server, fed: str, closed: str) -> dict[str, grpc.Status
 
 
 async def test_input_call_rules(server: Server) -> None:
-    """One Input call per job; none to a job without stdin; only its owner's; grpcio's
+    """One Input call per job; none to a job without stdin; only its owner's (others get NOT_FOUND); grpcio's
     client-streaming call works against jobd's transport."""
     fed = (await server.client("start", "-i", "--", "sleep", "1000", stdin=b"")).stdout
     fed_id = fed.decode().strip()  # start -i with an empty stdin: EOF at once
@@ -270,7 +270,7 @@ async def test_input_call_rules(server: Server) -> None:
         "second": grpc.StatusCode.FAILED_PRECONDITION,
         "no_stdin": grpc.StatusCode.FAILED_PRECONDITION,
         "no_id": grpc.StatusCode.INVALID_ARGUMENT,
-        "bob": grpc.StatusCode.PERMISSION_DENIED,
+        "bob": grpc.StatusCode.NOT_FOUND,  # another user's job reads as missing
     }
     follow = await trio.lowlevel.open_process(
         [*server.client_argv(), "logs", "-f", kept.id],
@@ -481,7 +481,7 @@ async def test_contexts_from_a_temporary_home_and_another_directory(
     assert (waited.rc, waited.stdout) == (0, b"exited (code 0)\n")
     # --user takes the certificate beside the context's: bob does not see alice's job.
     bob = await _client_in(home, elsewhere, "--user", "bob", "status", job)
-    assert bob.rc == 1 and "PERMISSION_DENIED" in bob.err
+    assert bob.rc == 1 and "NOT_FOUND" in bob.err
     again = await _client_in(home, certs, "context", "add", "dev", "--server", "x:1",
                              "--ca", "ca.pem", "--cert", "bob.pem", "--key", "bob.key")  # fmt: skip
     assert again.rc == 1 and "--replace" in again.err
@@ -496,9 +496,9 @@ async def test_contexts_from_a_temporary_home_and_another_directory(
         f"*  dev   {server.address}  {certs}/alice.pem\n"
     )
     as_bob = await _client_in(home, elsewhere, "--context", "bob", "status", job)
-    assert as_bob.rc == 1 and "PERMISSION_DENIED" in as_bob.err
+    assert as_bob.rc == 1 and "NOT_FOUND" in as_bob.err
     by_env = await _client_in(home, elsewhere, "status", job, JOBD_CLIENT_CONTEXT="bob")
-    assert by_env.rc == 1 and "PERMISSION_DENIED" in by_env.err
+    assert by_env.rc == 1 and "NOT_FOUND" in by_env.err
     assert (await _client_in(home, elsewhere, "context", "use", "bob")).rc == 0
     assert (await _client_in(home, elsewhere, "status", job)).rc == 1
     assert (await _client_in(home, elsewhere, "context", "rm", "bob")).rc == 0

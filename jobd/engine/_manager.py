@@ -25,7 +25,7 @@ import signal
 import stat
 import time
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -46,10 +46,12 @@ from ._errors import (
     NotFound,
     ResourceExhausted,
     Unavailable,
+    exhausted,
 )
 from ._lock import lock_directory
 from ._output import MAX_CHUNK, OutputStore
-from ._records import Records
+from ._quota import Quota
+from ._records import JobPage, Records
 from ._retention import OutputSpace, default_max_data
 from ._stdin import StdinPipe
 from ._store import Put, StoreError
@@ -75,6 +77,22 @@ def _host_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def _pid_max() -> int:
+    try:
+        return int(Path("/proc/sys/kernel/pid_max").read_text())
+    except (OSError, ValueError):
+        return 32768
+
+
+# Per-job maxima that leave the host alive however many jobs ask for them: a quarter of the
+# kernel's pid space, three quarters of its memory (issue 9: they were all of each).
+DEFAULT_MAX_PIDS_FRACTION = 4
+DEFAULT_MAX_MEMORY_FRACTION = 0.75
+# A job's soft RLIMIT_NOFILE, as systemd gives services (select() breaks above 1024); the
+# hard limit stays the server's, so a job that needs more can raise its own.
+DEFAULT_JOB_NOFILE = 1024
+
+
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
     """How the engine runs jobs. Limits of 0 mean "none"."""
@@ -91,10 +109,16 @@ class EngineConfig:
     max_limits: Limits = field(
         default_factory=lambda: Limits(
             cpus=float(os.cpu_count() or 1),
-            memory_bytes=_host_memory(),
-            pids=32768,
+            memory_bytes=int(_host_memory() * DEFAULT_MAX_MEMORY_FRACTION),
+            pids=max(_pid_max() // DEFAULT_MAX_PIDS_FRACTION, 1024),
         )
     )
+    # Running jobs in all and per owner (0: no limit); a Start past them: ResourceExhausted.
+    max_jobs: int = 1000
+    max_jobs_per_user: int = 100
+    job_nofile: int = DEFAULT_JOB_NOFILE  # soft RLIMIT_NOFILE of each job (0: the server's)
+    # Called with the final JobInfo once each job has ended (the server's audit log).
+    on_job_end: Callable[[JobInfo], None] | None = None
     stop_grace: float = 5.0
     io_devices: tuple[str, ...] | None = None  # None: the disk holding data_dir
     # Output bounds (jobd/engine/_retention.py): one job's kept output, and all jobs' output
@@ -130,6 +154,9 @@ class EngineConfig:
             )
         if self.max_job_output < 0 or (self.max_data or 0) < 0:
             raise JobdError("--max-job-output and --max-data must be >= 0 (0: no bound)")
+        for name in ("max_jobs", "max_jobs_per_user", "job_nofile"):
+            if getattr(self, name) < 0:
+                raise JobdError(f"{name} must be >= 0, not {getattr(self, name)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +185,6 @@ class _Job:
         self.kill_at: AsyncValue[float] = AsyncValue(math.inf)
         self.stop_reason = EndReason.UNSPECIFIED  # set by the first stop request
         self.failed = False  # a task of jobd's own failed for it (logged)
-        self.recorded = True  # False: its Start could not be recorded; leave no record
         self.final: JobInfo | None = None
         self.ended = trio.Event()
         self.stdin: StdinPipe | None = None  # started with stdin: the pipe Input feeds
@@ -212,15 +238,6 @@ class _Job:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class JobPage:
-    """One page of List: `jobs` newest first; `more`: further jobs may match (ask again with
-    `before` = the last job's seq)."""
-
-    jobs: list[JobInfo]
-    more: bool
-
-
 class JobManager:
     """Start, stop, inspect and read jobs. Create with `open_job_manager`."""
 
@@ -232,6 +249,9 @@ class JobManager:
         self._run_as = run_as
         self._records = records
         self._jobs: dict[str, _Job] = {}  # running jobs only
+        self._starting: set[str] = set()  # recorded, not yet running: not shown
+        self._limits: dict[Limits, Limits] = {}
+        self._quota = Quota(config.max_jobs, config.max_jobs_per_user)
         self._closing = False
         self._nursery: trio.Nursery | None = None
         self._shims: _shimpool.ShimPool | None = None  # set while the manager is open
@@ -267,6 +287,8 @@ class JobManager:
         job = self._jobs.get(job_id)
         if job is not None:
             return job.info()
+        if job_id in self._starting:
+            return None
         info = self._records.get(job_id)
         output = self._output.get(job_id)
         if info is not None and output is not None and output.start != info.output_start:
@@ -296,36 +318,12 @@ class JobManager:
         id_prefix: str = "",
         name: str = "",
     ) -> JobPage:
-        """Up to `limit` kept jobs with seq < `before` matching every filter, newest first.
-        Keyset paging on seq: a job started or ended meanwhile never shifts a later page."""
-        prefix = id_prefix.lower()
-        if prefix and (
-            len(prefix.replace("-", "")) < 4 or prefix.strip("0123456789abcdef-") != ""
-        ):
-            raise InvalidArgument(
-                f"id_prefix {id_prefix[:40]!r} must be at least 4 hex digits of a job id"
-            )
-        if limit < 1:
-            raise InvalidArgument(f"page size must be >= 1, not {limit}")
-        wanted = tuple((labels or {}).items())
-        out: list[JobInfo] = []
-        bound = math.inf if before is None else before
-        for job_id in self._records.newest_first(owner, bound):  # type: ignore[arg-type]
-            if prefix and not job_id.startswith(prefix):
-                continue
-            info = self._info(job_id)
-            if info is None:
-                continue
-            if states and info.state not in states:
-                continue
-            if name and info.name != name:
-                continue
-            if wanted and not all(pair in info.labels for pair in wanted):
-                continue
-            if len(out) == limit:
-                return JobPage(out, more=True)
-            out.append(info)
-        return JobPage(out, more=False)
+        """Up to `limit` kept jobs with seq < `before` matching every filter, newest first
+        (running ones as they are now). See `Records.page`."""
+        return self._records.page(
+            self._info, owner, before=before, limit=limit, states=states, labels=labels or {},
+            id_prefix=id_prefix, name=name,
+        )  # fmt: skip
 
     def read_output(
         self,
@@ -379,28 +377,14 @@ class JobManager:
         if self._records.remove(job_id) is not None:
             self._output.remove(job_id)
 
-    async def _expire(
-        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        """--keep-finished: forget each ended job that long after it ended."""
-        task_status.started()
-        keep = self._config.keep_finished
-        if not keep:
+    def _expired(self, job_id: str) -> None:
+        """--keep-finished passed for this ended job."""
+        if job_id in self._jobs:
             return
-        pending = self._records.ended_order
-        while True:
-            while pending and pending[0][0] + keep <= time.time():
-                _, job_id = pending.popleft()
-                if job_id not in self._jobs:
-                    try:
-                        self._forget(job_id)
-                    except OSError as exc:  # its files stay; never end the manager for it
-                        log.error("job %s: cannot remove its output: %s", job_id, exc)
-            if pending:
-                await trio.sleep(max(pending[0][0] + keep - time.time(), 0.0))
-            else:
-                self._records.ended_added = trio.Event()
-                await self._records.ended_added.wait()
+        try:
+            self._forget(job_id)
+        except OSError as exc:  # its files stay; never end the manager for it
+            log.error("job %s: cannot remove its output: %s", job_id, exc)
 
     async def feed_stdin(self, job_id: str, chunks: AsyncIterable[bytes]) -> JobInfo:
         """Write chunks to the stdin of a job started with stdin, then close it (EOF); once
@@ -449,7 +433,11 @@ class JobManager:
             raise InvalidArgument(
                 f"limit memory_bytes={limits.memory_bytes} is below the minimum {MiB} (1 MiB)"
             )
-        return limits
+        # Most jobs share a few sets of limits: one object each for every record that has
+        # them (72 bytes less per kept job), in a cache of bounded size.
+        if len(self._limits) > 1024:
+            self._limits.clear()
+        return self._limits.setdefault(limits, limits)
 
     def _validate(
         self, command: Sequence[str], env: Mapping[str, str], working_dir: str
@@ -472,8 +460,9 @@ class JobManager:
             raise InvalidArgument("working_dir contains a NUL byte")
         if not os.path.isabs(cwd):
             raise InvalidArgument(f"working_dir {cwd!r} must be an absolute path")
-        if not os.path.isdir(cwd):
-            raise InvalidArgument(f"working_dir {cwd!r} does not exist or is not a directory")
+        # Whether it exists is checked by the shim's chdir, as the job's uid: checked here as
+        # root, "Permission denied" vs "does not exist" told anyone what root-only
+        # directories hold (issue 9).
         run_as = self._run_as
         full_env = {
             "PATH": DEFAULT_PATH,
@@ -520,18 +509,25 @@ class JobManager:
             uid=self._uid_for(owner),
         )
         self._check_name(record)
-        job = await self._start(record, full_env, stdin)
+        self._quota.admit(owner)  # released when the job ends (_ended)
+        # Recorded before it runs: its output cannot fill the disk before its record is in
+        # (a crash in between leaves a record that the next start-up calls SERVER_LOST).
+        record = dataclasses.replace(record, seq=self._records.next_seq(), started_at=time.time())
+        self._records.add(record)  # takes its name; hidden from queries until it runs
+        self._starting.add(record.id)
         try:
-            await self._records.write_durably(Put(job.start))
-        except StoreError as exc:
-            # Without a record a restart would lose it: end it and leave nothing.
-            log.error("job %s: cannot record its start, stopping it: %s", job.id, exc)
-            job.recorded = False
-            with trio.CancelScope(shield=True):
-                await self.stop(job.id, 0)
-            self._forget(job.id)
-            raise ResourceExhausted(f"cannot record the job in the data dir: {exc}") from exc
-        return job.start  # as it started (it may have ended while its record committed)
+            try:
+                await self._records.write_durably(Put(record))
+            except StoreError as exc:
+                raise ResourceExhausted(f"cannot record the job in the data dir: {exc}") from exc
+            job = await self._start(record, full_env, stdin)
+        except BaseException:
+            self._records.remove(record.id, forgotten=False)
+            self._quota.release(owner)
+            raise
+        finally:
+            self._starting.discard(record.id)
+        return job.start
 
     def _check_name(self, record: JobInfo) -> None:
         if record.name and self._records.named(record.owner, record.name) is not None:
@@ -557,7 +553,7 @@ class JobManager:
             # The kernel refused a value (e.g. a limit it cannot apply on this host).
             raise InvalidArgument(f"cannot apply limits {record.limits}: {exc}") from exc
         except OSError as exc:
-            raise _exhausted("create the job's cgroup", exc) from exc
+            raise exhausted("create the job's cgroup", exc) from exc
         output: OutputStore | None = None
         proc: trio.Process | None = None
         try:
@@ -567,20 +563,16 @@ class JobManager:
                     record.command, full_env, record.working_dir, cgroup, record.uid, stdin
                 )
             except OSError as exc:
-                raise _exhausted("start the job", exc) from exc
-            # A concurrent Start may have taken the name while this one spawned.
-            self._check_name(record)
+                raise exhausted("start the job", exc) from exc
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self._teardown(cgroup, proc, output, remove_output=True)
             raise
-        record = dataclasses.replace(record, seq=self._records.next_seq(), started_at=time.time())
         job = _Job(record, cgroup, output)
         job.proc = proc
         if proc.stdin is not None:
             job.stdin = StdinPipe(record.id, proc.stdin)
         self._jobs[record.id] = job
-        self._records.add(record)
         # No checkpoint since the shim's verdict: the job is registered and owned by the
         # nursery atomically, so a cancellation cannot leave it half-created.
         self._nursery.start_soon(self._supervise, job, name=f"job {record.id}")
@@ -603,6 +595,7 @@ class JobManager:
             "cwd": cwd,
             "argv": list(argv),
             "env": env,
+            "nofile": self._config.job_nofile,
         }
         # A pre-started shim (its interpreter has already booted), or a new one.
         if stdin:
@@ -644,6 +637,10 @@ class JobManager:
                 )
             return InvalidArgument(f"cannot execute {program!r} as user {user}: {error}")
         if stage == "chdir":
+            if report["errno"] in (errno.ENOENT, errno.ENOTDIR):
+                return InvalidArgument(
+                    f"working_dir {cwd!r} does not exist or is not a directory (for user {user})"
+                )
             return InvalidArgument(f"cannot use working_dir {cwd!r} as user {user}: {error}")
         return CgroupError(f"job setup failed ({stage} {what}): {error}")
 
@@ -669,8 +666,10 @@ class JobManager:
                 # behind. The pumps see EOF once the last holder of the pipes is dead.
                 job.cgroup.signal_all(signal.SIGKILL)
                 await job.cgroup.wait_empty()
-                # Nobody is left to write: a pump waiting for disk room gives up, so it ends.
-                job.output.stop_waiting()
+                # Output still in the pipes is kept, waiting for disk room if need be; but a
+                # stopped job ends now (what cannot be stored then is lost, and logged).
+                if job.stop_requested:
+                    job.output.stop_waiting()
         except Exception:
             job.failed = True
             log.exception("job %s failed inside jobd; killing it", job.id)
@@ -763,9 +762,14 @@ class JobManager:
         assert job.final is not None
         if self._jobs.get(job.id) is job:
             del self._jobs[job.id]
-        if job.recorded:
-            self._records.ended(job.final)
+        self._records.ended(job.final)
         job.ended.set()
+        self._quota.release(job.start.owner)
+        if self._config.on_job_end is not None:
+            try:
+                self._config.on_job_end(job.final)
+            except Exception:
+                log.exception("on_job_end failed for job %s", job.id)
 
     def _request_stop(self, job: _Job, grace: float, reason: EndReason) -> None:
         if job.ended.is_set():
@@ -791,6 +795,8 @@ class JobManager:
         if job is None:
             return info
         self._request_stop(job, grace, reason)
+        if job.proc is not None and job.proc.returncode is not None:
+            job.output.stop_waiting()  # only its output, blocked on a full disk, is left
         await job.ended.wait()
         assert job.final is not None
         return job.final
@@ -801,23 +807,6 @@ class JobManager:
                 nursery.start_soon(
                     partial(self.stop, job.id, grace, reason=EndReason.SERVER_SHUTDOWN)
                 )
-
-
-def _exhausted(what: str, exc: OSError) -> JobdError:
-    """An OSError on a Start: RESOURCE_EXHAUSTED naming the cause when the host ran out of
-    something; else a server failure that says what failed."""
-    causes = {
-        errno.EMFILE: "jobd has too many open files (raise its LimitNOFILE / ulimit -n)",
-        errno.ENFILE: "the host has too many open files (fs.file-max)",
-        errno.ENOSPC: "no space or inodes left on the data dir's filesystem",
-        errno.EDQUOT: "the data dir's disk quota is exhausted",
-        errno.ENOMEM: "the host is out of memory",
-        errno.EAGAIN: "the host cannot create more processes or threads now",
-    }
-    cause = causes.get(exc.errno or 0)
-    if cause is None:
-        return JobdError(f"cannot {what}: {exc}")
-    return ResourceExhausted(f"cannot {what}: {cause} ({exc.strerror})")
 
 
 def _resolve_run_as(name: str | None) -> _RunAs:
@@ -889,7 +878,7 @@ def _prune_output(space: OutputSpace, kept: set[str]) -> None:
     for job_id in stale:
         space.remove(job_id)
     if stale:
-        log.warning("removed the output of %d job(s) left by a previous jobd", len(stale))
+        log.warning("removed the output of %d job(s) that no record keeps", len(stale))
 
 
 @asynccontextmanager
@@ -942,7 +931,7 @@ async def open_job_manager(config: EngineConfig) -> AsyncIterator[JobManager]:
                 log.warning("job %s was running when its server died: recorded KILLED", job.id)
         async with trio.open_nursery() as upkeep:
             await upkeep.start(records.run)
-            await upkeep.start(manager._expire)
+            await upkeep.start(records.expire, config.keep_finished, manager._expired)
             try:
                 async with trio.open_nursery() as nursery:
                     manager._nursery = nursery
