@@ -255,8 +255,8 @@ def _input_codes(server: Server, fed: str, closed: str) -> dict[str, grpc.Status
 
 
 async def test_input_call_rules(server: Server) -> None:
-    """One Input call per job; none to a job without stdin; only its owner's (others get NOT_FOUND); grpcio's
-    client-streaming call works against jobd's transport."""
+    """One Input call per job; none to a job without stdin; only its owner's (to others it
+    is NOT_FOUND); grpcio's client-streaming call works against jobd's transport."""
     fed = (await server.client("start", "-i", "--", "sleep", "1000", stdin=b"")).stdout
     fed_id = fed.decode().strip()  # start -i with an empty stdin: EOF at once
     closed = await server.start_job("sleep", "1000")  # no stdin
