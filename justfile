@@ -16,9 +16,11 @@ install:
 proto:
     {{python}} tools/gen_proto.py
 
-# create development certificates in certs/ (kept if present; --force to replace)
+# create development certificates in certs/ (kept if present; --force to replace), and
+# register them as the client context `dev` (current if there is none), for any directory
 certs *args:
     {{python}} tools/devcerts.py --dir certs "$@"
+    {{venv}}/jobd-client context add dev --replace --server 127.0.0.1:9090 --ca "{{justfile_directory()}}/certs/ca.pem" --cert "{{justfile_directory()}}/certs/alice.pem" --key "{{justfile_directory()}}/certs/alice.key"
 
 # ruff, mypy and the import contracts
 lint:

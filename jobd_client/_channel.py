@@ -14,6 +14,10 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import h2.config
+import h2.connection
+import h2.events
+import purerpc
 import trio
 from anyio.abc import ByteStream
 from anyio.streams.tls import TLSAttribute
@@ -78,6 +82,43 @@ class _Watched:
         return ConnectionLost(answered=self._answered, reset=reset)
 
 
+class _H2Connection(h2.connection.H2Connection):  # type: ignore[misc]  # h2 is untyped
+    """h2 3.2 closes the whole connection when a GOAWAY arrives, and then refuses the frames
+    that follow on the streams the GOAWAY let finish: a call in flight during a server's
+    graceful shutdown failed with "Invalid input ConnectionInputs.RECV_DATA in state
+    ConnectionState.CLOSED" instead of the status the server sent (UNAVAILABLE "server is
+    shutting down"). RFC 7540 6.8: streams up to the GOAWAY's last stream id go on; so the
+    state machine stays open, and no new stream is started (`_ClientSocket`)."""
+
+    goaway_received = False
+
+    def _receive_goaway_frame(self, frame: Any) -> tuple[list[Any], list[Any]]:
+        self.goaway_received = True
+        event = h2.events.ConnectionTerminated()
+        event.error_code = frame.error_code
+        event.last_stream_id = frame.last_stream_id
+        event.additional_data = frame.additional_data or None
+        return [], [event]
+
+
+class _ClientSocket(GRPCProtoSocket):  # type: ignore[misc]  # purerpc is untyped
+    """purerpc's client socket on `_H2Connection`."""
+
+    def __init__(self, config: GRPCConfiguration, sock: Any) -> None:
+        super().__init__(config, sock)
+        connection = self._grpc_connection
+        connection.h2_connection = _H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
+        )
+        connection.h2_connection.clear_outbound_data_buffer()
+        connection._set_h2_connection_local_settings()
+
+    async def start_request(self, *args: Any, **kwargs: Any) -> Any:
+        if self._grpc_connection.h2_connection.goaway_received:
+            raise purerpc.UnavailableError("the server is shutting down (it sent GOAWAY)")
+        return await super().start_request(*args, **kwargs)
+
+
 class _Channel:
     """What `purerpc.Client` reads from a channel: the connection and the authority."""
 
@@ -107,7 +148,7 @@ async def open_job_service(
     try:
         if stream.extra(TLSAttribute.alpn_protocol, None) != "h2":
             raise NotGrpcError("it does not speak HTTP/2 (no ALPN h2): is it a jobd server?")
-        grpc_socket = GRPCProtoSocket(GRPCConfiguration(client_side=True), _Watched(stream))
+        grpc_socket = _ClientSocket(GRPCConfiguration(client_side=True), _Watched(stream))
         async with grpc_socket:
             yield JobServiceStub(_Channel(host, port, grpc_socket))  # type: ignore[no-untyped-call]
     finally:

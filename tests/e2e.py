@@ -84,9 +84,13 @@ class Server:
         return [CLIENT, "--server", self.address, "--ca", str(self.pki.dir / "ca.pem"),
                 "--cert", cert, "--key", key]
 
-    async def client(self, *args: str, user: str = "alice", check: bool = False) -> Result:
+    async def client(
+        self, *args: str, user: str = "alice", check: bool = False, stdin: bytes | None = None
+    ) -> Result:
+        """The client with stdin /dev/null (a pipe draws run's warning), or these bytes."""
         done = await trio.run_process(
             [*self.client_argv(user), *args],
+            stdin=subprocess.DEVNULL if stdin is None else stdin,
             capture_stdout=True, capture_stderr=True, check=False,
         )
         result = Result(done.returncode, done.stdout, done.stderr)

@@ -52,8 +52,13 @@ class Result:
         return self.stderr.decode()
 
 
+# No context of the machine's user applies: the config is looked for where none is.
+NO_CONFIG = str(Path(os.environ.get("TMPDIR", "/tmp")) / "jobd-test-no-config")
+
+
 def client_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("JOBD_")}
+    env["XDG_CONFIG_HOME"] = NO_CONFIG
     env.update(extra)
     return env
 
@@ -62,6 +67,7 @@ async def jobd_client(*args: str, cwd: Path, **env: str) -> Result:
     assert CLIENT.exists(), f"{CLIENT} missing: run `.venv/bin/pip install -e .`"
     done = await trio.run_process(
         [str(CLIENT), *args],
+        stdin=subprocess.DEVNULL,  # a pipe would draw run's "stdin is not sent" warning
         cwd=cwd,
         env=client_env(**env),
         capture_stdout=True,
@@ -146,7 +152,9 @@ async def test_group_help_has_a_line_per_command_and_examples(home: Path) -> Non
     text = (await jobd_client("--help", cwd=home)).stdout.decode()
     for name in ("start", "stop", "status", "logs", "list", "run"):
         assert f"\n  {name} " in text
-    assert "Examples:" in text and "JOBD_SERVER" in text and "--timeout" in text
+    assert "Examples:" in text and "JOBD_CLIENT_SERVER" in text and "--timeout" in text
+    for name in ("wait", "rm", "inspect", "context", "completion"):
+        assert f"\n  {name} " in text
     run_help = (await jobd_client("run", "--help", cwd=home)).stdout.decode()
     assert "Ctrl-C stops the job" in run_help and "130" in run_help
 
@@ -156,8 +164,8 @@ async def test_group_help_has_a_line_per_command_and_examples(home: Path) -> Non
     [
         (["start"], "Missing argument"),
         (["run"], "Missing argument"),
-        (["stop"], "Missing argument 'ID'"),
-        (["status"], "Missing argument 'ID'"),
+        (["stop"], "Missing argument 'ID...'"),
+        (["status"], "Missing argument 'ID...'"),
         (["logs", "-f"], "Missing argument 'ID'"),
         (["nosuch"], "No such command"),
         (["stop", "--grace", "soon", "x"], "'soon' is not a duration"),
@@ -193,7 +201,7 @@ async def test_options_stop_at_the_command(home: Path) -> None:
 @pytest.mark.parametrize("command", COMMANDS, ids=command_ids)
 async def test_connection_refused(home: Path, command: list[str]) -> None:
     port = free_port()
-    result = await jobd_client(*command, cwd=home, JOBD_SERVER=f"127.0.0.1:{port}")
+    result = await jobd_client(*command, cwd=home, JOBD_CLIENT_SERVER=f"127.0.0.1:{port}")
     assert one_error_line(result) == (
         f"cannot connect to the server at 127.0.0.1:{port}: connection refused "
         "(is `just serve` running?)"
@@ -258,7 +266,7 @@ async def hang_up(stream: trio.SSLStream[trio.SocketStream]) -> None:
 
 async def test_server_from_another_ca(home: Path, stranger: Path, nursery: trio.Nursery) -> None:
     port = await serve_tls(nursery, server_context(stranger), read_forever)
-    result = await jobd_client("list", cwd=home, JOBD_SERVER=f"127.0.0.1:{port}")
+    result = await jobd_client("list", cwd=home, JOBD_CLIENT_SERVER=f"127.0.0.1:{port}")
     message = one_error_line(result)
     assert message.startswith(f"TLS: cannot verify the server at 127.0.0.1:{port}: ")
     assert "certificate verify failed" in message
@@ -276,7 +284,7 @@ async def test_server_name_must_match(home: Path, nursery: trio.Nursery) -> None
     context = server_context(elsewhere, client_ca=home / "certs" / "ca.pem")
     port = await serve_tls(nursery, context, read_forever)
     result = await jobd_client(
-        "--ca", str(elsewhere / "ca.pem"), "list", cwd=home, JOBD_SERVER=f"127.0.0.1:{port}"
+        "--ca", str(elsewhere / "ca.pem"), "list", cwd=home, JOBD_CLIENT_SERVER=f"127.0.0.1:{port}"
     )
     assert "IP address mismatch" in one_error_line(result)
 
@@ -285,7 +293,7 @@ async def test_server_without_tls_1_3(home: Path, nursery: trio.Nursery) -> None
     context = server_context(home / "certs")
     context.minimum_version = context.maximum_version = ssl.TLSVersion.TLSv1_2
     port = await serve_tls(nursery, context, read_forever)
-    result = await jobd_client("list", cwd=home, JOBD_SERVER=f"127.0.0.1:{port}")
+    result = await jobd_client("list", cwd=home, JOBD_CLIENT_SERVER=f"127.0.0.1:{port}")
     # trio sends no alert when a handshake fails: the connection just ends
     assert one_error_line(result) == (
         f"the server at 127.0.0.1:{port} closed the connection during the TLS handshake: "
@@ -301,7 +309,7 @@ async def test_server_that_distrusts_our_certificate(
     reader task, so inside an exception group)."""
     context = server_context(home / "certs", client_ca=stranger / "ca.pem")
     port = await serve_tls(nursery, context, read_forever)
-    result = await jobd_client("list", cwd=home, JOBD_SERVER=f"127.0.0.1:{port}")
+    result = await jobd_client("list", cwd=home, JOBD_CLIENT_SERVER=f"127.0.0.1:{port}")
     message = one_error_line(result)
     assert message.startswith(f"the server at 127.0.0.1:{port} ")
     assert message.endswith(
@@ -311,7 +319,7 @@ async def test_server_that_distrusts_our_certificate(
 
 async def test_tls_server_that_is_not_grpc(home: Path, nursery: trio.Nursery) -> None:
     port = await serve_tls(nursery, server_context(home / "certs", alpn=False), read_forever)
-    result = await jobd_client("list", cwd=home, JOBD_SERVER=f"127.0.0.1:{port}")
+    result = await jobd_client("list", cwd=home, JOBD_CLIENT_SERVER=f"127.0.0.1:{port}")
     assert one_error_line(result) == (
         f"the server at 127.0.0.1:{port}: it does not speak HTTP/2 (no ALPN h2): "
         "is it a jobd server?"
@@ -322,12 +330,12 @@ async def test_tls_server_that_is_not_grpc(home: Path, nursery: trio.Nursery) ->
 async def test_server_that_never_answers(
     home: Path, nursery: trio.Nursery, command: list[str]
 ) -> None:
-    """--timeout/JOBD_TIMEOUT (default 10 s) bounds each unary call, and each wait for output
+    """--timeout/JOBD_CLIENT_TIMEOUT (default 10 s) bounds each unary call, and each wait for output
     when not following."""
     port = await serve_tls(nursery, server_context(home / "certs"), read_forever)
     with trio.fail_after(60):  # a hang guard only
         result = await jobd_client(
-            *command, cwd=home, JOBD_SERVER=f"127.0.0.1:{port}", JOBD_TIMEOUT="0.3"
+            *command, cwd=home, JOBD_CLIENT_SERVER=f"127.0.0.1:{port}", JOBD_CLIENT_TIMEOUT="0.3"
         )
     assert one_error_line(result) == f"the server at 127.0.0.1:{port} did not answer within 0.3 s"
 
@@ -338,7 +346,7 @@ async def test_server_that_hangs_up(home: Path, nursery: trio.Nursery, command: 
     alone would wait forever)."""
     port = await serve_tls(nursery, server_context(home / "certs"), hang_up)
     with trio.fail_after(60):  # a hang guard only
-        result = await jobd_client(*command, cwd=home, JOBD_SERVER=f"127.0.0.1:{port}")
+        result = await jobd_client(*command, cwd=home, JOBD_CLIENT_SERVER=f"127.0.0.1:{port}")
     assert one_error_line(result) == f"the server at 127.0.0.1:{port} closed the connection"
 
 
@@ -467,7 +475,7 @@ class Fake:
 
     async def client(self, *args: str, **env: str) -> Result:
         with trio.fail_after(10):
-            return await jobd_client(*args, cwd=self.home, JOBD_SERVER=self.server, **env)
+            return await jobd_client(*args, cwd=self.home, JOBD_CLIENT_SERVER=self.server, **env)
 
 
 @pytest.fixture
@@ -497,11 +505,11 @@ async def test_start_sends_the_command_and_limits(fake: Fake) -> None:
 
 
 async def test_choosing_the_certificate(fake: Fake) -> None:
-    """--user on the command line beats JOBD_CERT/JOBD_KEY; those beat JOBD_USER."""
-    env = {"JOBD_CERT": "nosuch.pem", "JOBD_KEY": "nosuch.key"}
+    """--user on the command line beats JOBD_CLIENT_CERT/_KEY; those beat JOBD_CLIENT_USER."""
+    env = {"JOBD_CLIENT_CERT": "nosuch.pem", "JOBD_CLIENT_KEY": "nosuch.key"}
     assert (await fake.client("--user", "bob", "list", **env)).code == 0
     assert one_error_line(await fake.client("list", **env)) == "no certificate at nosuch.pem"
-    assert one_error_line(await fake.client("list", JOBD_USER="carol")) == (
+    assert one_error_line(await fake.client("list", JOBD_CLIENT_USER="carol")) == (
         "no certificate at certs/carol.pem: run `just certs` or pass --cert/--key"
     )
     assert (
@@ -526,9 +534,11 @@ async def test_start_without_limits_leaves_them_to_the_server(fake: Fake) -> Non
     ],
 )
 async def test_status_words(fake: Fake, fields: dict[str, Any], word: str) -> None:
+    """The word, and the exit code `wait` would give (0 while it runs)."""
     job = fake.service.add(**fields)
     result = await fake.client("status", job.id)
-    assert (result.code, result.stdout, result.stderr) == (0, f"{word}\n".encode(), b"")
+    code = fmt.exit_status(job)
+    assert (result.code, result.stdout, result.stderr) == (code, f"{word}\n".encode(), b"")
 
 
 async def test_status_json(fake: Fake) -> None:
@@ -540,13 +550,20 @@ async def test_status_json(fake: Fake) -> None:
     assert data["started_at"] == "2023-11-14T22:13:20Z" and "usage" in data
 
 
+NOSUCH = "00000000-0000-4000-8000-000000000000"
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["status", "nosuch"], "NOT_FOUND: no job nosuch"),
-        (["stop", "nosuch"], "NOT_FOUND: no job nosuch"),
-        (["logs", "nosuch"], "NOT_FOUND: no job nosuch"),
-        (["logs", "-f", "nosuch"], "NOT_FOUND: no job nosuch"),
+        (["status", NOSUCH], f"NOT_FOUND: no job {NOSUCH}"),
+        (["stop", NOSUCH], f"NOT_FOUND: no job {NOSUCH}"),
+        (["logs", NOSUCH], f"NOT_FOUND: no job {NOSUCH}"),
+        (["logs", "-f", NOSUCH], f"NOT_FOUND: no job {NOSUCH}"),
+        (["status", "nosuch"], "no job named 'nosuch' (and it is not an id or id prefix)"),
+        (["wait", "abc"], "no job named 'abc'; as an id prefix it is too short: give at least "
+         "4 characters of the id"),
+        (["rm", "abcd"], "no job with the name or id prefix 'abcd'"),
         (["start", "--", ""], "INVALID_ARGUMENT: empty command"),
         (["run", "--", ""], "INVALID_ARGUMENT: empty command"),
     ],
@@ -597,7 +614,8 @@ async def test_logs_offset_and_follow(fake: Fake) -> None:
     skip = len(OUTPUT[0][1])
     result = await fake.client("logs", "-f", "--offset", str(skip), job.id)
     assert result.code == 0 and result.stdout == b"no newline"
-    assert fake.service.requests[-1] == pb.OutputRequest(id=job.id, follow=True, offset=skip)
+    output = [r for r in fake.service.requests if isinstance(r, pb.OutputRequest)]
+    assert output == [pb.OutputRequest(id=job.id, follow=True, offset=skip)]
 
 
 async def test_logs_stream_ended_by_the_server(fake: Fake) -> None:
@@ -609,11 +627,14 @@ async def test_logs_stream_ended_by_the_server(fake: Fake) -> None:
     assert one_error_line(result) == "UNAVAILABLE: server shutting down"
 
 
+LIST_HEADER = ["ID", "NAME", "OWNER", "STATUS", "STARTED", "DURATION", "COMMAND"]
+
+
 async def test_list_table_and_json(fake: Fake) -> None:
     first = fake.service.add(state=pb.EXITED, exit_code=0, command=["echo", "a b"])
     second = fake.service.add(state=pb.RUNNING, command=["sleep", "60"])
     table = (await fake.client("list")).stdout.decode().splitlines()
-    assert table[0].split() == ["ID", "OWNER", "STATUS", "STARTED", "COMMAND"]
+    assert table[0].split() == LIST_HEADER
     assert table[1].startswith(first.id) and table[1].endswith("echo 'a b'")
     assert "exited (code 0)" in table[1] and "running" in table[2]
     assert table[0].index("OWNER") == table[1].index("alice") == table[2].index("alice")
@@ -623,24 +644,36 @@ async def test_list_table_and_json(fake: Fake) -> None:
 
 async def test_list_empty(fake: Fake) -> None:
     result = await fake.client("list")
-    assert result.stdout.decode().split() == ["ID", "OWNER", "STATUS", "STARTED", "COMMAND"]
+    assert result.stdout.decode().split() == LIST_HEADER
 
 
 @pytest.mark.parametrize(
-    ("end", "code"),
+    ("end", "code", "note"),
     [
-        ({"state": pb.EXITED, "exit_code": 0}, 0),
-        ({"state": pb.EXITED, "exit_code": 3}, 3),
-        ({"state": pb.STOPPED, "signal": 15}, 128 + 15),
-        ({"state": pb.KILLED, "signal": 9, "usage": pb.Usage(oom_kills=2)}, 137),
+        ({"state": pb.EXITED, "exit_code": 0}, 0, ""),
+        ({"state": pb.EXITED, "exit_code": 3}, 3, ""),
+        ({"state": pb.STOPPED, "signal": 15}, 128 + 15,
+         "was stopped by a stop request (signal 15 (SIGTERM))"),
+        ({"state": pb.KILLED, "signal": 9, "usage": pb.Usage(oom_kills=2)}, 137,
+         "was oom-killed: it reached its memory limit"),
     ],
-)
-async def test_run_exits_with_the_jobs_code(fake: Fake, end: dict[str, Any], code: int) -> None:
+)  # fmt: skip
+async def test_run_exits_with_the_jobs_code(
+    fake: Fake, end: dict[str, Any], code: int, note: str
+) -> None:
+    """The job's stderr byte for byte, then (when it did not exit by itself) one line."""
     fake.service.next_plan = Plan(chunks=OUTPUT, end=end)
     result = await fake.client("run", "--memory", "1G", "--", "job", "arg")
     assert result.code == code, result
     assert result.stdout == b"out \xff\x00 one\nno newline"
-    assert result.stderr == b"err \x80 one\n\r\n\x1b[31m"
+    job_stderr = b"err \x80 one\n\r\n\x1b[31m"
+    assert result.stderr.startswith(job_stderr)
+    tail = result.stderr[len(job_stderr) :].decode()
+    if note:
+        assert tail.startswith("jobd-client: job ") and tail.endswith(f" {note}\n"), tail
+        assert tail.count("\n") == 1
+    else:
+        assert tail == ""
 
 
 async def start_client(
@@ -651,8 +684,9 @@ async def start_client(
         functools.partial(
             trio.run_process,
             [str(CLIENT), *args],
+            stdin=subprocess.DEVNULL,
             cwd=cwd,
-            env=client_env(JOBD_SERVER=server),
+            env=client_env(JOBD_CLIENT_SERVER=server),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             check=False,
@@ -733,8 +767,9 @@ async def test_closed_stdout_ends_quietly(fake: Fake, command: str, code: int) -
         with trio.fail_after(10):
             done = await trio.run_process(
                 [str(CLIENT), *args],
+                stdin=subprocess.DEVNULL,
                 cwd=fake.home,
-                env=client_env(JOBD_SERVER=fake.server),
+                env=client_env(JOBD_CLIENT_SERVER=fake.server),
                 stdout=write_end,
                 capture_stderr=True,
                 check=False,
@@ -803,7 +838,9 @@ def test_parse_duration_rejects(text: str) -> None:
     ("fields", "word", "code"),
     [
         ({"state": pb.STATE_UNSPECIFIED}, "unknown", 1),
-        ({"state": pb.RUNNING}, "running", 1),
+        ({"state": pb.RUNNING}, "running", 0),
+        # A job that trapped SIGTERM and exited 7 by itself: stopped, with its own code.
+        ({"state": pb.STOPPED, "exit_code": 7}, "stopped (signal 0)", 7),
         ({"state": pb.EXITED}, "exited (code 0)", 0),
         ({"state": pb.EXITED, "exit_code": 255}, "exited (code 255)", 255),
         ({"state": pb.STOPPED, "signal": 15}, "stopped (signal 15)", 143),
@@ -856,3 +893,100 @@ def test_describe_tls_alerts(reason: str, says: str) -> None:
     error = ssl.SSLError(1, f"[SSL: {reason}] ...")
     error.reason = reason
     assert describe(error, "h:1", 10) == f"TLS with the server at h:1 failed: {says}"
+
+
+# --- golden output of the human formats, against the fake ----------------------------------
+
+
+def _ended_job(service: FakeJobService, job_id: str, **fields: Any) -> pb.Job:
+    job = pb.Job(id=job_id, owner="alice", **fields)
+    job.started_at.FromSeconds(1_700_000_000)
+    service.jobs[job.id] = job
+    service.plans[job.id] = Plan()
+    service.stopped[job.id] = trio.Event()
+    return job
+
+
+async def test_list_table_golden(fake: Fake) -> None:
+    a = _ended_job(fake.service, "6f1c0000-0000-4000-8000-000000000001", name="build",
+                   command=["make", "-j4"], state=pb.EXITED, exit_code=2)
+    a.ended_at.FromSeconds(1_700_000_000 + 184)
+    b = _ended_job(fake.service, "6f1c1111-0000-4000-8000-000000000002",
+                   command=["sh", "-c", "sleep 9; echo 'a b'"], state=pb.STOPPED, signal=15)
+    b.started_at.FromSeconds(1_700_000_060)
+    b.ended_at.FromNanoseconds(1_700_000_060 * 10**9 + 1_500_000_000)
+    result = await fake.client("list", TZ="UTC")
+    assert result.stdout.decode() == (
+        "ID                                    NAME   OWNER  STATUS               STARTED              DURATION  COMMAND\n"  # noqa: E501
+        "6f1c0000-0000-4000-8000-000000000001  build  alice  exited (code 2)      2023-11-14 22:13:20  3m04s     make -j4\n"  # noqa: E501
+        "6f1c1111-0000-4000-8000-000000000002  -      alice  stopped (signal 15)  2023-11-14 22:14:20  1.5s      sh -c 'sleep 9; echo '\"'\"'a b'\"'\"''\n"  # noqa: E501
+    )
+    quiet = await fake.client("list", "-q", "--state", "stopped")
+    assert quiet.stdout.decode() == f"{b.id}\n"
+    # An ambiguous id prefix lists its candidates; a unique one (or the name) resolves.
+    ambiguous = await fake.client("status", "6f1c")
+    assert one_error_line(ambiguous) == (
+        f"the id prefix '6f1c' matches 2 jobs: {a.id} (alice, build), {b.id} (alice); "
+        "give more of it"
+    )
+    assert (await fake.client("status", "6f1c1")).stdout == b"stopped (signal 15)\n"
+    missing = await fake.client("status", "6f1c2")
+    assert one_error_line(missing) == "no job with the name or id prefix '6f1c2'"
+    assert (await fake.client("status", "build")).stdout == b"exited (code 2)\n"
+    several = await fake.client("status", "build", b.id)
+    assert several.code == 2  # the first given that is not 0: build's exit code
+    assert several.stdout.decode() == f"build  exited (code 2)\n{b.id}  stopped (signal 15)\n"
+
+
+@pytest.mark.parametrize(
+    ("fields", "says"),
+    [
+        ({"state": pb.EXITED, "reason": pb.END_REASON_EXIT, "exit_code": 3}, ""),
+        ({"state": pb.KILLED, "reason": pb.END_REASON_OOM, "signal": 9,
+          "limits": pb.Limits(memory_bytes=32 << 20)},
+         "was oom-killed: it reached its memory limit (32M)"),
+        ({"state": pb.KILLED, "reason": pb.END_REASON_SIGNAL, "signal": 11},
+         "was killed by signal 11 (SIGSEGV)"),
+        ({"state": pb.STOPPED, "reason": pb.END_REASON_STOP, "signal": 15},
+         "was stopped by a stop request (signal 15 (SIGTERM))"),
+        ({"state": pb.STOPPED, "reason": pb.END_REASON_TIMEOUT, "signal": 15,
+          "timeout": {"seconds": 90}},
+         "was stopped: it ran past its timeout of 1m30s"),
+        ({"state": pb.STOPPED, "reason": pb.END_REASON_SERVER_SHUTDOWN, "signal": 15},
+         "was stopped: the server shut down while it ran"),
+        ({"state": pb.KILLED, "reason": pb.END_REASON_SERVER_LOST, "signal": 9},
+         "was killed: its server died while it ran"),
+        # A server that sends no reason: the state says it.
+        ({"state": pb.KILLED, "signal": 9, "usage": pb.Usage(oom_kills=1)},
+         "was oom-killed: it reached its memory limit"),
+    ],
+)  # fmt: skip
+def test_end_note_for_every_reason(fields: dict[str, Any], says: str) -> None:
+    job = pb.Job(id="j", **fields)
+    assert fmt.end_note(job) == (f"job j {says}" if says else "")
+
+
+def test_summary_and_units_golden() -> None:
+    job = pb.Job(id="j", state=pb.EXITED, usage=pb.Usage(cpu_usec=450_000,
+                                                         memory_peak_bytes=12_900_000))
+    job.started_at.FromSeconds(100)
+    job.ended_at.FromNanoseconds(101_234_000_000)
+    assert fmt.summary(job) == "job j exited (code 0); ran 1.23s, CPU 450ms, peak memory 12.3M"
+    assert [fmt.size(n) for n in (0, 1023, 1024, 1536, 25_276_000_000, 1 << 40)] == [
+        "0B", "1023B", "1K", "1.5K", "23.5G", "1T"]  # fmt: skip
+    assert fmt.limit_message(
+        "INVALID_ARGUMENT: limit memory_bytes=1.09951e+12 exceeds the server maximum 2.5276e+10",
+        {"--memory": "1T"},
+    ) == "INVALID_ARGUMENT: --memory 1T exceeds the server's maximum 23.5G"
+    # A limit the user did not give (the server's own default) keeps the server's words.
+    raw = "limit pids=5000 exceeds the server maximum 100"
+    assert fmt.limit_message(raw, {}) == raw
+
+
+def test_chunk_json_golden() -> None:
+    chunk = pb.OutputChunk(data=b"h\xffi\n", stream=pb.STDERR, offset=7)
+    chunk.time.FromNanoseconds(1_700_000_000_123_456_789)
+    assert fmt.chunk_json(chunk) == (
+        '{"log": "h\\udcffi\\n", "stream": "stderr", "time": "2023-11-14T22:13:20.123456Z", '
+        '"offset": 7, "log_base64": "aP9pCg=="}'
+    )

@@ -25,7 +25,7 @@ import signal
 import stat
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -53,6 +53,7 @@ from ._output import MAX_CHUNK, OutputStore
 from ._quota import Quota
 from ._records import JobPage, Records
 from ._retention import OutputSpace, default_max_data
+from ._stdin import StdinPipe
 from ._store import Put, StoreError
 from ._types import Chunk, EndReason, JobInfo, Limits, Network, State, Stream, Usage
 from ._uidrange import claim_uid_range, release_uid_range
@@ -199,6 +200,7 @@ class _Job:
         self.failed = False  # a task of jobd's own failed for it (logged)
         self.final: JobInfo | None = None
         self.ended = trio.Event()
+        self.stdin: StdinPipe | None = None  # started with stdin: the pipe Input feeds
 
     @property
     def stop_requested(self) -> bool:
@@ -398,6 +400,25 @@ class JobManager:
         except OSError as exc:  # its files stay; never end the manager for it
             log.error("job %s: cannot remove its output: %s", job_id, exc)
 
+    async def feed_stdin(self, job_id: str, chunks: AsyncIterable[bytes]) -> JobInfo:
+        """Write chunks to the stdin of a job started with stdin, then close it (EOF); once
+        per job. Returns the job's state when done (early if the job stopped reading; at
+        once if it has ended)."""
+        info = self.status(job_id)
+        job = self._jobs.get(info.id)
+        if job is None:
+            return info  # ended: its stdin is gone with it
+        if job.stdin is None:
+            raise FailedPrecondition(
+                f"job {job.id} was started without stdin: start it with stdin "
+                "(`jobd-client run -i`) to send it input"
+            )
+        job.stdin.claim()
+        if not job.ended.is_set():
+            await job.stdin.feed(chunks)
+        job.stdin.close()
+        return job.info()
+
     # ----------------------------------------------------------------- start
 
     def effective_limits(self, requested: Limits) -> Limits:
@@ -481,9 +502,11 @@ class JobManager:
         labels: Mapping[str, str] | None = None,
         timeout: float = 0.0,  # noqa: ASYNC109  (the job's run time, not this call's)
         network: int = Network.UNSPECIFIED,  # a Network; any other number is refused
+        stdin: bool = False,
     ) -> JobInfo:
         """Start a job; returns once the command is executing and its record committed (or
-        raises, creating nothing)."""
+        raises, creating nothing). With stdin, the job's stdin is a pipe that `feed_stdin`
+        fills (else /dev/null)."""
         if self._closing or self._nursery is None:
             raise Unavailable("jobd is shutting down and starts no new jobs")
         argv, full_env, cwd = self._validate(command, env or {}, working_dir)
@@ -513,7 +536,7 @@ class JobManager:
                 await self._records.write_durably(Put(record))
             except StoreError as exc:
                 raise ResourceExhausted(f"cannot record the job in the data dir: {exc}") from exc
-            job = await self._start(record, full_env)
+            job = await self._start(record, full_env, stdin)
         except BaseException:
             self._records.remove(record.id, forgotten=False)
             self._quota.release(owner)
@@ -552,7 +575,7 @@ class JobManager:
             return self._run_as.uid
         return self._records.uid_for(owner)
 
-    async def _start(self, record: JobInfo, full_env: dict[str, str]) -> _Job:
+    async def _start(self, record: JobInfo, full_env: dict[str, str], stdin: bool = False) -> _Job:
         assert self._nursery is not None
         cgroup: JobCgroup | ProcessGroup = (
             self._tree.leaf(record.id) if self._tree else ProcessGroup(record.id)
@@ -571,7 +594,7 @@ class JobManager:
                 output = self._output.create(record.id)  # ResourceExhausted when it cannot
                 proc = await self._spawn(
                     record.command, full_env, record.working_dir, cgroup, record.uid,
-                    record.network,
+                    record.network, stdin,
                 )
             except OSError as exc:
                 raise exhausted("start the job", exc) from exc
@@ -581,6 +604,8 @@ class JobManager:
             raise
         job = _Job(record, cgroup, output)
         job.proc = proc
+        if proc.stdin is not None:
+            job.stdin = StdinPipe(record.id, proc.stdin)
         self._jobs[record.id] = job
         # No checkpoint since the shim's verdict: the job is registered and owned by the
         # nursery atomically, so a cancellation cannot leave it half-created.
@@ -602,6 +627,7 @@ class JobManager:
         cgroup: JobCgroup | ProcessGroup,
         uid: int | None,
         network: Network,
+        stdin: bool = False,
     ) -> trio.Process:
         """The job's main process, running the command in its leaves and namespaces (see
         `_shim.py`: with namespaces it is the shim, which ends exactly as the command did)."""
@@ -617,11 +643,11 @@ class JobManager:
             "nofile": self._config.job_nofile,
         }
         # A pre-started shim (its interpreter has already booted), or a new one.
-        shim = await (
-            self._shims.take()
-            if self._shims
-            else _shimpool.spawn_shim(self._sandbox.prep if self._sandbox else None)
-        )
+        prep = self._sandbox.prep if self._sandbox else None
+        if stdin:
+            shim = await _shimpool.spawn_shim(prep, stdin=True)
+        else:
+            shim = await (self._shims.take() if self._shims else _shimpool.spawn_shim(prep))
         proc = shim.proc
         if isinstance(cgroup, ProcessGroup):
             cgroup.pgid = proc.pid
@@ -770,9 +796,9 @@ class JobManager:
 
     @staticmethod
     def _close_streams(proc: trio.Process) -> None:
-        for pipe in (proc.stdout, proc.stderr):
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
             if pipe is not None:
-                pipe.close()  # type: ignore[attr-defined]
+                pipe.close()  # type: ignore[union-attr]  # trio's FdStream, typed as its ABC
 
     def _ended(self, job: _Job, returncode: int | None, usage: Usage) -> None:
         """The job is over: its final record replaces the running one, and nothing of it but

@@ -83,13 +83,16 @@ class Shim:
         self.close_fds()  # EOF on its control pipe: an idle shim exits by itself
         self.proc.kill()
         await self.proc.wait()
-        for pipe in (self.proc.stdout, self.proc.stderr):
+        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             if pipe is not None:
                 await pipe.aclose()
 
 
-async def spawn_shim(prep: Mapping[str, object] | None = None) -> Shim:
-    """A new shim, told its preparation at once (length-prefixed; it fits the pipe)."""
+async def spawn_shim(prep: Mapping[str, object] | None = None, *, stdin: bool = False) -> Shim:
+    """A new shim, told its preparation at once (length-prefixed; it fits the pipe). With
+    stdin, its stdin (the job's) is a pipe whose write end is `proc.stdin`, else /dev/null.
+    Pooled shims have /dev/null: a job with stdin takes a new one (a fd cannot be handed
+    through the spec pipe, and this keeps the pool unchanged)."""
     message = marshal.dumps(dict(prep or {}))
     message = len(message).to_bytes(4, "little") + message
     control_r, control_w = os.pipe()
@@ -97,7 +100,7 @@ async def spawn_shim(prep: Mapping[str, object] | None = None) -> Shim:
     try:
         proc = await trio.lowlevel.open_process(
             [sys.executable, "-I", "-S", _shim.__file__, str(control_r), str(status_w)],
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             pass_fds=(control_r, status_w),

@@ -331,6 +331,7 @@ class JobService(jobd_grpc.JobServiceServicer):
                 labels=dict(request.labels),
                 timeout=timeout,
                 network=engine.Network(request.network),
+                stdin=request.stdin,
             )
             call.job_id = job.id
             call.details.update(limit_fields(job.limits))
@@ -429,7 +430,26 @@ class JobService(jobd_grpc.JobServiceServicer):
             finally:
                 await chunks.aclose()  # type: ignore[attr-defined]
 
-    # Input is the client helper's (issue 13): UNIMPLEMENTED until then, never UNKNOWN.
     async def Input(self, requests: AsyncIterator[pb.InputChunk]) -> pb.Job:
-        with self._call("Input"):
-            raise purerpc.UnimplementedError("Input is not supported by this server yet")
+        """A client stream: its first message names the job, every message's data goes to
+        the job's stdin in order, and the call's end is EOF. Each message is written (the
+        pipe blocks while the job does not read) before the next is read, so the transport's
+        flow control holds a fast client back."""
+        with self._call("Input") as call:
+            first = await anext(aiter(requests), None)
+            if first is None or not first.id:
+                raise purerpc.InvalidArgumentError(
+                    "Input: the first message must carry the job's id"
+                )
+            self._authorized(call, first.id)
+
+            async def data() -> AsyncIterator[bytes]:
+                yield first.data
+                async for chunk in requests:
+                    if chunk.id and chunk.id != first.id:
+                        raise purerpc.InvalidArgumentError(
+                            f"Input: one call feeds one job ({first.id}), not {chunk.id}"
+                        )
+                    yield chunk.data
+
+            return job_to_pb(await self._jobs.feed_stdin(first.id, data()))
