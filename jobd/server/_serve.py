@@ -12,9 +12,14 @@ from functools import partial
 from pathlib import Path
 
 import trio
+from grpc_health.v1 import health_pb2
 
 from jobd.engine import EngineConfig, JobdError, JobManager, open_job_manager
+from jobd.v1 import jobd_pb2
 
+from ._health import SERVICE_NAME as HEALTH_SERVICE
+from ._health import HealthService
+from ._reflection import REFLECTION_FILES, ReflectionService
 from ._service import JobService
 from ._transport import GrpcServer, TransportLimits, make_server_ssl_context, serve_grpc
 
@@ -68,12 +73,21 @@ async def _serve(
     task_status: trio.TaskStatus[GrpcServer],
 ) -> None:
     service = JobService(jobs)
+    job_service = service.service
+    health = HealthService([job_service.name])
+    reflection = ReflectionService(
+        {
+            job_service.name: jobd_pb2.DESCRIPTOR,
+            HEALTH_SERVICE: health_pb2.DESCRIPTOR,
+            **REFLECTION_FILES,
+        }
+    )
     async with trio.open_nursery() as nursery:
         try:
             server: GrpcServer = await nursery.start(
                 partial(
                     serve_grpc,
-                    [service.service],
+                    [job_service, health.service, *reflection.services],
                     host=config.host,
                     port=config.port,
                     ssl_context=ssl_context,
@@ -100,6 +114,7 @@ async def _serve(
                 jobs.running_count(),
             )
             break
+        health.shut_down()
         jobs.refuse_new_jobs()
         server.shutdown(config.call_grace)
     # serve_grpc has returned: every connection is closed.
