@@ -11,9 +11,10 @@ from typing import Any, TypeVar
 
 import asyncclick as click
 
+from jobd import __version__
 from jobd.engine import EngineConfig, JobdError, Limits
 from jobd.engine._manager import JOB_UID_FIRST, JOB_UID_LAST
-from jobd.server import ServerConfig, run_server
+from jobd.server import ServerConfig, configure_logging, run_server
 from jobd.units import parse_duration, parse_size
 
 MiB = 1024 * 1024
@@ -57,6 +58,7 @@ DEFAULTS = EngineConfig(data_dir=Path("."))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(__version__, "--version", prog_name="jobd", message="%(prog)s %(version)s")
 def main() -> None:
     """jobd: run Linux commands for remote clients over gRPC with mutual TLS.
 
@@ -118,6 +120,12 @@ def _opt(name: str, env: str, **kw: Any) -> Callable[[F], F]:
       help="Time between SIGTERM and SIGKILL when a stop names none.")
 @_opt("--log-level", "JOBD_LOG_LEVEL", default="info",
       type=click.Choice(["debug", "info", "warning", "error"]), help="Log verbosity.")
+@_opt("--log-format", "JOBD_LOG_FORMAT", default="text", type=click.Choice(["text", "json"]),
+      help="Log lines for people (text) or one JSON object per line (json; fields in the "
+      "README).")
+@_opt("--metrics-listen", "JOBD_METRICS_LISTEN", default="", metavar="HOST:PORT",
+      show_default="off", help="Serve Prometheus metrics at http://HOST:PORT/metrics (plain "
+      "HTTP: bind it to a trusted address).")
 async def serve(
     listen: str,
     cert: Path,
@@ -139,6 +147,8 @@ async def serve(
     max_pids: int,
     stop_grace: float,
     log_level: str,
+    log_format: str,
+    metrics_listen: str,
 ) -> None:
     """Serve the jobd API over mutual TLS until SIGTERM or SIGINT.
 
@@ -146,12 +156,8 @@ async def serve(
     cgroups and exits 0. A jobd started after a crash first kills and removes whatever its
     predecessor's cgroup tree still holds.
     """
-    logging.basicConfig(
-        level=log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # The format above uses none of these: skip collecting them for every record (the audit
+    configure_logging(log_level, log_format)
+    # The formats use none of these: skip collecting them for every record (the audit
     # log writes one per RPC). The Logging HOWTO's "Optimization" knobs; the caller lookup
     # walked the stack and the process id cost a getpid() syscall per line.
     logging._srcfile = None
@@ -159,6 +165,7 @@ async def serve(
     logging.logProcesses = False
     logging.logMultiprocessing = False
     host, port = _listen(listen)
+    metrics = _listen(metrics_listen) if metrics_listen else None
     try:
         engine = EngineConfig(
             data_dir=data_dir,
@@ -178,7 +185,13 @@ async def serve(
             io_devices=io_device or None,
         )
         config = ServerConfig(
-            host=host, port=port, cert=cert, key=key, client_ca=client_ca, engine=engine
+            host=host,
+            port=port,
+            cert=cert,
+            key=key,
+            client_ca=client_ca,
+            engine=engine,
+            metrics_listen=metrics,
         )
         await run_server(config)
     except* (JobdError, OSError) as group:

@@ -15,6 +15,7 @@ from ._errors import (
     Unavailable,
 )
 from ._manager import EngineConfig, JobManager, open_job_manager
+from ._statistics import EngineStatistics
 from ._types import Chunk, EndReason, JobInfo, Limits, Network, State, Stream, Usage
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "Chunk",
     "EndReason",
     "EngineConfig",
+    "EngineStatistics",
     "FailedPrecondition",
     "InvalidArgument",
     "JobInfo",

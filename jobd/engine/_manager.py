@@ -37,7 +37,8 @@ from ._cgroup import detect_layout as _detect_layout
 from ._errors import CgroupError, InvalidArgument, JobdError, NotFound, Unavailable
 from ._lock import lock_directory
 from ._output import OutputStore
-from ._types import Chunk, JobInfo, Limits, State, Stream, Usage
+from ._statistics import Counters, EngineStatistics
+from ._types import Chunk, EndReason, JobInfo, Limits, State, Stream, Usage
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Up to one pipe-full (_shimpool.PIPE_SIZE) per read: fewer, larger reads and output chunks.
@@ -197,10 +198,15 @@ class JobManager:
         self._nursery: trio.Nursery | None = None
         self._shims: _shimpool.ShimPool | None = None  # set while the manager is open
         self._output_dir = config.data_dir / "output"
+        self._counters = Counters()
 
     def refuse_new_jobs(self) -> None:
         """From now on `start` raises Unavailable (the server is shutting down)."""
         self._closing = True
+
+    def statistics(self) -> EngineStatistics:
+        """Counts for metrics; cheap (no walk over the jobs)."""
+        return self._counters.snapshot()
 
     def running_count(self) -> int:
         return sum(1 for job in self._jobs.values() if not job.ended.is_set())
@@ -372,6 +378,7 @@ class JobManager:
         job.proc = proc
         job.uid = uid
         self._jobs[job_id] = job
+        self._counters.started()
         # No checkpoint since the shim's verdict: the job is registered and owned by the
         # nursery atomically, so a cancellation cannot leave it half-created.
         self._nursery.start_soon(self._supervise, job, name=f"job {job_id}")
@@ -489,6 +496,7 @@ class JobManager:
     async def _pump(self, job: _Job, pipe: trio.abc.ReceiveStream, stream: Stream) -> None:
         while data := await pipe.receive_some(READ_SIZE):
             job.output.write(stream, bytes(data))
+            self._counters.output(len(data))
 
     async def _teardown(
         self,
@@ -516,6 +524,7 @@ class JobManager:
                         if pipe is not None:
                             while data := await pipe.receive_some(READ_SIZE):
                                 output.write(stream, bytes(data))
+                                self._counters.output(len(data))
                 self._close_streams(proc)
             usage = cgroup.usage()
             cgroup.remove()
@@ -527,6 +536,8 @@ class JobManager:
             if job is not None:
                 if job.final is None:
                     job.finish(proc.returncode if proc else None, usage)
+                final = job.info()
+                self._counters.job_ended(final.state, _end_reason(final))
                 job.ended.set()
 
     @staticmethod
@@ -557,6 +568,15 @@ class JobManager:
             for job in list(self._jobs.values()):
                 if not job.ended.is_set():
                     nursery.start_soon(self.stop, job.id, grace)
+
+
+def _end_reason(info: JobInfo) -> EndReason:
+    """Why a job ended, from its final state (until the record carries the reason itself)."""
+    if info.state is State.EXITED:
+        return EndReason.EXIT
+    if info.state is State.STOPPED:
+        return EndReason.STOP
+    return EndReason.OOM if info.oom_killed else EndReason.SIGNAL
 
 
 def _resolve_run_as(name: str | None) -> _RunAs:

@@ -132,13 +132,23 @@ class JobService(jobd_grpc.JobServiceServicer):
             raise
         finally:
             user = call.identity.user if call.identity else "-"
+            duration_ms = (time.perf_counter() - start) * 1000
             audit.info(
                 "rpc user=%s method=%s job=%s code=%s duration_ms=%.1f",
                 user,
                 method,
                 call.job_id or "-",
                 call.code,
-                (time.perf_counter() - start) * 1000,
+                duration_ms,
+                # The same fields for --log-format json (jobd/server/_logformat.py).
+                extra={
+                    "event": "rpc",
+                    "user": user,
+                    "method": method,
+                    "job": call.job_id,
+                    "code": call.code,
+                    "duration_ms": round(duration_ms, 3),
+                },
             )
 
     def _authorized(self, call: _Call, job_id: str) -> engine.JobInfo:

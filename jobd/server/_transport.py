@@ -40,6 +40,7 @@ from purerpc.wrappers import (
     extract_message_from_singleton_stream,
 )
 
+from jobd.server._callstats import TransportStatistics
 from jobd.server._grpc_stream import ReaderEnd, ServerSocket, ServerStream, TrioByteStream
 
 __all__ = [
@@ -268,19 +269,37 @@ class _Dispatcher(ConnectionHandler):  # type: ignore[misc]  # purerpc is untype
 
     async def request_received(self, stream: ServerStream) -> None:
         assert self._socket is not None
+        started = trio.current_time()
+        code = "CANCELLED"  # unless the call gets as far as a status
         try:
             status = await self._answer(stream)
+            if status is not None:
+                code = status.status_code.name
+            elif not (stream.reset_by_peer or self.peer_gone or self._h2_closed):
+                code = "OK"  # the call sent its own OK
             if status is not None and stream.can_respond:
                 try:
                     await stream.close(status)
                 except Exception as exc:  # h2 closed the stream or the connection meanwhile
                     log.debug("no status sent on stream %d: %r", stream.stream_id, exc)
         finally:
+            self._record(stream, code, trio.current_time() - started)
             self._socket.release(stream)
             self._calls.discard(stream)
             if not self._calls:
                 self._idle_since = trio.current_time()
             self._changed.unpark_all()
+
+    def _record(self, stream: ServerStream, code: str, seconds: float) -> None:
+        event = stream.start_stream_event
+        stats: TransportStatistics = self._server.stats
+        if event is not None:
+            method = stats.method_label(event.service_name, event.method_name)
+            stats.call_ended(method, code, seconds)
+
+    @property
+    def open_calls(self) -> int:
+        return len(self._calls)
 
     async def _answer(self, stream: ServerStream) -> Status | None:
         """Run the call; return the status still to send, None when it was sent already or
@@ -392,9 +411,11 @@ class _Connection:
                         await ssl_stream.do_handshake()
                     except trio.BrokenResourceError as exc:
                         log.debug("TLS handshake with %s failed: %s", self.peer, exc.__cause__)
+                        server.stats.refused("handshake_failed")
                         return
                 if handshake.cancelled_caught:
                     log.debug("TLS handshake with %s timed out", self.peer)
+                    server.stats.refused("handshake_timeout")
                     return
                 unauthenticated = None
                 try:
@@ -438,6 +459,9 @@ class GrpcServer:
     ) -> None:
         self.port = port
         self.services = services
+        self.stats = TransportStatistics(
+            f"{name}/{method}" for name, service in services.items() for method in service.methods
+        )
         self.ssl_context = ssl_context
         self.limits = limits
         self.draining = False
@@ -450,6 +474,11 @@ class GrpcServer:
     def connection_count(self) -> int:
         """Open connections, including those still in their TLS handshake."""
         return len(self._connections)
+
+    @property
+    def open_calls(self) -> int:
+        """Calls (HTTP/2 streams) being served on all connections."""
+        return sum(c.dispatcher.open_calls for c in self._connections if c.dispatcher)
 
     @property
     def outbound_queued_bytes(self) -> int:
@@ -503,6 +532,7 @@ class GrpcServer:
                 continue
             if len(self._connections) >= self.limits.max_connections:
                 log.debug("refused a connection: %d open", len(self._connections))
+                self.stats.refused("too_many_connections")
                 await trio.aclose_forcefully(tcp)
                 continue
             connection = _Connection(self, tcp)
