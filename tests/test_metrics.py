@@ -70,9 +70,11 @@ async def scrape_until(server: Server, check: object) -> Samples:
     """Scrape until `check(samples)` holds: the server counts a connection's end in its own
     task, after the client has moved on. Bounded by the test's own timeout, not a threshold."""
     assert callable(check)
-    while not check(samples := await scrape(server)):
-        await trio.sleep(0.05)
-    return samples
+    while True:
+        samples = await scrape(server)
+        if check(samples):
+            return samples
+        await trio.sleep(0.05)  # a poll of the server's state, not a wait for time to pass
 
 
 async def test_metrics_move_with_real_jobs_and_calls(server: Server) -> None:
