@@ -1,0 +1,160 @@
+"""What an operator relies on besides the API: JSON logs, systemd's readiness protocol against
+a real socket, --version, and the unit file checked by systemd itself."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+import trio
+
+import jobd
+from jobd.server import JsonFormatter
+from jobd.server._sdnotify import notify
+
+from .e2e import JOBD, Pki, running_server
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def pki_dir(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return Pki.make(tmp_path_factory.mktemp("certs"))
+
+
+# ----------------------------------------------------------------- logs
+
+
+@pytest.mark.cgroups
+async def test_json_logs_one_object_per_line(
+    tmp_path: Path, pki_dir: Pki, cgroup_name: str
+) -> None:
+    async with running_server(tmp_path, pki_dir, cgroup_name, "--log-format", "json") as server:
+        job = await server.start_job("sh", "-c", "exit 3")
+        await server.client("status", job)
+        await server.client("status", str(uuid.uuid4()), user="bob")
+    lines = server.log.decode().splitlines()
+    records = [json.loads(line) for line in lines]  # every line is one JSON object
+    for record in records:
+        assert {"time", "level", "logger", "event", "message"} <= set(record), record
+        when = dt.datetime.fromisoformat(record["time"])
+        assert record["time"].endswith("Z") and when.utcoffset() == dt.timedelta(0)
+    rpcs = [r for r in records if r["event"] == "rpc"]
+    start = next(r for r in rpcs if r["method"] == "Start")
+    assert start["user"] == "alice" and start["job"] == job and start["code"] == "OK"
+    assert isinstance(start["duration_ms"], float) and start["duration_ms"] >= 0
+    missing = next(r for r in rpcs if r["user"] == "bob")
+    assert missing["method"] == "Status" and missing["code"] == "NOT_FOUND"
+    assert any(r["message"].startswith("listening on") for r in records)
+
+
+def test_json_formatter_escapes_what_a_client_sends() -> None:
+    """A value with newlines, quotes or control characters stays inside its one line."""
+    record = logging.LogRecord("jobd.audit", logging.INFO, "", 0, "rpc %s", ("x",), None)
+    record.user = 'eve"\n{"level":"error"}\x00\u2028'
+    record.job = Path("/not/json")  # not JSON-serializable: written as its str()
+    line = JsonFormatter().format(record)
+    assert "\n" not in line and "\x00" not in line
+    parsed = json.loads(line)
+    assert parsed["user"] == 'eve"\n{"level":"error"}\x00\u2028'
+    assert parsed["job"] == "/not/json" and parsed["level"] == "info"
+    assert parsed["event"] == "log" and parsed["message"] == "rpc x"
+
+
+# ----------------------------------------------------------------- sd_notify
+
+
+def _notify_socket(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    return sock
+
+
+async def _datagrams(sock: socket.socket, count: int) -> list[str]:
+    trio_sock = trio.socket.from_stdlib_socket(sock)
+    return [(await trio_sock.recv(4096)).decode() for _ in range(count)]
+
+
+@pytest.mark.cgroups
+async def test_serve_notifies_systemd_ready_then_stopping(
+    tmp_path: Path, pki_dir: Pki, cgroup_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "notify"
+    with _notify_socket(path) as sock:
+        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+        async with running_server(tmp_path, pki_dir, cgroup_name) as server:
+            [ready] = await _datagrams(sock, 1)
+            assert ready.splitlines()[0] == "READY=1"
+            assert f"serving on 127.0.0.1:{server.port}" in ready
+            server.proc.send_signal(signal.SIGTERM)
+            [stopping] = await _datagrams(sock, 1)
+            assert stopping.splitlines()[0] == "STOPPING=1"
+
+
+def test_notify_abstract_socket_and_unset() -> None:
+    name = f"jobd-test-{uuid.uuid4().hex}"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with sock:
+        sock.bind("\0" + name)
+        assert notify("READY=1", environ={"NOTIFY_SOCKET": "@" + name})
+        assert sock.recv(100) == b"READY=1"
+    assert not notify("READY=1", environ={})
+    assert not notify("READY=1", environ={"NOTIFY_SOCKET": "relative/path"})
+    # Nobody listening: logged, never raised.
+    assert not notify("READY=1", environ={"NOTIFY_SOCKET": "/nonexistent/jobd-notify"})
+
+
+# ----------------------------------------------------------------- version, unit file
+
+
+def test_version_from_one_place() -> None:
+    out = subprocess.run([JOBD, "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == f"jobd {jobd.__version__}"
+    from importlib.metadata import version
+
+    assert version("jobd") == jobd.__version__
+
+
+def _systemd_analyze() -> str | None:
+    found = shutil.which("systemd-analyze")
+    if found is None and os.environ.get("CI") == "true":
+        pytest.fail("systemd-analyze is missing in CI: tools/setup.sh installs systemd")
+    return found
+
+
+def test_unit_file_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    analyze = _systemd_analyze()
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed here (tools/setup.sh installs systemd)")
+    unit = (ROOT / "deploy" / "jobd.service").read_text()
+    for key in ("Type=notify", "Delegate=yes", "KillMode=mixed", "StateDirectory=jobd",
+                "LimitNOFILE="):
+        assert key in unit, key
+    # verify checks that ExecStart exists: point it at this checkout's jobd.
+    unit = unit.replace("/usr/local/bin/jobd", JOBD)
+    rc, complaints = _verify(analyze, tmp_path / "good", unit)
+    assert rc == 0 and not complaints, complaints
+    # The check can fail: verify exits 0 on a bad setting, but it names the line.
+    rc, complaints = _verify(analyze, tmp_path / "bad", unit.replace("=mixed", "=bogus"))
+    assert any("KillMode" in line or "kill mode" in line for line in complaints), complaints
+
+
+def _verify(analyze: str, directory: Path, unit: str) -> tuple[int, list[str]]:
+    directory.mkdir()
+    copy = directory / "jobd.service"
+    copy.write_text(unit)
+    out = subprocess.run(
+        [analyze, "verify", "--man=no", str(copy)], capture_output=True, text=True, check=False
+    )
+    # Only lines about our unit matter: verify also reports on the host's own units.
+    lines = (out.stdout + out.stderr).splitlines()
+    return out.returncode, [line for line in lines if "jobd.service" in line]
