@@ -1,4 +1,4 @@
-"""jobd.pki and `jobd certs dev` (`just certs`): the dev PKI loads into TLS 1.3 mutual-auth contexts."""
+"""jobd.pki and `jobd certs dev` (`just certs`): the dev PKI works in TLS 1.3 mutual auth."""
 
 from __future__ import annotations
 
