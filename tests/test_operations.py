@@ -158,3 +158,49 @@ def _verify(analyze: str, directory: Path, unit: str) -> tuple[int, list[str]]:
     # Only lines about our unit matter: verify also reports on the host's own units.
     lines = (out.stdout + out.stderr).splitlines()
     return out.returncode, [line for line in lines if "jobd.service" in line]
+
+
+# ----------------------------------------------------------------- just serve
+
+
+def _children(pid: int) -> list[tuple[int, str]]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ")
+            out.append((int(child), cmdline.decode(errors="replace")))
+    return out
+
+
+@pytest.mark.cgroups
+async def test_just_serve_execs_jobd_so_a_signal_to_it_stops_jobd(
+    tmp_path: Path, cgroup_name: str
+) -> None:
+    just = Path(JOBD).parent / "just"
+    argv = [str(just), "--justfile", str(ROOT / "justfile"), "--working-directory",
+            str(tmp_path), "serve", "--listen", "127.0.0.1:0", "--metrics-listen",
+            "127.0.0.1:0", "--cgroup-name", cgroup_name]  # fmt: skip
+    log = bytearray()
+    proc = await trio.lowlevel.open_process(argv, stderr=subprocess.PIPE)
+    assert proc.stderr is not None
+    try:
+        while b"listening on" not in log:
+            data = await proc.stderr.receive_some(65536)
+            assert data, log.decode(errors="replace")
+            log += data
+        # The recipe's shell replaced itself with jobd: jobd is just's own child.
+        [(child, cmdline)] = _children(proc.pid)
+        assert " serve --listen 127.0.0.1:9090" in cmdline and cmdline.split()[1].endswith(
+            "/jobd"
+        ), cmdline
+        proc.send_signal(signal.SIGTERM)  # `kill <pid of just>`
+        while data := await proc.stderr.receive_some(65536):
+            log += data
+        await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert b"SIGTERM: shutting down" in log and b"INFO jobd: stopped" in log, log
+    assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text()
+    assert (tmp_path / "certs" / "ca.pem").is_file()  # `just certs` ran first
