@@ -27,11 +27,12 @@ from packaging.requirements import Requirement
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _run(*argv: str | Path, cwd: Path | None = None) -> str:
+def _run(*argv: str | Path) -> str:
+    """Run in /, outside the checkout, so that `python -c` cannot import jobd from there."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JOBD_", "PIP_"))}
     env["PIP_CONFIG_FILE"] = os.devnull  # the machine's pip config may add indexes
     done = subprocess.run(
-        [str(a) for a in argv], cwd=cwd, env=env, capture_output=True, text=True, check=False
+        [str(a) for a in argv], cwd="/", env=env, capture_output=True, text=True, check=False
     )
     assert done.returncode == 0, f"{argv}:\n{done.stdout}\n{done.stderr}"
     return done.stdout
@@ -61,8 +62,11 @@ def _repack(dist: metadata.Distribution, into: Path) -> Path:
     site = info.parent
     tags = [line.split(":", 1)[1].strip() for line in (info / "WHEEL").read_text().splitlines()
             if line.startswith("Tag:")]  # fmt: skip
+    # py2-none-any + py3-none-any -> py2.py3-none-any (the compressed tag set of PEP 425).
+    parts = [sorted({tag.split("-")[i] for tag in tags}) for i in range(3)]
+    tag = "-".join(".".join(p) for p in parts)
     name = re.sub(r"[-_.]+", "_", dist.metadata["Name"])
-    wheel = into / f"{name}-{dist.version}-{tags[0]}.whl"
+    wheel = into / f"{name}-{dist.version}-{tag}.whl"
     record_name = f"{info.name}/RECORD"
     rows = []
     with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as zf:
@@ -85,7 +89,7 @@ def _repack(dist: metadata.Distribution, into: Path) -> Path:
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git to clone the repository")
 def test_wheel_from_a_clean_clone_installs_into_an_empty_venv(tmp_path: Path) -> None:
     clone = tmp_path / "clone"
-    _run("git", "clone", "--quiet", "--no-hardlinks", ROOT, clone)
+    _run("git", "clone", "--quiet", "--no-hardlinks", ROOT, clone)  # committed HEAD only
     dist = tmp_path / "dist"
     # No build isolation: setuptools comes from this venv, not from an index.
     _run(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
