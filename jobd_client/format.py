@@ -1,4 +1,4 @@
-"""How jobs read on the terminal: status words (DESIGN.md "Jobs and resources"), exit codes
+"""How jobs read on the terminal: status words (docs/DESIGN.md "API"), exit codes
 for `run`, the `list` table and JSON. Pure functions of jobd.v1 messages.
 """
 

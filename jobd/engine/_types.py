@@ -79,7 +79,7 @@ class JobInfo:
     usage: Usage = field(default_factory=Usage)
 
     def status_word(self) -> str:
-        """The status as DESIGN.md has the CLI print it."""
+        """The status as the CLI prints it (docs/DESIGN.md, "API")."""
         if self.state is State.RUNNING:
             return "running"
         if self.state is State.EXITED:

@@ -1,6 +1,6 @@
 """jobd's gRPC endpoint: its own TCP listener, TLS 1.3 with client certificates, the caller's
 identity, and purerpc's call handling per connection with the server defects of
-shared/PURERPC.md closed. Service-agnostic: must not import jobd.engine.
+docs/DESIGN.md ("purerpc defects") closed. Service-agnostic: must not import jobd.engine.
 
     ctx = make_server_ssl_context(cert, key, client_ca)
     server = await nursery.start(partial(serve_grpc, [servicer.service], host=h, port=p,
@@ -71,7 +71,7 @@ connection inherits it. Unset (LookupError) anywhere else."""
 
 @dataclass(frozen=True, slots=True)
 class TransportLimits:
-    """What one client may cost the server (shared/PURERPC.md rows 7-9). Times in seconds."""
+    """What one client may cost the server (docs/DESIGN.md, purerpc rows 7-9). Times in seconds."""
 
     max_connections: int = 1000  # more are closed as soon as they are accepted
     max_concurrent_streams: int = 100  # per connection: SETTINGS_MAX_CONCURRENT_STREAMS
