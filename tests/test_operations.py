@@ -60,14 +60,16 @@ async def test_json_logs_one_object_per_line(
 def test_json_formatter_escapes_what_a_client_sends() -> None:
     """A value with newlines, quotes or control characters stays inside its one line."""
     record = logging.LogRecord("jobd.audit", logging.INFO, "", 0, "rpc %s", ("x",), None)
-    record.user = 'eve"\n{"level":"error"}\x00\u2028'
+    record.audit_event = "rpc"
+    record.audit_fields = {"user": 'eve"\n{"level":"error"}\x00\u2028', "level": "forged"}
     record.job = Path("/not/json")  # not JSON-serializable: written as its str()
     line = JsonFormatter().format(record)
     assert "\n" not in line and "\x00" not in line
     parsed = json.loads(line)
     assert parsed["user"] == 'eve"\n{"level":"error"}\x00\u2028'
     assert parsed["job"] == "/not/json" and parsed["level"] == "info"
-    assert parsed["event"] == "log" and parsed["message"] == "rpc x"
+    assert parsed["event"] == "rpc" and parsed["message"] == "rpc x"
+    assert "audit_fields" not in parsed and "audit_event" not in parsed
 
 
 # ----------------------------------------------------------------- sd_notify

@@ -1,10 +1,13 @@
 """How jobd's log lines look: `text` for people, `json` (one object per line) for log
-pipelines. Handlers and the audit log pass their fields as logging `extra`; the JSON formatter
-writes them as keys of their own (names in README "Logs"), the text formatter leaves them in
-the message. Standard library only.
+pipelines. The audit log passes its event and fields as logging `extra` (`audit_event`,
+`audit_fields`: the structured facts its text line is made of); the JSON formatter writes
+them as keys of their own (names in README "Logs"), as it does any other `extra`. Standard
+library only.
 
     configure_logging("info", "json")
-    logging.getLogger("jobd.audit").info("rpc ...", extra={"event": "rpc", "user": "alice"})
+    logging.getLogger("jobd.audit").info(
+        "rpc user=alice ...", extra={"audit_event": "rpc", "audit_fields": {"user": "alice"}}
+    )
 """
 
 from __future__ import annotations
@@ -23,14 +26,17 @@ _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | 
     "message",
     "asctime",
     "taskName",
+    "audit_event",
+    "audit_fields",
 }
 
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per record: time (UTC, ISO 8601, milliseconds), level, logger, event
-    (the record's `event` extra, else "log"), message, then every `extra` field as given, and
-    `exception` with the traceback text when there is one. Never raises on odd values: what
-    JSON cannot hold is written as its str()."""
+    (the audit event, else "log"), message, then the audit fields and any other `extra` as
+    given, and `exception` with the traceback text when there is one. Never raises on odd
+    values: what JSON cannot hold is written as its str(). The five keys above are never
+    overwritten by a field of the same name."""
 
     def format(self, record: logging.LogRecord) -> str:
         when = dt.datetime.fromtimestamp(record.created, dt.UTC)
@@ -38,11 +44,13 @@ class JsonFormatter(logging.Formatter):
             "time": when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "event": getattr(record, "event", "log"),
+            "event": str(getattr(record, "audit_event", "log")),
             "message": record.getMessage(),
         }
-        for key, value in record.__dict__.items():
-            if key not in _STANDARD and key not in out:
+        fields = getattr(record, "audit_fields", None)
+        extra = {k: v for k, v in record.__dict__.items() if k not in _STANDARD}
+        for key, value in [*(fields.items() if isinstance(fields, dict) else ()), *extra.items()]:
+            if key not in out:
                 out[key] = value
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)

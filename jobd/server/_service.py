@@ -142,12 +142,14 @@ class JobService(jobd_grpc.JobServiceServicer):
                 duration_ms,
                 # The same fields for --log-format json (jobd/server/_logformat.py).
                 extra={
-                    "event": "rpc",
-                    "user": user,
-                    "method": method,
-                    "job": call.job_id,
-                    "code": call.code,
-                    "duration_ms": round(duration_ms, 3),
+                    "audit_event": "rpc",
+                    "audit_fields": {
+                        "user": user,
+                        "method": method,
+                        "job": call.job_id,
+                        "code": call.code,
+                        "duration_ms": round(duration_ms, 3),
+                    },
                 },
             )
 

@@ -58,8 +58,14 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = 30.0) 
 
 
 def cgroup_dirs(cgroup_name: str) -> list[Path]:
-    """Every directory of the tree `cgroup_name` in any hierarchy."""
-    return [p for p in Path("/sys/fs/cgroup").rglob(cgroup_name) if p.is_dir()]
+    """Every directory of the tree `cgroup_name` in any hierarchy. os.walk, not rglob: other
+    suites on the machine create and remove cgroups meanwhile, and rglob raises
+    FileNotFoundError when a directory vanishes under it; os.walk skips it."""
+    found = []
+    for root, dirs, _ in os.walk("/sys/fs/cgroup", followlinks=True):
+        if cgroup_name in dirs:
+            found.append(Path(root) / cgroup_name)
+    return found
 
 
 def new_cgroup_name() -> str:
