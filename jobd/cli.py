@@ -92,8 +92,9 @@ def _opt(name: str, env: str, **kw: Any) -> Callable[[F], F]:
       help="Unprivileged user jobs run as ('root' only if you mean it).")
 @_opt("--job-uids", "JOBD_JOB_UIDS", default=f"{JOB_UID_FIRST}-{JOB_UID_LAST}",
       metavar="FIRST-LAST|shared", callback=lambda ctx, param, value: _uid_range(value),
-      help="Uids given one per running job (gid and home stay the --run-as user's), so no "
-      "job can signal or inspect another; 'shared': all jobs use the --run-as uid.")
+      help="Uids given one per owner, for good (kept in the data dir; gid and home stay the "
+      "--run-as user's), so no user's job can signal or inspect another's; no other jobd on "
+      "the host may overlap it; 'shared': all jobs use the --run-as uid.")
 @_opt("--no-cgroups", "JOBD_NO_CGROUPS", is_flag=True,
       help="Run jobs without any resource limits when cgroups are unusable.")
 @_opt("--cgroup-name", "JOBD_CGROUP_NAME", default="jobd",
@@ -118,6 +119,18 @@ def _opt(name: str, env: str, **kw: Any) -> Callable[[F], F]:
       help="Most processes a job may ask for (0: no maximum).")
 @_opt("--stop-grace", "JOBD_STOP_GRACE", type=DURATION, default="5s",
       help="Time between SIGTERM and SIGKILL when a stop names none.")
+@_opt("--keep-finished", "JOBD_KEEP_FINISHED", type=DURATION, default="7d",
+      help="How long an ended job's record and output are kept (0: until removed).")
+@_opt("--uid-registry", "JOBD_UID_REGISTRY", type=click.Path(file_okay=False, path_type=Path),
+      default=DEFAULTS.uid_registry,
+      help="Directory where running servers register their --job-uids, so two never overlap.")
+@_opt("--max-job-output", "JOBD_MAX_JOB_OUTPUT", type=SIZE, default="1G",
+      help="Output kept per job; past it its oldest output is dropped (0: no bound).")
+@_opt("--max-data", "JOBD_MAX_DATA", type=SIZE, default=None,
+      show_default="a quarter of the data dir's filesystem",
+      help="Output kept for all jobs; past it ended jobs' output goes first, then the oldest "
+      "of the running job holding the most (each keeps its newest 1 MiB); when nothing can "
+      "go, jobs wait on their pipes (0: no bound).")
 @_opt("--log-level", "JOBD_LOG_LEVEL", default="info",
       type=click.Choice(["debug", "info", "warning", "error"]), help="Log verbosity.")
 @_opt("--log-format", "JOBD_LOG_FORMAT", default="text", type=click.Choice(["text", "json"]),
@@ -146,6 +159,10 @@ async def serve(
     max_memory: int,
     max_pids: int,
     stop_grace: float,
+    keep_finished: float,
+    uid_registry: Path,
+    max_job_output: int,
+    max_data: int | None,
     log_level: str,
     log_format: str,
     metrics_listen: str,
@@ -183,6 +200,10 @@ async def serve(
             max_limits=Limits(cpus=max_cpus, memory_bytes=max_memory, pids=max_pids),
             stop_grace=stop_grace,
             io_devices=io_device or None,
+            keep_finished=keep_finished,
+            uid_registry=uid_registry,
+            max_job_output=max_job_output,
+            max_data=max_data,
         )
         config = ServerConfig(
             host=host,

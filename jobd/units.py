@@ -15,8 +15,8 @@ __all__ = ["parse_duration", "parse_rate", "parse_size"]
 _BINARY = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _SI = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _SIZE = re.compile(r"(?P<number>\d+(?:\.\d*)?|\.\d+)\s*(?P<unit>[a-z]*)", re.IGNORECASE)
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-_DURATION = re.compile(r"(?P<number>\d+(?:\.\d*)?|\.\d+)\s*(?P<unit>ms|s|m|h)?", re.IGNORECASE)
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION = re.compile(r"(?P<number>\d+(?:\.\d*)?|\.\d+)\s*(?P<unit>ms|s|m|h|d)?", re.IGNORECASE)
 
 
 def parse_size(text: str) -> int:
@@ -46,8 +46,8 @@ def parse_rate(text: str) -> int:
 
 
 def parse_duration(text: str) -> float:
-    """Seconds in text: `0`, `500ms`, `5s`, `1.5s`, `1m`, `1h`; a bare number is seconds."""
+    """Seconds in text: `0`, `500ms`, `5s`, `1.5s`, `1m`, `1h`, `7d`; a bare number is seconds."""
     match = _DURATION.fullmatch(text.strip())
     if match is None:
-        raise ValueError(f"{text!r} is not a duration: use e.g. 0, 500ms, 5s, 1m")
+        raise ValueError(f"{text!r} is not a duration: use e.g. 0, 500ms, 5s, 1m, 2h, 7d")
     return float(match["number"]) * _DURATION_UNITS[(match["unit"] or "s").lower()]

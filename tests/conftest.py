@@ -4,6 +4,7 @@ no jobd cgroup is left behind."""
 from __future__ import annotations
 
 import os
+import secrets
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -100,9 +101,21 @@ def cgroup_name() -> str:
     return name
 
 
+def unique_uid_range(width: int = 1000) -> tuple[int, int]:
+    """A job uid range of this test's own: parallel suites on one host never share a uid."""
+    first = 2_000_000 + secrets.randbelow(2_000_000_000 // width) * width
+    return first, first + width - 1
+
+
 @pytest.fixture
 def engine_config(tmp_path: Path, cgroup_name: str) -> EngineConfig:
-    return EngineConfig(data_dir=tmp_path / "data", cgroup_name=cgroup_name, stop_grace=5.0)
+    return EngineConfig(
+        data_dir=tmp_path / "data",
+        cgroup_name=cgroup_name,
+        stop_grace=5.0,
+        job_uids=unique_uid_range(),
+        uid_registry=tmp_path / "uid-ranges",
+    )
 
 
 @pytest.fixture

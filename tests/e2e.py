@@ -18,6 +18,8 @@ import trio
 
 from jobd import pki
 
+from .conftest import unique_uid_range
+
 BIN = Path(sys.executable).parent
 JOBD, CLIENT = str(BIN / "jobd"), str(BIN / "jobd-client")
 LISTENING = re.compile(rb"listening on 127\.0\.0\.1:(\d+)")
@@ -114,7 +116,8 @@ async def running_server(
     make it exit 0."""
     argv = [JOBD, "serve", "--listen", "127.0.0.1:0", "--cert", str(pki_.dir / "server.pem"),
             "--key", str(pki_.dir / "server.key"), "--client-ca", str(pki_.dir / "ca.pem"),
-            "--data-dir", str(tmp / "data"), "--cgroup-name", cgroup_name, *extra]
+            "--data-dir", str(tmp / "data"), "--cgroup-name", cgroup_name,
+            *uid_flags(tmp), *extra]
     async with trio.open_nursery() as nursery:
         proc = await trio.lowlevel.open_process(argv, stderr=subprocess.PIPE)
         assert proc.stderr is not None
@@ -138,6 +141,13 @@ async def running_server(
                     await proc.wait()
     if not server.crashed_on_purpose:
         assert proc.returncode == 0, server.log.decode(errors="replace")
+
+
+def uid_flags(tmp: Path) -> list[str]:
+    """A job uid range and registry of this server's own, so that parallel test suites'
+    servers never collide (a later --job-uids in a test's own flags wins)."""
+    first, last = unique_uid_range()
+    return ["--job-uids", f"{first}-{last}", "--uid-registry", str(tmp / "uid-ranges")]
 
 
 def env_without_jobd() -> dict[str, str]:

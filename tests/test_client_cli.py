@@ -787,13 +787,13 @@ def test_parse_rate() -> None:
 @pytest.mark.parametrize(
     ("text", "seconds"),
     [("0", 0.0), ("5s", 5.0), ("500ms", 0.5), ("1m", 60.0), ("1.5s", 1.5), ("2h", 7200.0),
-     ("3", 3.0), ("0s", 0.0)],
+     ("3", 3.0), ("0s", 0.0), ("7d", 604800.0)],
 )  # fmt: skip
 def test_parse_duration(text: str, seconds: float) -> None:
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["", "s", "-1s", "5 sec", "1d", "soon"])
+@pytest.mark.parametrize("text", ["", "s", "-1s", "5 sec", "1w", "soon"])
 def test_parse_duration_rejects(text: str) -> None:
     with pytest.raises(ValueError, match="is not a duration"):
         parse_duration(text)

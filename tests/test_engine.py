@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import math
 import os
 import signal
@@ -14,6 +16,7 @@ import trio.testing
 
 from jobd.engine import (
     CgroupError,
+    EndReason,
     EngineConfig,
     InvalidArgument,
     JobdError,
@@ -22,13 +25,15 @@ from jobd.engine import (
     Limits,
     Mode,
     NotFound,
+    ResourceExhausted,
     State,
     Stream,
     Unavailable,
     detect_layout,
     open_job_manager,
 )
-from jobd.engine._manager import JOB_UID_FIRST, JOB_UID_LAST
+
+from .conftest import unique_uid_range
 
 pytestmark = pytest.mark.cgroups
 MiB = 1024 * 1024
@@ -107,7 +112,9 @@ async def test_streams_are_labelled(engine: JobManager) -> None:
     ]
 
 
-async def test_runs_unprivileged_with_minimal_env(engine: JobManager) -> None:
+async def test_runs_unprivileged_with_minimal_env(
+    engine: JobManager, engine_config: EngineConfig
+) -> None:
     os.environ["JOBD_SECRET_OF_SERVER"] = "leak"
     try:
         job = await engine.start(
@@ -119,7 +126,9 @@ async def test_runs_unprivileged_with_minimal_env(engine: JobManager) -> None:
     finally:
         del os.environ["JOBD_SECRET_OF_SERVER"]
     lines = out.splitlines()
-    assert JOB_UID_FIRST <= int(lines[0]) <= JOB_UID_LAST  # a uid of its own
+    assert engine_config.job_uids is not None
+    first, last = engine_config.job_uids
+    assert first <= int(lines[0]) <= last  # a uid of its own, from --job-uids
     env = dict(line.split("=", 1) for line in lines[1:])
     assert env["GREETING"] == "hi" and env["PWD"] == "/tmp"
     assert "JOBD_SECRET_OF_SERVER" not in env
@@ -144,12 +153,63 @@ async def test_jobs_cannot_touch_each_other(engine: JobManager) -> None:
     await engine.stop(bobs.id, grace=0)
 
 
-async def test_job_uids_are_unique_among_running_jobs(engine: JobManager) -> None:
-    jobs = [await engine.start("alice", ["sh", "-c", "id -u; exec sleep 1000"]) for _ in "abcd"]
-    uids = {(await wait_for_output(engine, j.id, b"\n")).strip() for j in jobs}
-    assert len(uids) == 4
-    for job in jobs:
-        await engine.stop(job.id, grace=0)
+async def test_one_uid_per_owner_never_given_to_another(
+    engine_config: EngineConfig,
+) -> None:
+    """All of alice's jobs run as alice's uid, bob's as another; after a restart each owner
+    keeps theirs and a new owner gets a third, never one already assigned."""
+
+    async def uid_of(engine: JobManager, owner: str) -> int:
+        job = await engine.start(owner, ["id", "-u"])
+        assert job.uid is not None
+        assert int(await output_of(engine, job.id)) == job.uid
+        return job.uid
+
+    async with open_job_manager(engine_config) as engine:
+        alice = {await uid_of(engine, "alice") for _ in "abc"}
+        bob = await uid_of(engine, "bob")
+    assert len(alice) == 1 and bob not in alice
+    async with open_job_manager(engine_config) as engine:
+        assert await uid_of(engine, "bob") == bob
+        assert await uid_of(engine, "alice") in alice
+        carol = await uid_of(engine, "carol")
+    assert carol not in alice | {bob}
+
+
+async def test_uids_run_out_with_a_clear_error(engine_config: EngineConfig) -> None:
+    assert engine_config.job_uids is not None
+    first = engine_config.job_uids[0]
+    config = dataclasses.replace(engine_config, job_uids=(first, first + 1))
+    async with open_job_manager(config) as engine:
+        await engine.start("alice", ["true"])
+        await engine.start("bob", ["true"])
+        with pytest.raises(ResourceExhausted, match="wider --job-uids"):
+            await engine.start("carol", ["true"])
+        assert len(engine.list()) == 2
+
+
+async def test_overlapping_uid_ranges_are_refused(
+    engine_config: EngineConfig, tmp_path: Path
+) -> None:
+    """A second server whose --job-uids overlaps a running one's refuses to start; once the
+    first has stopped, its registration is gone (and a crashed one's would be skipped)."""
+    assert engine_config.job_uids is not None
+    first, last = engine_config.job_uids
+    other = dataclasses.replace(
+        engine_config,
+        data_dir=tmp_path / "other",
+        cgroup_name=engine_config.cgroup_name + "-2",
+        job_uids=(last, last + 10),
+    )
+    async with open_job_manager(engine_config):
+        with pytest.raises(JobdError, match="--job-uids .* overlaps"):
+            async with open_job_manager(other):
+                pass
+        apart = dataclasses.replace(other, job_uids=(last + 1, last + 10))
+        async with open_job_manager(apart):
+            pass
+    async with open_job_manager(other):
+        pass
 
 
 async def test_in_leaf_before_exec(engine: JobManager, engine_config: EngineConfig) -> None:
@@ -205,13 +265,24 @@ async def test_leftovers_killed_when_main_exits(
 
 
 async def test_term_first(engine: JobManager) -> None:
+    """A job that traps SIGTERM and exits 7 is STOPPED (reason STOP) with exit_code 7: the
+    code and signal say how its main process ended, state and reason why."""
     job = await engine.start(
-        "alice", ["sh", "-c", "trap 'echo got-term; exit 0' TERM; echo ready; sleep 1000 & wait"]
+        "alice", ["sh", "-c", "trap 'echo got-term; exit 7' TERM; echo ready; sleep 1000 & wait"]
     )
     await wait_for_output(engine, job.id, b"ready")
     final = await engine.stop(job.id, grace=3600)
     assert b"got-term" in await output_of(engine, job.id)
-    assert final.state is State.STOPPED and final.signal == signal.SIGTERM
+    assert final.state is State.STOPPED and final.reason is EndReason.STOP
+    assert (final.exit_code, final.signal) == (7, 0)
+    assert final.status_word() == "stopped (code 7)"
+
+
+async def test_stopped_by_sigterm_says_so(engine: JobManager) -> None:
+    job = await engine.start("alice", ["sh", "-c", "echo ready; exec sleep 1000"])
+    await wait_for_output(engine, job.id, b"ready")
+    final = await engine.stop(job.id, grace=3600)
+    assert (final.state, final.reason, final.signal) == (State.STOPPED, EndReason.STOP, 15)
 
 
 async def test_kill_after_grace(engine: JobManager, autojump_clock: trio.abc.Clock) -> None:
@@ -451,7 +522,10 @@ async def test_cancelled_manager_kills_everything(engine_config: EngineConfig) -
             scope.cancel()
             await trio.sleep_forever()
     assert not alive(pid)
-    assert engine.status(job.id).state is State.KILLED
+    final = engine.status(job.id)
+    assert (final.state, final.reason, final.signal) == (
+        State.STOPPED, EndReason.SERVER_SHUTDOWN, signal.SIGKILL
+    )
     assert not any(p.name.startswith(engine_config.cgroup_name) for p in _tree_roots())
 
 
@@ -480,11 +554,14 @@ async def test_reaps_predecessors_leftovers(engine_config: EngineConfig) -> None
 
 
 async def test_refuses_without_cgroups_unless_allowed(tmp_path: Path) -> None:
-    config = EngineConfig(data_dir=tmp_path, layout=Layout(Mode.NONE))
+    config = EngineConfig(data_dir=tmp_path, layout=Layout(Mode.NONE), job_uids=None)
     with pytest.raises(CgroupError, match="--no-cgroups"):
         async with open_job_manager(config):
             pass
-    allowed = EngineConfig(data_dir=tmp_path, layout=Layout(Mode.NONE), allow_no_cgroups=True)
+    allowed = EngineConfig(
+        data_dir=tmp_path, layout=Layout(Mode.NONE), allow_no_cgroups=True,
+        job_uids=unique_uid_range(), uid_registry=tmp_path / "uid-ranges",
+    )
     async with open_job_manager(allowed) as engine:
         job = await engine.start("alice", ["sh", "-c", "sleep 1000 & echo $!; exit 3"])
         pid = int(await output_of(engine, job.id))
@@ -505,17 +582,18 @@ async def test_engine_imports_nothing_of_the_network() -> None:
 async def test_a_failing_job_task_ends_only_that_job(
     engine: JobManager, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A disk that fills up (simulated: this machine's disk cannot be filled in a test) ends
-    the job whose output cannot be kept, logged, and nothing else."""
+    """A disk that fails (simulated: an I/O error cannot be made on this machine's disk in
+    a test) ends the job whose output cannot be kept, logged, and nothing else. (A full disk
+    does not: the job waits; tests/test_retention.py.)"""
     from jobd.engine import _output
 
     real_write = _output.OutputStore.write
     failing: set[str] = set()
 
-    def write(self: _output.OutputStore, stream: Stream, data: bytes) -> None:
-        if self._paths[0].stem in failing:
-            raise OSError(28, "No space left on device")
-        real_write(self, stream, data)
+    async def write(self: _output.OutputStore, stream: Stream, data: bytes) -> None:
+        if self.job_id in failing:
+            raise OSError(errno.EIO, "Input/output error")
+        await real_write(self, stream, data)
 
     monkeypatch.setattr(_output.OutputStore, "write", write)
     survivor = await engine.start("alice", ["sh", "-c", "echo up; sleep 1000"])

@@ -21,7 +21,7 @@ import jobd
 from jobd.server import JsonFormatter
 from jobd.server._sdnotify import notify
 
-from .e2e import JOBD, Pki, alive, running_server
+from .e2e import JOBD, Pki, alive, running_server, uid_flags
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -181,7 +181,7 @@ async def test_just_serve_execs_jobd_so_a_signal_to_it_stops_jobd(
     just = Path(JOBD).parent / "just"
     argv = [str(just), "--justfile", str(ROOT / "justfile"), "--working-directory",
             str(tmp_path), "serve", "--listen", "127.0.0.1:0", "--metrics-listen",
-            "127.0.0.1:0", "--cgroup-name", cgroup_name]  # fmt: skip
+            "127.0.0.1:0", "--cgroup-name", cgroup_name, *uid_flags(tmp_path)]  # fmt: skip
     log = bytearray()
     proc = await trio.lowlevel.open_process(argv, stderr=subprocess.PIPE)
     assert proc.stderr is not None

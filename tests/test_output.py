@@ -1,4 +1,5 @@
-"""OutputStore: lossless replay from any offset, live multicast, bounded memory."""
+"""OutputStore: lossless replay from any offset, live multicast, bounded memory.
+(The bounds across jobs, full disks and restarts: tests/test_retention.py.)"""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from hypothesis import strategies as st
 from jobd.engine import _output
 from jobd.engine._errors import InvalidArgument, NotFound
 from jobd.engine._output import MAX_CHUNK, OutputReader, OutputStore
+from jobd.engine._retention import OutputSpace
 from jobd.engine._types import Chunk, Stream
 
 OUT, ERR = Stream.STDOUT, Stream.STDERR
@@ -42,8 +44,8 @@ class Model:
         self.streams: list[Stream] = []
         self.times: list[float] = []
 
-    def write(self, store: OutputStore, stream: Stream, data: bytes) -> None:
-        store.write(stream, data)
+    async def write(self, store: OutputStore, stream: Stream, data: bytes) -> None:
+        await store.write(stream, data)
         # Under the `clock` fixture (or the like), write number n is stamped with time n.
         time = float(store.statistics().chunks - 1)
         self.data += data
@@ -73,18 +75,28 @@ def files(directory: pathlib.Path) -> list[str]:
 
 
 def make_store(tmp_path: pathlib.Path, memory_tail: int = 256 * 1024) -> OutputStore:
-    return OutputStore(tmp_path, "job", memory_tail=memory_tail)
+    """A store in a space without bounds (they are tested in test_retention.py)."""
+    space = OutputSpace(tmp_path, max_job_output=0, max_data=0, memory_tail=memory_tail)
+    return space.create("job")
+
+
+def remove(store: OutputStore) -> None:
+    store._space.remove(store.job_id)
+
+
+def segment_file(tmp_path: pathlib.Path, base: int = 0, suffix: str = "out") -> pathlib.Path:
+    return tmp_path / "job" / f"{base:020d}.{suffix}"
 
 
 async def test_replay_is_byte_exact_with_offsets_streams_and_times(
     tmp_path: pathlib.Path, clock: itertools.count[int]
 ) -> None:
     store = make_store(tmp_path, memory_tail=0)  # everything from the files
-    store.write(OUT, b"hello ")
-    store.write(OUT, b"world\n")
-    store.write(ERR, b"oops\n")
-    store.write(OUT, b"")  # ignored: no chunk, no time stamp
-    store.write(OUT, b"bye\n")
+    await store.write(OUT, b"hello ")
+    await store.write(OUT, b"world\n")
+    await store.write(ERR, b"oops\n")
+    await store.write(OUT, b"")  # ignored: no chunk, no time stamp
+    await store.write(OUT, b"bye\n")
     assert store.size == 21
     assert store.statistics().chunks == 4
 
@@ -101,8 +113,8 @@ async def test_replay_is_byte_exact_with_offsets_streams_and_times(
         Chunk(ERR, 12, 2.0, b"oops\n"),
         Chunk(OUT, 17, 3.0, b"bye\n"),
     ]
-    assert (tmp_path / "job.out").read_bytes() == b"hello world\noops\nbye\n"
-    store.remove()
+    assert segment_file(tmp_path).read_bytes() == b"hello world\noops\nbye\n"
+    remove(store)
 
 
 @pytest.mark.parametrize("memory_tail", [0, 1000, 256 * 1024])
@@ -113,26 +125,26 @@ async def test_resume_from_arbitrary_offsets(tmp_path: pathlib.Path, memory_tail
     boundaries = []
     for _ in range(300):
         boundaries.append(store.size)
-        model.write(store, rng.choice([OUT, ERR]), rng.randbytes(rng.choice([1, 3, 17, 500])))
+        await model.write(store, rng.choice([OUT, ERR]), rng.randbytes(rng.choice([1, 3, 17, 500])))
     # Every chunk boundary and its neighbours (mid-chunk), the end, and random offsets.
     starts = {b + d for b in boundaries for d in (-1, 0, 1) if b + d >= 0}
     starts |= {store.size, *(rng.randrange(store.size) for _ in range(100))}
     for start in sorted(starts):
         model.check(await collect(store.read(start, follow=False)), start, times=False)
-    store.remove()
+    remove(store)
 
 
 async def test_large_writes_are_split_and_small_ones_merged(tmp_path: pathlib.Path) -> None:
     store = make_store(tmp_path, memory_tail=0)
     model = Model()
-    model.write(store, OUT, bytes(3 * MAX_CHUNK + 5))  # larger than one chunk
+    await model.write(store, OUT, bytes(3 * MAX_CHUNK + 5))  # larger than one chunk
     for _ in range(1000):  # many tiny writes: more than one index batch
-        model.write(store, ERR, b"x")
+        await model.write(store, ERR, b"x")
     chunks = await collect(store.read(0, follow=False))
     model.check(chunks, 0, times=False)
     assert [len(c.data) for c in chunks][:4] == [MAX_CHUNK] * 3 + [5]
     assert len(chunks) < 4 + 1000 // 100
-    store.remove()
+    remove(store)
 
 
 @settings(max_examples=60, deadline=None)
@@ -149,14 +161,14 @@ async def test_replay_matches_model(
         tempfile.TemporaryDirectory() as directory,
         mock.patch.object(_output, "_now", lambda: float(next(ticks))),
     ):
-        store = OutputStore(pathlib.Path(directory), "job", memory_tail=memory_tail)
+        store = make_store(pathlib.Path(directory), memory_tail)
         model = Model()
         for stream, data in writes:
-            model.write(store, stream, data)
+            await model.write(store, stream, data)
         start = min(start, store.size)
         model.check(await collect(store.read(start, follow=False)), start)
         assert store.statistics().memory_bytes <= memory_tail
-        store.remove()
+        remove(store)
 
 
 async def test_followers_get_everything_while_one_stalls(tmp_path: pathlib.Path) -> None:
@@ -180,15 +192,16 @@ async def test_followers_get_everything_while_one_stalls(tmp_path: pathlib.Path)
         nursery.start_soon(follow, "early")  # before any data
         await trio.testing.wait_all_tasks_blocked()
         assert store.statistics().readers_waiting == 1
-        model.write(store, OUT, b"first\n")
+        await model.write(store, OUT, b"first\n")
         nursery.start_soon(follow, "slow")
         nursery.start_soon(follow, "fast")
         nursery.start_soon(follow, "late", 3)
         await stalled.wait()
-        # Write 40x the tail while "slow" sleeps; write() is synchronous, so it cannot block
-        # on anyone. Let the others run now and then, so they read both live and from disk.
+        # Write 40x the tail while "slow" sleeps; with room on disk write() never waits (not
+        # even a checkpoint), so it cannot block on anyone. Let the others run now and then,
+        # so they read both live and from disk.
         for i in range(2000):
-            model.write(store, rng.choice([OUT, ERR]), rng.randbytes(rng.randrange(1, 700)))
+            await model.write(store, rng.choice([OUT, ERR]), rng.randbytes(rng.randrange(1, 700)))
             if i % 300 == 0:
                 await trio.testing.wait_all_tasks_blocked()
         assert store.size > 40 * memory_tail
@@ -202,12 +215,12 @@ async def test_followers_get_everything_while_one_stalls(tmp_path: pathlib.Path)
         await trio.testing.wait_all_tasks_blocked()
         model.check(received["slow"], 0, times=False)
         store.close()  # every follower ends once it has delivered everything
-    store.remove()
+    remove(store)
 
 
 async def test_follow_waits_beyond_the_end_and_close_ends_it(tmp_path: pathlib.Path) -> None:
     store = make_store(tmp_path)
-    store.write(OUT, b"abc")
+    await store.write(OUT, b"abc")
     got: list[Chunk] = []
 
     async def follow() -> None:
@@ -216,38 +229,38 @@ async def test_follow_waits_beyond_the_end_and_close_ends_it(tmp_path: pathlib.P
     async with trio.open_nursery() as nursery:
         nursery.start_soon(follow)
         await trio.testing.wait_all_tasks_blocked()
-        store.write(ERR, b"de")  # up to offset 5: still nothing for this reader
+        await store.write(ERR, b"de")  # up to offset 5: still nothing for this reader
         await trio.testing.wait_all_tasks_blocked()
         assert got == []
-        store.write(ERR, b"fgh")
+        await store.write(ERR, b"fgh")
         store.close()
     assert [(c.offset, c.data) for c in got] == [(5, b"fgh")]
-    store.remove()
+    remove(store)
 
 
 async def test_follow_false_ends_at_the_current_end(tmp_path: pathlib.Path) -> None:
     store = make_store(tmp_path)
-    store.write(OUT, b"one\n")
+    await store.write(OUT, b"one\n")
     reader = store.read(0, follow=False)
-    store.write(ERR, b"two\n")  # after read(): not part of this reading
+    await store.write(ERR, b"two\n")  # after read(): not part of this reading
     assert [c.data for c in await collect(reader)] == [b"one\n"]
     assert [c.data for c in await collect(store.read(0, follow=False))] == [b"one\n", b"two\n"]
     assert await collect(store.read(8, follow=False)) == []  # at the end
     assert await collect(store.read(100, follow=False)) == []  # beyond it
-    store.remove()
+    remove(store)
 
 
 async def test_followers_of_a_closed_store_end(tmp_path: pathlib.Path) -> None:
     store = make_store(tmp_path)
-    store.write(OUT, b"done")
+    await store.write(OUT, b"done")
     store.close()
     store.close()  # idempotent
     assert store.closed
     assert [c.data for c in await collect(store.read(0, follow=True))] == [b"done"]
     assert await collect(store.read(10, follow=True)) == []
     with pytest.raises(RuntimeError, match="closed"):
-        store.write(OUT, b"more")
-    store.remove()
+        await store.write(OUT, b"more")
+    remove(store)
 
 
 async def test_memory_stays_bounded(tmp_path: pathlib.Path) -> None:
@@ -264,7 +277,7 @@ async def test_memory_stays_bounded(tmp_path: pathlib.Path) -> None:
         before = tracemalloc.get_traced_memory()[0]
         for size in sizes:
             start = rng.randrange(len(pool) - size)
-            store.write(rng.choice([OUT, ERR]), pool[start : start + size])
+            await store.write(rng.choice([OUT, ERR]), pool[start : start + size])
             assert store.statistics().memory_bytes <= memory_tail
         grown = tracemalloc.get_traced_memory()[0] - before
     finally:
@@ -272,12 +285,12 @@ async def test_memory_stays_bounded(tmp_path: pathlib.Path) -> None:
     # The tail's estimate of per-entry overhead is honest: what the store really holds after
     # many MiB is its bound plus a small constant (the list of entries, the last chunk).
     assert grown < memory_tail + 16 * 1024
-    store.remove()
+    remove(store)
 
 
 async def test_cancelled_and_closed_readers_leave_nothing(tmp_path: pathlib.Path) -> None:
     store = make_store(tmp_path)
-    store.write(OUT, b"x" * 10)
+    await store.write(OUT, b"x" * 10)
     reader = store.read(0, follow=True)
     refs = [weakref.ref(reader)]
 
@@ -304,8 +317,8 @@ async def test_cancelled_and_closed_readers_leave_nothing(tmp_path: pathlib.Path
     del reader, other
     gc.collect()
     assert all(ref() is None for ref in refs)
-    store.write(OUT, b"y")  # and the writer is unaffected
-    store.remove()
+    await store.write(OUT, b"y")  # and the writer is unaffected
+    remove(store)
 
 
 async def test_negative_offset_is_rejected(tmp_path: pathlib.Path) -> None:
@@ -313,16 +326,16 @@ async def test_negative_offset_is_rejected(tmp_path: pathlib.Path) -> None:
     for follow in (False, True):
         with pytest.raises(InvalidArgument, match="offset must be >= 0"):
             store.read(-1, follow=follow)
-    store.remove()
+    remove(store)
 
 
 async def test_remove_deletes_files_and_fails_open_readers(tmp_path: pathlib.Path) -> None:
     store = make_store(tmp_path)
-    store.write(OUT, b"data")
-    assert files(tmp_path) == ["job.idx", "job.out"]
+    await store.write(OUT, b"data")
+    assert files(tmp_path / "job") == [f"{0:020d}.idx", f"{0:020d}.out"]
     reader = store.read(0, follow=True)
-    store.remove()
-    store.remove()  # idempotent
+    remove(store)
+    remove(store)  # idempotent
     assert files(tmp_path) == []
     assert store.closed
     with pytest.raises(NotFound, match="removed"):
@@ -335,14 +348,16 @@ async def test_remove_wakes_a_parked_follower(tmp_path: pathlib.Path) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(collect, store.read(0, follow=True))
             await trio.testing.wait_all_tasks_blocked()
-            store.remove()
+            remove(store)
 
 
 def test_files_are_private_and_never_shared(tmp_path: pathlib.Path) -> None:
     store = make_store(tmp_path)
-    assert (tmp_path / "job.out").stat().st_mode & 0o777 == 0o600
+    assert segment_file(tmp_path).stat().st_mode & 0o777 == 0o600
+    assert segment_file(tmp_path, suffix="idx").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "job").stat().st_mode & 0o777 == 0o700
     with pytest.raises(FileExistsError):
         make_store(tmp_path)
     with pytest.raises(ValueError, match="plain file name"):
-        OutputStore(tmp_path, "../job")
-    store.remove()
+        store._space.create("../job")
+    remove(store)

@@ -6,6 +6,7 @@ command line (an import-linter contract in pyproject.toml keeps it so).
 
 from ._cgroup import Layout, Mode, detect_layout
 from ._errors import (
+    AlreadyExists,
     CgroupError,
     FailedPrecondition,
     InvalidArgument,
@@ -14,11 +15,12 @@ from ._errors import (
     ResourceExhausted,
     Unavailable,
 )
-from ._manager import EngineConfig, JobManager, open_job_manager
+from ._manager import EngineConfig, JobManager, JobPage, open_job_manager
 from ._statistics import EngineStatistics
 from ._types import Chunk, EndReason, JobInfo, Limits, Network, State, Stream, Usage
 
 __all__ = [
+    "AlreadyExists",
     "CgroupError",
     "Chunk",
     "EndReason",
@@ -28,6 +30,7 @@ __all__ = [
     "InvalidArgument",
     "JobInfo",
     "JobManager",
+    "JobPage",
     "JobdError",
     "Layout",
     "Limits",

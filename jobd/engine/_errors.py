@@ -30,3 +30,7 @@ class ResourceExhausted(JobdError):
 
 class FailedPrecondition(JobdError):
     """The job is not in a state that allows this (e.g. removing one that still runs)."""
+
+
+class AlreadyExists(JobdError):
+    """The name is taken (a job name is unique among its owner's kept jobs)."""

@@ -13,6 +13,8 @@ SIGKILLs the cgroup. Leaving the manager stops every job.
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import logging
 import marshal
 import math
@@ -24,8 +26,9 @@ import stat
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -34,11 +37,25 @@ from trio_util import AsyncValue
 from . import _shimpool
 from ._cgroup import CgroupTree, JobCgroup, Layout, Mode, ProcessGroup, block_device_of
 from ._cgroup import detect_layout as _detect_layout
-from ._errors import CgroupError, InvalidArgument, JobdError, NotFound, Unavailable
+from ._errors import (
+    AlreadyExists,
+    CgroupError,
+    FailedPrecondition,
+    InvalidArgument,
+    JobdError,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from ._lock import lock_directory
-from ._output import OutputStore
+from ._output import MAX_CHUNK, OutputStore
+from ._records import Records
+from ._retention import OutputSpace, default_max_data
 from ._statistics import Counters, EngineStatistics
-from ._types import Chunk, EndReason, JobInfo, Limits, State, Stream, Usage
+from ._store import Put, StoreError
+from ._types import Chunk, EndReason, JobInfo, Limits, Network, State, Stream, Usage
+from ._uidrange import claim_uid_range, release_uid_range
+from ._validate import validate_labels, validate_name, validate_size, validate_timeout
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Up to one pipe-full (_shimpool.PIPE_SIZE) per read: fewer, larger reads and output chunks.
@@ -80,7 +97,17 @@ class EngineConfig:
     )
     stop_grace: float = 5.0
     io_devices: tuple[str, ...] | None = None  # None: the disk holding data_dir
+    # Output bounds (jobd/engine/_retention.py): one job's kept output, and all jobs' output
+    # (None: a quarter of the data dir's filesystem). 0: no bound.
+    max_job_output: int = 1024 * MiB
+    max_data: int | None = None
     layout: Layout | None = None  # None: detect from /proc (tests may pass a fake)
+    # An ended job's record and output are removed this many seconds after it ended (0: kept
+    # until removed).
+    keep_finished: float = 7 * 86400.0
+    # Where running servers register their job_uids range, so that two never overlap (a
+    # tmpfs: empty at boot). Tests point it at a directory of their own.
+    uid_registry: Path = Path("/run/jobd/uid-ranges")
 
     def __post_init__(self) -> None:
         """An operator's mistake is refused at start-up, not found job by job later."""
@@ -97,6 +124,12 @@ class EngineConfig:
                 )
         if not math.isfinite(self.stop_grace) or self.stop_grace < 0:
             raise JobdError(f"the stop grace must be >= 0 seconds, not {self.stop_grace}")
+        if not math.isfinite(self.keep_finished) or self.keep_finished < 0:
+            raise JobdError(
+                f"--keep-finished must be >= 0 seconds (0: forever), not {self.keep_finished}"
+            )
+        if self.max_job_output < 0 or (self.max_data or 0) < 0:
+            raise JobdError("--max-job-output and --max-data must be >= 0 (0: no bound)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,31 +141,24 @@ class _RunAs:
 
 
 class _Job:
-    """Mutable state of one job; only the manager touches it. Readers get `JobInfo`."""
+    """Mutable state of one running job; only the manager touches it, and drops it when the
+    job has ended (what remains is its `JobInfo` in the records). Readers get `JobInfo`."""
 
     def __init__(
-        self,
-        id: str,
-        owner: str,
-        command: tuple[str, ...],
-        limits: Limits,
-        cgroup: JobCgroup | ProcessGroup,
-        output: OutputStore,
+        self, start: JobInfo, cgroup: JobCgroup | ProcessGroup, output: OutputStore
     ) -> None:
-        self.id = id
-        self.owner = owner
-        self.command = command
-        self.limits = limits
+        self.start = start  # the record as started (seq, owner, command, limits, ...)
+        self.id = start.id
         self.cgroup = cgroup
         self.output = output
-        self.started_at = time.time()
         self.proc: trio.Process | None = None
-        self.uid: int | None = None
         self.cancel_scope = trio.CancelScope()
         # When the job must be SIGKILLed (trio time); inf until a stop is requested. A later
         # stop with a shorter grace moves it earlier.
         self.kill_at: AsyncValue[float] = AsyncValue(math.inf)
-        self.term_sent = False
+        self.stop_reason = EndReason.UNSPECIFIED  # set by the first stop request
+        self.failed = False  # a task of jobd's own failed for it (logged)
+        self.recorded = True  # False: its Start could not be recorded; leave no record
         self.final: JobInfo | None = None
         self.ended = trio.Event()
 
@@ -143,61 +169,78 @@ class _Job:
     def info(self) -> JobInfo:
         if self.final is not None:
             return self.final
-        return JobInfo(
-            id=self.id,
-            owner=self.owner,
-            command=self.command,
-            state=State.RUNNING,
-            started_at=self.started_at,
-            limits=self.limits,
+        return dataclasses.replace(
+            self.start,
             usage=self.cgroup.usage(),
+            output_bytes=self.output.size,
+            output_start=self.output.start,
+            output_blocked=self.output.blocked,
         )
 
     def finish(self, returncode: int | None, usage: Usage) -> None:
-        """Decide the final state from how the main process ended."""
+        """Decide the final state: `exit_code`/`signal` say how the main process ended,
+        `state`/`reason` why."""
         code, sig = 0, 0
         if returncode is None or returncode < 0:
             sig = -returncode if returncode is not None else int(signal.SIGKILL)
         else:
             code = returncode
-        if self.stop_requested:
-            state = State.STOPPED
-            # A job that traps SIGTERM and exits by itself was still stopped by our SIGTERM.
-            sig = sig or int(signal.SIGTERM if self.term_sent else signal.SIGKILL)
-            code = 0
+        oom = sig == signal.SIGKILL and usage.oom_kills > 0
+        if self.stop_reason is not EndReason.UNSPECIFIED:
+            state, reason = State.STOPPED, self.stop_reason
+        elif self.failed:
+            # jobd lost control of it (a task of its own failed): the closest reason.
+            state, reason = State.KILLED, EndReason.SERVER_LOST
+        elif oom:
+            state, reason = State.KILLED, EndReason.OOM
         elif sig:
-            state = State.KILLED
+            state, reason = State.KILLED, EndReason.SIGNAL
         else:
-            state = State.EXITED
-        self.final = JobInfo(
-            id=self.id,
-            owner=self.owner,
-            command=self.command,
+            state, reason = State.EXITED, EndReason.EXIT
+        self.final = dataclasses.replace(
+            self.start,
             state=state,
+            reason=reason,
             exit_code=code,
             signal=sig,
-            oom_killed=state is State.KILLED and sig == signal.SIGKILL and usage.oom_kills > 0,
-            started_at=self.started_at,
+            oom_killed=oom and state is State.KILLED,
             ended_at=time.time(),
-            limits=self.limits,
             usage=usage,
+            output_bytes=self.output.size,
+            output_start=self.output.start,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class JobPage:
+    """One page of List: `jobs` newest first; `more`: further jobs may match (ask again with
+    `before` = the last job's seq)."""
+
+    jobs: list[JobInfo]
+    more: bool
 
 
 class JobManager:
     """Start, stop, inspect and read jobs. Create with `open_job_manager`."""
 
-    def __init__(self, config: EngineConfig, tree: CgroupTree | None, run_as: _RunAs) -> None:
+    def __init__(
+        self, config: EngineConfig, tree: CgroupTree | None, run_as: _RunAs, records: Records
+    ) -> None:
         self._config = config
         self._tree = tree
         self._run_as = run_as
-        self._uids_in_use: set[int] = set()
-        self._next_uid = config.job_uids[0] if config.job_uids else 0
-        self._jobs: dict[str, _Job] = {}
+        self._records = records
+        self._jobs: dict[str, _Job] = {}  # running jobs only
         self._closing = False
         self._nursery: trio.Nursery | None = None
         self._shims: _shimpool.ShimPool | None = None  # set while the manager is open
-        self._output_dir = config.data_dir / "output"
+        output_dir = config.data_dir / "output"
+        max_data = config.max_data
+        self._output = OutputSpace(
+            output_dir,
+            max_job_output=config.max_job_output,
+            max_data=default_max_data(output_dir) if max_data is None else max_data,
+        )
         self._counters = Counters()
 
     def refuse_new_jobs(self) -> None:
@@ -206,7 +249,12 @@ class JobManager:
 
     def statistics(self) -> EngineStatistics:
         """Counts for metrics; cheap (no walk over the jobs)."""
-        return self._counters.snapshot()
+        return self._counters.snapshot(
+            self._records.states,
+            dropped=self._output.dropped_bytes,
+            stored=self._output.stored_bytes,
+            blocked=self._output.blocked_count,
+        )
 
     def running_count(self) -> int:
         return sum(1 for job in self._jobs.values() if not job.ended.is_set())
@@ -217,31 +265,151 @@ class JobManager:
 
     # ----------------------------------------------------------------- queries
 
-    def _get(self, job_id: str) -> _Job:
+    @staticmethod
+    def _canonical(job_id: str) -> str:
         try:
-            canonical = str(uuid.UUID(job_id))
+            return str(uuid.UUID(job_id))
         except (ValueError, TypeError, AttributeError):
             raise InvalidArgument(f"malformed job id {job_id!r}: expected a UUID") from None
-        job = self._jobs.get(canonical)
-        if job is None:
-            raise NotFound(f"no job {canonical}")
-        return job
+
+    def _info(self, job_id: str) -> JobInfo | None:
+        job = self._jobs.get(job_id)
+        if job is not None:
+            return job.info()
+        info = self._records.get(job_id)
+        output = self._output.get(job_id)
+        if info is not None and output is not None and output.start != info.output_start:
+            # --max-data dropped older output of this ended job since its record was made.
+            info = dataclasses.replace(info, output_start=output.start)
+        return info
 
     def status(self, job_id: str) -> JobInfo:
-        return self._get(job_id).info()
+        canonical = self._canonical(job_id)
+        info = self._info(canonical)
+        if info is None:
+            raise NotFound(f"no job {canonical}")
+        return info
 
     def list(self, owner: str | None = None) -> list[JobInfo]:
-        """Jobs of `owner`, or of everyone when None, oldest first."""
-        return [j.info() for j in self._jobs.values() if owner is None or j.owner == owner]
+        """Every kept job of `owner`, or of everyone when None, newest first."""
+        return self.list_page(owner, limit=len(self._records) + 1).jobs
+
+    def list_page(
+        self,
+        owner: str | None = None,
+        *,
+        before: int | None = None,
+        limit: int = 100,
+        states: frozenset[State] = frozenset(),
+        labels: Mapping[str, str] | None = None,
+        id_prefix: str = "",
+        name: str = "",
+    ) -> JobPage:
+        """Up to `limit` kept jobs with seq < `before` matching every filter, newest first.
+        Keyset paging on seq: a job started or ended meanwhile never shifts a later page."""
+        prefix = id_prefix.lower()
+        if prefix and (
+            len(prefix.replace("-", "")) < 4 or prefix.strip("0123456789abcdef-") != ""
+        ):
+            raise InvalidArgument(
+                f"id_prefix {id_prefix[:40]!r} must be at least 4 hex digits of a job id"
+            )
+        if limit < 1:
+            raise InvalidArgument(f"page size must be >= 1, not {limit}")
+        wanted = tuple((labels or {}).items())
+        out: list[JobInfo] = []
+        bound = math.inf if before is None else before
+        for job_id in self._records.newest_first(owner, bound):  # type: ignore[arg-type]
+            if prefix and not job_id.startswith(prefix):
+                continue
+            info = self._info(job_id)
+            if info is None:
+                continue
+            if states and info.state not in states:
+                continue
+            if name and info.name != name:
+                continue
+            if wanted and not all(pair in info.labels for pair in wanted):
+                continue
+            if len(out) == limit:
+                return JobPage(out, more=True)
+            out.append(info)
+        return JobPage(out, more=False)
 
     def read_output(
-        self, job_id: str, offset: int = 0, *, follow: bool = False
+        self,
+        job_id: str,
+        offset: int = 0,
+        *,
+        follow: bool = False,
+        tail_lines: int = 0,
+        since: float | None = None,
+        stream: Stream | None = None,
+        max_chunk: int = MAX_CHUNK,
     ) -> AsyncIterator[Chunk]:
-        """Chunks of the job's combined output from `offset`; with `follow`, live until the
-        job has ended and everything was delivered."""
+        """Chunks of the job's combined output from `offset` (or the last `tail_lines` lines,
+        or what was written at/after `since`; only `stream` when given; see OutputStore.read);
+        with `follow`, live until the job has ended and everything was delivered."""
         if offset < 0:
             raise InvalidArgument(f"offset must be >= 0, not {offset}")
-        return self._get(job_id).output.read(offset, follow=follow)
+        canonical = self._canonical(job_id)
+        output = self._output.get(canonical)
+        if output is None or self._info(canonical) is None:
+            raise NotFound(f"no job {canonical}")
+        return output.read(
+            offset, follow=follow, tail_lines=tail_lines, since=since, stream=stream,
+            max_chunk=max_chunk,
+        )
+
+    async def wait(self, job_id: str) -> JobInfo:
+        """The job's final state, once it has ended."""
+        info = self.status(job_id)
+        job = self._jobs.get(info.id)
+        if job is not None:
+            await job.ended.wait()
+            assert job.final is not None
+            return job.final
+        return info
+
+    async def remove(self, job_id: str, *, force: bool = False) -> JobInfo:
+        """Forget an ended job: its record and output. A running one only with `force`,
+        which stops it first (reason STOP)."""
+        info = self.status(job_id)
+        if info.state is State.RUNNING:
+            if not force:
+                raise FailedPrecondition(
+                    f"job {info.id} is still running: stop it first, or remove it with force"
+                )
+            info = await self.stop(info.id)
+        self._forget(info.id)
+        return info
+
+    def _forget(self, job_id: str) -> None:
+        if self._records.remove(job_id) is not None:
+            self._output.remove(job_id)
+
+    async def _expire(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """--keep-finished: forget each ended job that long after it ended."""
+        task_status.started()
+        keep = self._config.keep_finished
+        if not keep:
+            return
+        pending = self._records.ended_order
+        while True:
+            while pending and pending[0][0] + keep <= time.time():
+                _, job_id = pending.popleft()
+                if job_id not in self._jobs:
+                    try:
+                        self._forget(job_id)
+                    except OSError as exc:  # its files stay; never end the manager for it
+                        log.error("job %s: cannot remove its output: %s", job_id, exc)
+            if pending:
+                await trio.sleep(max(pending[0][0] + keep - time.time(), 0.0))
+            else:
+                self._records.ended_added = trio.Event()
+                await self._records.ended_added.wait()
 
     # ----------------------------------------------------------------- start
 
@@ -314,75 +482,96 @@ class JobManager:
         env: Mapping[str, str] | None = None,
         working_dir: str = "",
         limits: Limits = NO_LIMITS,
+        *,
+        name: str = "",
+        labels: Mapping[str, str] | None = None,
+        timeout: float = 0.0,  # noqa: ASYNC109  (the job's run time, not this call's)
+        network: Network = Network.UNSPECIFIED,
     ) -> JobInfo:
-        """Start a job; returns once the command is executing (or raises, creating nothing)."""
+        """Start a job; returns once the command is executing and its record committed (or
+        raises, creating nothing)."""
         if self._closing or self._nursery is None:
             raise Unavailable("jobd is shutting down and starts no new jobs")
         argv, full_env, cwd = self._validate(command, env or {}, working_dir)
-        effective = self.effective_limits(limits)
-        job_id = str(uuid.uuid4())
-        uid = self._take_uid()
+        validate_size(argv, cwd)
+        record = JobInfo(
+            id=str(uuid.uuid4()),
+            owner=owner,
+            command=argv,
+            state=State.RUNNING,
+            working_dir=cwd,
+            name=validate_name(name),
+            labels=validate_labels(labels or {}),
+            timeout=validate_timeout(timeout),
+            network=network,
+            limits=self.effective_limits(limits),
+            uid=self._uid_for(owner),
+        )
+        self._check_name(record)
+        job = await self._start(record, full_env)
         try:
-            return await self._start(job_id, uid, owner, argv, full_env, cwd, effective)
-        except BaseException:
-            self._release_uid(uid)
-            raise
+            await self._records.write_durably(Put(job.start))
+        except StoreError as exc:
+            # Without a record a restart would lose it: end it and leave nothing.
+            log.error("job %s: cannot record its start, stopping it: %s", job.id, exc)
+            job.recorded = False
+            with trio.CancelScope(shield=True):
+                await self.stop(job.id, 0)
+            self._forget(job.id)
+            raise ResourceExhausted(f"cannot record the job in the data dir: {exc}") from exc
+        return job.start  # as it started (it may have ended while its record committed)
 
-    def _take_uid(self) -> int | None:
-        """A uid no running job has (or the run-as user's own when jobs share it)."""
-        span = self._config.job_uids
-        if span is None or self._run_as.uid is None:
+    def _check_name(self, record: JobInfo) -> None:
+        if record.name and self._records.named(record.owner, record.name) is not None:
+            raise AlreadyExists(
+                f"{record.owner} already has a job named {record.name!r}: pick another name, "
+                "or remove that job first"
+            )
+
+    def _uid_for(self, owner: str) -> int | None:
+        """The owner's own uid (or the run-as user's own when jobs share it)."""
+        if self._config.job_uids is None or self._run_as.uid is None:
             return self._run_as.uid
-        first, last = span
-        for _ in range(last - first + 1):
-            uid = self._next_uid
-            self._next_uid = first if uid >= last else uid + 1
-            if uid not in self._uids_in_use:
-                self._uids_in_use.add(uid)
-                return uid
-        raise Unavailable(f"all {last - first + 1} job uids are in use: wait for jobs to end")
+        return self._records.uid_for(owner)
 
-    def _release_uid(self, uid: int | None) -> None:
-        if uid is not None:
-            self._uids_in_use.discard(uid)
-
-    async def _start(
-        self,
-        job_id: str,
-        uid: int | None,
-        owner: str,
-        argv: tuple[str, ...],
-        full_env: dict[str, str],
-        cwd: str,
-        effective: Limits,
-    ) -> JobInfo:
+    async def _start(self, record: JobInfo, full_env: dict[str, str]) -> _Job:
         assert self._nursery is not None
         cgroup: JobCgroup | ProcessGroup = (
-            self._tree.leaf(job_id) if self._tree else ProcessGroup(job_id)
+            self._tree.leaf(record.id) if self._tree else ProcessGroup(record.id)
         )
         try:
-            cgroup.create(effective)
+            cgroup.create(record.limits)
         except CgroupError as exc:
             # The kernel refused a value (e.g. a limit it cannot apply on this host).
-            raise InvalidArgument(f"cannot apply limits {effective}: {exc}") from exc
+            raise InvalidArgument(f"cannot apply limits {record.limits}: {exc}") from exc
+        except OSError as exc:
+            raise _exhausted("create the job's cgroup", exc) from exc
         output: OutputStore | None = None
         proc: trio.Process | None = None
         try:
-            output = OutputStore(self._output_dir, job_id)
-            proc = await self._spawn(argv, full_env, cwd, cgroup, uid)
+            try:
+                output = self._output.create(record.id)  # ResourceExhausted when it cannot
+                proc = await self._spawn(
+                    record.command, full_env, record.working_dir, cgroup, record.uid
+                )
+            except OSError as exc:
+                raise _exhausted("start the job", exc) from exc
+            # A concurrent Start may have taken the name while this one spawned.
+            self._check_name(record)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self._teardown(cgroup, proc, output, remove_output=True)
             raise
-        job = _Job(job_id, owner, argv, effective, cgroup, output)
+        record = dataclasses.replace(record, seq=self._records.next_seq(), started_at=time.time())
+        job = _Job(record, cgroup, output)
         job.proc = proc
-        job.uid = uid
-        self._jobs[job_id] = job
-        self._counters.started()
+        self._jobs[record.id] = job
+        self._records.add(record)
+        self._counters.starts += 1
         # No checkpoint since the shim's verdict: the job is registered and owned by the
         # nursery atomically, so a cancellation cannot leave it half-created.
-        self._nursery.start_soon(self._supervise, job, name=f"job {job_id}")
-        return job.info()
+        self._nursery.start_soon(self._supervise, job, name=f"job {record.id}")
+        return job
 
     async def _spawn(
         self,
@@ -455,21 +644,26 @@ class JobManager:
                 with job.cancel_scope:
                     async with trio.open_nursery() as waiters:
                         waiters.start_soon(self._stopper, job)
+                        if job.start.timeout:
+                            waiters.start_soon(self._timer, job)
                         await proc.wait()
                         waiters.cancel_scope.cancel()
                 # The main process is gone (or the job was cancelled): kill what it left
                 # behind. The pumps see EOF once the last holder of the pipes is dead.
                 job.cgroup.signal_all(signal.SIGKILL)
                 await job.cgroup.wait_empty()
+                # Nobody is left to write: a pump waiting for disk room gives up, so it ends.
+                job.output.stop_waiting()
         except Exception:
+            job.failed = True
             log.exception("job %s failed inside jobd; killing it", job.id)
         finally:
+            if self._closing and not job.stop_requested and proc.returncode is None:
+                job.stop_reason = EndReason.SERVER_SHUTDOWN  # cancelled by the shutdown
             with trio.CancelScope(shield=True) as cs:
                 cs.deadline = trio.current_time() + CLEANUP_TIMEOUT
-                clean = False
                 try:
                     await self._teardown(job.cgroup, proc, job.output, job=job)
-                    clean = True
                 except Exception:
                     log.exception("cleaning up job %s failed", job.id)
             if cs.cancelled_caught:
@@ -477,14 +671,15 @@ class JobManager:
                     "job %s: its processes did not die within %.0f s; its cgroup is left "
                     "for the next start-up to reap", job.id, CLEANUP_TIMEOUT
                 )
-            elif clean:
-                # Every process of the job is gone: its uid may serve another job.
-                self._release_uid(job.uid)
+
+    async def _timer(self, job: _Job) -> None:
+        await trio.sleep(job.start.timeout)
+        log.info("job %s: its timeout of %g s passed, stopping it", job.id, job.start.timeout)
+        self._request_stop(job, self._config.stop_grace, EndReason.TIMEOUT)
 
     async def _stopper(self, job: _Job) -> None:
         await job.kill_at.wait_value(lambda at: at != math.inf)
         if job.kill_at.value > trio.current_time():
-            job.term_sent = True
             job.cgroup.signal_all(signal.SIGTERM)
         while True:
             with trio.move_on_at(job.kill_at.value) as timer:
@@ -495,8 +690,9 @@ class JobManager:
 
     async def _pump(self, job: _Job, pipe: trio.abc.ReceiveStream, stream: Stream) -> None:
         while data := await pipe.receive_some(READ_SIZE):
-            job.output.write(stream, bytes(data))
-            self._counters.output(len(data))
+            # Waits while the disk has no room: the job then blocks on its pipe.
+            await job.output.write(stream, bytes(data))
+            self._counters.output_written += len(data)
 
     async def _teardown(
         self,
@@ -518,13 +714,15 @@ class JobManager:
                 await proc.wait()
                 if output is not None and job is not None:
                     # Pumps were cancelled between reads; what is left in the pipes is
-                    # output too. Every writer is dead, so this reaches EOF at once.
+                    # output too. Every writer is dead, so this reaches EOF at once (and
+                    # what a full disk cannot take is not waited for).
+                    output.stop_waiting()
                     pipes = ((proc.stdout, Stream.STDOUT), (proc.stderr, Stream.STDERR))
                     for pipe, stream in pipes:
                         if pipe is not None:
                             while data := await pipe.receive_some(READ_SIZE):
-                                output.write(stream, bytes(data))
-                                self._counters.output(len(data))
+                                await output.write(stream, bytes(data))
+                                self._counters.output_written += len(data)
                 self._close_streams(proc)
             usage = cgroup.usage()
             cgroup.remove()
@@ -532,13 +730,9 @@ class JobManager:
             if output is not None:
                 output.close()
                 if remove_output:
-                    output.remove()
+                    self._output.remove(output.job_id)
             if job is not None:
-                if job.final is None:
-                    job.finish(proc.returncode if proc else None, usage)
-                final = job.info()
-                self._counters.job_ended(final.state, _end_reason(final))
-                job.ended.set()
+                self._ended(job, proc.returncode if proc else None, usage)
 
     @staticmethod
     def _close_streams(proc: trio.Process) -> None:
@@ -546,37 +740,70 @@ class JobManager:
             if pipe is not None:
                 pipe.close()  # type: ignore[attr-defined]
 
-    async def stop(self, job_id: str, grace: float | None = None) -> JobInfo:
+    def _ended(self, job: _Job, returncode: int | None, usage: Usage) -> None:
+        """The job is over: its final record replaces the running one, and nothing of it but
+        that record (and its output) stays."""
+        if job.final is None:
+            job.finish(returncode, usage)
+        assert job.final is not None
+        self._counters.ends[job.final.reason] += 1
+        if self._jobs.get(job.id) is job:
+            del self._jobs[job.id]
+        if job.recorded:
+            self._records.ended(job.final)
+        job.ended.set()
+
+    def _request_stop(self, job: _Job, grace: float, reason: EndReason) -> None:
+        if job.ended.is_set():
+            return
+        if job.stop_reason is EndReason.UNSPECIFIED:
+            job.stop_reason = reason  # the first stop says why
+        at = trio.current_time() + grace
+        if at < job.kill_at.value:
+            job.kill_at.value = at
+
+    async def stop(
+        self, job_id: str, grace: float | None = None, *, reason: EndReason = EndReason.STOP
+    ) -> JobInfo:
         """SIGTERM every process of the job, SIGKILL what is left after `grace` seconds
         (server default when None; 0 kills at once). Returns once every process is gone.
         Stopping a job that has ended returns its final state."""
-        job = self._get(job_id)
+        info = self.status(job_id)
         if grace is None:
             grace = self._config.stop_grace
         if not math.isfinite(grace) or grace < 0:
             raise InvalidArgument(f"grace must be >= 0 seconds, not {grace}")
-        if not job.ended.is_set():
-            at = trio.current_time() + grace
-            if at < job.kill_at.value:
-                job.kill_at.value = at
-            await job.ended.wait()
+        job = self._jobs.get(info.id)
+        if job is None:
+            return info
+        self._request_stop(job, grace, reason)
+        await job.ended.wait()
         assert job.final is not None
         return job.final
 
     async def _stop_all(self, grace: float) -> None:
         async with trio.open_nursery() as nursery:
             for job in list(self._jobs.values()):
-                if not job.ended.is_set():
-                    nursery.start_soon(self.stop, job.id, grace)
+                nursery.start_soon(
+                    partial(self.stop, job.id, grace, reason=EndReason.SERVER_SHUTDOWN)
+                )
 
 
-def _end_reason(info: JobInfo) -> EndReason:
-    """Why a job ended, from its final state (until the record carries the reason itself)."""
-    if info.state is State.EXITED:
-        return EndReason.EXIT
-    if info.state is State.STOPPED:
-        return EndReason.STOP
-    return EndReason.OOM if info.oom_killed else EndReason.SIGNAL
+def _exhausted(what: str, exc: OSError) -> JobdError:
+    """An OSError on a Start: RESOURCE_EXHAUSTED naming the cause when the host ran out of
+    something; else a server failure that says what failed."""
+    causes = {
+        errno.EMFILE: "jobd has too many open files (raise its LimitNOFILE / ulimit -n)",
+        errno.ENFILE: "the host has too many open files (fs.file-max)",
+        errno.ENOSPC: "no space or inodes left on the data dir's filesystem",
+        errno.EDQUOT: "the data dir's disk quota is exhausted",
+        errno.ENOMEM: "the host is out of memory",
+        errno.EAGAIN: "the host cannot create more processes or threads now",
+    }
+    cause = causes.get(exc.errno or 0)
+    if cause is None:
+        return JobdError(f"cannot {what}: {exc}")
+    return ResourceExhausted(f"cannot {what}: {cause} ({exc.strerror})")
 
 
 def _resolve_run_as(name: str | None) -> _RunAs:
@@ -612,21 +839,43 @@ def _prepare_data_dir(path: Path) -> None:
 
 def _claim_output_dir(output_dir: Path) -> int:
     """Hold an exclusive flock on the output dir while the manager is open (the kernel drops
-    it if the server dies), then delete the job output a crashed predecessor left there: its
-    jobs died with it (the tree's reap), so no client can ask for it and nothing would ever
-    remove it. Returns the locked descriptor; closing it releases the lock."""
+    it if the server dies). Returns the locked descriptor; closing it releases the lock."""
     fd = lock_directory(output_dir)
     if fd is None:
         raise JobdError(
             f"another jobd is using the data dir {output_dir.parent}: stop it, or give this "
             "one another --data-dir"
         )
-    stale = [p for p in output_dir.iterdir() if p.suffix in (".out", ".idx")]
+    # Files of the first milestone's layout (one .out/.idx pair per job, no segments).
+    stale = [p for p in output_dir.iterdir() if p.suffix in (".out", ".idx") and p.is_file()]
     for path in stale:
         path.unlink(missing_ok=True)
     if stale:
-        log.warning("removed %d output file(s) left by a previous jobd", len(stale))
+        log.warning("removed %d output file(s) of the first milestone's layout", len(stale))
     return fd
+
+
+def _lost(job: JobInfo, output: OutputStore) -> JobInfo:
+    """A job found RUNNING in the store: its server died (the tree's reap killed it)."""
+    return dataclasses.replace(
+        job,
+        state=State.KILLED,
+        reason=EndReason.SERVER_LOST,
+        signal=int(signal.SIGKILL),
+        ended_at=time.time(),
+        output_bytes=output.size,
+        output_start=output.start,
+    )
+
+
+def _prune_output(space: OutputSpace, kept: set[str]) -> None:
+    """Delete the output of jobs the store does not keep (a predecessor's, reaped with its
+    tree: no client can ask for it and nothing else would ever remove it)."""
+    stale = space.on_disk() - kept
+    for job_id in stale:
+        space.remove(job_id)
+    if stale:
+        log.warning("removed the output of %d job(s) left by a previous jobd", len(stale))
 
 
 @asynccontextmanager
@@ -640,39 +889,62 @@ async def open_job_manager(config: EngineConfig) -> AsyncIterator[JobManager]:
             async for chunk in jobs.read_output(job.id, follow=True):
                 ...
 
-    Leaving the block normally stops every job with the configured grace; leaving it by an
-    exception or cancellation kills them at once. Either way no process, cgroup or output
-    file of a job is left behind.
+    Leaving the block normally stops every job with the configured grace (reason
+    SERVER_SHUTDOWN); leaving it by an exception or cancellation kills them at once. Either
+    way no process or cgroup of a job is left behind, and every record is committed: the next
+    manager on this data dir has them all. Jobs a crashed predecessor left RUNNING are
+    recorded KILLED, reason SERVER_LOST.
     """
     run_as = _resolve_run_as(config.run_as)
     _prepare_data_dir(config.data_dir)
     _raise_fd_limit()
-    tree = _open_tree(config)
-    try:
-        output_lock = _claim_output_dir(config.data_dir / "output")
-    except BaseException:
+    async with AsyncExitStack() as stack:
+        tree = _open_tree(config)  # reaps what a crashed predecessor left running
         if tree is not None:
-            tree.close()
-        raise
-    manager = JobManager(config, tree, run_as)
-    try:
-        async with trio.open_nursery() as nursery:
-            manager._nursery = nursery
-            manager._shims = _shimpool.ShimPool()
-            await nursery.start(manager._shims.run)
+            stack.callback(tree.close)
+        output_dir = config.data_dir / "output"
+        stack.callback(os.close, _claim_output_dir(output_dir))
+        span = config.job_uids if run_as.uid is not None else None
+        if span is not None:
             try:
-                yield manager
-                manager._closing = True
-                await manager._stop_all(config.stop_grace)
+                uid_fd = claim_uid_range(config.uid_registry, span, config.data_dir)
+            except OSError as exc:
+                raise JobdError(
+                    f"cannot register --job-uids in {config.uid_registry}: {exc.strerror}"
+                ) from exc
+            stack.callback(release_uid_range, config.uid_registry, span, uid_fd)
+        try:
+            records = await Records.open(config.data_dir / "jobs.sqlite3", uid_range=span)
+        except StoreError as exc:
+            raise JobdError(str(exc)) from exc
+        stack.push_async_callback(records.aclose)
+        manager = JobManager(config, tree, run_as, records)
+        stack.callback(manager._output.close)  # every descriptor released; the files stay
+        _prune_output(manager._output, kept={job.id for job in records})
+        for job in records:
+            output = manager._output.open(job.id)
+            if job.state is State.RUNNING:
+                records.ended(_lost(job, output))
+                manager._counters.ends[EndReason.SERVER_LOST] += 1
+                log.warning("job %s was running when its server died: recorded KILLED", job.id)
+        async with trio.open_nursery() as upkeep:
+            await upkeep.start(records.run)
+            await upkeep.start(manager._expire)
+            try:
+                async with trio.open_nursery() as nursery:
+                    manager._nursery = nursery
+                    await nursery.start(manager._output.run)
+                    manager._shims = _shimpool.ShimPool()
+                    await nursery.start(manager._shims.run)
+                    try:
+                        yield manager
+                        manager._closing = True
+                        await manager._stop_all(config.stop_grace)
+                    finally:
+                        manager._closing = True
+                        nursery.cancel_scope.cancel()
             finally:
-                manager._closing = True
-                nursery.cancel_scope.cancel()
-    finally:
-        for job in manager._jobs.values():
-            job.output.remove()
-        os.close(output_lock)
-        if tree is not None:
-            tree.close()
+                upkeep.cancel_scope.cancel()
 
 
 def _open_tree(config: EngineConfig) -> CgroupTree | None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import fcntl
+import logging
 import marshal
 import os
 import subprocess
@@ -33,6 +34,9 @@ from . import _shim
 # How many shims wait for a job. Refilling costs the server one fork+exec (~1 ms); the
 # interpreter then boots in the child, off the server's CPU time.
 POOL_SIZE = 4
+# After a failed refill (out of fds or processes), try again this often.
+REFILL_RETRY = 1.0
+log = logging.getLogger(__name__)
 # The job's stdout and stderr pipes hold this much before the job blocks (Linux default
 # 64 KiB): fewer wake-ups for the pump, which reads up to as much at a time.
 PIPE_SIZE = 1024 * 1024
@@ -131,9 +135,20 @@ class ShimPool:
         """Refill until cancelled; then kill every idle shim."""
         task_status.started()
         try:
+            failing = False
             while True:
-                while len(self._idle) < self._size:
-                    self._idle.append(await spawn_shim())
+                try:
+                    while len(self._idle) < self._size:
+                        self._idle.append(await spawn_shim())
+                except OSError as exc:
+                    # EMFILE, EAGAIN, ENOMEM: a Start meanwhile spawns its own shim and gets
+                    # RESOURCE_EXHAUSTED if that fails too; never end the manager for it.
+                    if not failing:
+                        log.warning("cannot refill the shim pool (%s); retrying", exc)
+                    failing = True
+                    await trio.sleep(REFILL_RETRY)
+                    continue
+                failing = False
                 self._taken = trio.Event()
                 await self._taken.wait()
         finally:

@@ -1,6 +1,7 @@
-"""What the engine has done and holds, as counters the manager keeps up to date (a few integer
-additions on its own paths) and a frozen snapshot that metrics read at scrape time: reading
-never walks the jobs. Standard library only.
+"""What the engine has done and holds, for metrics: counters the manager adds to on its own
+paths (a few integer additions), and a frozen snapshot read at scrape time that never walks
+the jobs (the records keep their count by state, the output space its totals). Standard
+library only.
 """
 
 from __future__ import annotations
@@ -16,50 +17,32 @@ from ._types import EndReason, State
 class EngineStatistics:
     """A snapshot. Counters (`*_total` in metrics) only grow while the server runs."""
 
-    jobs: Mapping[State, int]  # jobs the server holds now, by state
-    starts: int  # jobs started
-    ends: Mapping[EndReason, int]  # jobs ended, by why
+    jobs: Mapping[State, int]  # kept jobs by state (records loaded at start-up included)
+    starts: int  # jobs started by this server
+    ends: Mapping[EndReason, int]  # jobs ended, by why (SERVER_LOST: found at start-up)
     output_bytes_written: int  # bytes jobs wrote (combined streams), kept or not
-    output_bytes_dropped: int  # of those, bytes no longer kept
-    output_bytes_stored: int  # bytes of output kept in the data dir now
+    output_bytes_dropped: int  # bytes no longer kept: caps, the data budget, removed jobs
+    output_bytes_stored: int  # disk bytes of output kept in the data dir now
     outputs_blocked: int  # running jobs whose output is not being stored right now
 
 
 @dataclass(slots=True)
 class Counters:
-    """Kept by the manager; `snapshot()` is all anyone else sees."""
+    """Kept by the manager."""
 
-    running: int = 0
-    ended: collections.Counter[State] = field(default_factory=collections.Counter)
     starts: int = 0
     ends: collections.Counter[EndReason] = field(default_factory=collections.Counter)
     output_written: int = 0
-    output_dropped: int = 0
-    output_stored: int = 0
-    outputs_blocked: int = 0
 
-    def started(self) -> None:
-        self.starts += 1
-        self.running += 1
-
-    def job_ended(self, state: State, reason: EndReason) -> None:
-        self.running -= 1
-        self.ended[state] += 1
-        self.ends[reason] += 1
-
-    def output(self, size: int) -> None:
-        self.output_written += size
-        self.output_stored += size
-
-    def snapshot(self) -> EngineStatistics:
-        jobs: dict[State, int] = {state: self.ended[state] for state in State}
-        jobs[State.RUNNING] = self.running
+    def snapshot(
+        self, jobs: Mapping[State, int], *, dropped: int, stored: int, blocked: int
+    ) -> EngineStatistics:
         return EngineStatistics(
-            jobs=jobs,
+            jobs={state: jobs.get(state, 0) for state in State},
             starts=self.starts,
             ends={reason: self.ends[reason] for reason in EndReason if reason},
             output_bytes_written=self.output_written,
-            output_bytes_dropped=self.output_dropped,
-            output_bytes_stored=self.output_stored,
-            outputs_blocked=self.outputs_blocked,
+            output_bytes_dropped=dropped,
+            output_bytes_stored=stored,
+            outputs_blocked=blocked,
         )

@@ -64,19 +64,31 @@ class Usage:
 
 @dataclass(frozen=True, slots=True)
 class JobInfo:
-    """A snapshot of one job, as status and list report it."""
+    """A snapshot of one job, as status and list report it. Small on purpose: an ended job is
+    kept as one of these (and its record in the store), nothing more."""
 
     id: str
     owner: str
     command: tuple[str, ...]
     state: State
-    exit_code: int = 0
-    signal: int = 0
+    exit_code: int = 0  # how the main process ended: its exit code, or
+    signal: int = 0  # the signal that killed it (whatever the state)
     oom_killed: bool = False
     started_at: float = 0.0  # Unix time
     ended_at: float = 0.0  # Unix time, 0 while running
     limits: Limits = field(default_factory=Limits)
     usage: Usage = field(default_factory=Usage)
+    reason: EndReason = EndReason.UNSPECIFIED  # why it ended; UNSPECIFIED while running
+    seq: int = 0  # order of creation in this data dir: List is newest (highest) first
+    name: str = ""
+    labels: tuple[tuple[str, str], ...] = ()  # sorted by key
+    working_dir: str = ""
+    uid: int | None = None  # the uid it runs as (None: the server's own)
+    timeout: float = 0.0  # seconds; 0 = none
+    network: Network = Network.UNSPECIFIED
+    output_bytes: int = 0  # bytes written to its combined stream, kept or not
+    output_start: int = 0  # first offset still kept
+    output_blocked: str = ""  # why output is not being stored right now ("" = it is)
 
     def status_word(self) -> str:
         """The status as the CLI prints it (docs/DESIGN.md, "API")."""
@@ -87,6 +99,8 @@ class JobInfo:
         if self.oom_killed:
             return "oom-killed"
         word = "stopped" if self.state is State.STOPPED else "killed"
+        if not self.signal:  # e.g. it trapped SIGTERM and exited by itself
+            return f"{word} (code {self.exit_code})"
         return f"{word} (signal {self.signal})"
 
 

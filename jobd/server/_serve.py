@@ -76,7 +76,7 @@ async def _serve(
     signals: AsyncIterator[int],
     task_status: trio.TaskStatus[GrpcServer],
 ) -> None:
-    service = JobService(jobs)
+    service = JobService(jobs, max_message_bytes=config.transport.max_message_bytes)
     job_service = service.service
     health = HealthService([job_service.name])
     reflection = ReflectionService(

@@ -5,6 +5,7 @@ identity arrives through `current_identity`, set by the transport from the peer 
 
 from __future__ import annotations
 
+import base64
 import logging
 import math
 import time
@@ -27,6 +28,12 @@ audit = logging.getLogger("jobd.audit")
 log = logging.getLogger(__name__)
 
 ADMIN_ROLE = "admin"
+DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 100, 1000
+# Room left in a List response for its envelope and token, below the message limit.
+PAGE_MARGIN = 64 * 1024
+_TOKEN_PREFIX = "jobs-before:"
+# The most output data in one OutputChunk message (the client's receive limit is 4 MiB).
+OUTPUT_CHUNK = 64 * 1024
 
 
 @contextmanager
@@ -44,6 +51,8 @@ def map_errors() -> Iterator[None]:
         raise purerpc.ResourceExhaustedError(str(exc)) from exc
     except engine.FailedPrecondition as exc:
         raise purerpc.FailedPreconditionError(str(exc)) from exc
+    except engine.AlreadyExists as exc:
+        raise purerpc.AlreadyExistsError(str(exc)) from exc
     except engine.JobdError as exc:
         # Not caused by the client (cgroups, setup): say what failed, log it for the operator.
         log.error("engine failure: %s", exc)
@@ -68,8 +77,26 @@ def _limits_to_pb(limits: engine.Limits) -> pb.Limits:
     )
 
 
+def _duration(seconds: float) -> Duration | None:
+    if not seconds:
+        return None
+    d = Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
+
+
 def job_to_pb(job: engine.JobInfo) -> pb.Job:
     return pb.Job(
+        reason=pb.EndReason.ValueType(job.reason),
+        name=job.name,
+        labels=dict(job.labels),
+        output_bytes=job.output_bytes,
+        output_start=job.output_start,
+        working_dir=job.working_dir,
+        uid=job.uid or 0,
+        timeout=_duration(job.timeout),
+        network=pb.Network.ValueType(job.network),
+        output_blocked=job.output_blocked,
         id=job.id,
         owner=job.owner,
         command=list(job.command),
@@ -87,6 +114,22 @@ def job_to_pb(job: engine.JobInfo) -> pb.Job:
     )
 
 
+def _page_token(token: str) -> int | None:
+    """The seq a page token stands for (jobs before it come next); None for the first."""
+    if not token:
+        return None
+    try:
+        text = base64.urlsafe_b64decode(token.encode("ascii")).decode("ascii")
+        if text.startswith(_TOKEN_PREFIX) and text[len(_TOKEN_PREFIX) :].isdigit():
+            return int(text[len(_TOKEN_PREFIX) :])
+    except (ValueError, UnicodeError):
+        pass
+    raise purerpc.InvalidArgumentError(
+        "page_token is not one this server gave: pass next_page_token of the previous page, "
+        "or none for the first"
+    )
+
+
 def _grace(request: pb.StopRequest) -> float | None:
     if not request.HasField("grace"):
         return None
@@ -95,6 +138,17 @@ def _grace(request: pb.StopRequest) -> float | None:
     if seconds < 0 or not math.isfinite(seconds):
         raise purerpc.InvalidArgumentError(f"grace must be >= 0, not {seconds:g} s")
     return seconds
+
+
+def _stream_filter(value: int) -> engine.Stream | None:
+    if not value:
+        return None
+    try:
+        return engine.Stream(value)
+    except ValueError:
+        raise purerpc.InvalidArgumentError(
+            f"stream must be STDOUT (1), STDERR (2) or unset for both, not {value}"
+        ) from None
 
 
 @dataclass(slots=True)
@@ -110,8 +164,11 @@ class _Call:
 class JobService(jobd_grpc.JobServiceServicer):
     """Every handler: who is calling, may they, do it, log it."""
 
-    def __init__(self, jobs: engine.JobManager) -> None:
+    def __init__(
+        self, jobs: engine.JobManager, *, max_message_bytes: int = 4 * 1024 * 1024
+    ) -> None:
         self._jobs = jobs
+        self._page_bytes = max(max_message_bytes - PAGE_MARGIN, 1)
 
     @contextmanager
     def _call(self, method: str, job_id: str = "") -> Iterator[_Call]:
@@ -170,6 +227,9 @@ class JobService(jobd_grpc.JobServiceServicer):
         with self._call("Start") as call:
             assert call.identity is not None
             lim = request.limits
+            if request.network not in engine.Network._value2member_map_:
+                raise purerpc.InvalidArgumentError(f"unknown network {request.network}")
+            timeout = request.timeout.ToNanoseconds() / 1e9 if request.HasField("timeout") else 0
             job = await self._jobs.start(
                 call.identity.user,
                 list(request.command),
@@ -182,6 +242,10 @@ class JobService(jobd_grpc.JobServiceServicer):
                     io_read_bps=lim.io_read_bps,
                     io_write_bps=lim.io_write_bps,
                 ),
+                name=request.name,
+                labels=dict(request.labels),
+                timeout=timeout,
+                network=engine.Network(request.network),
             )
             call.job_id = job.id
             return job_to_pb(job)
@@ -195,11 +259,66 @@ class JobService(jobd_grpc.JobServiceServicer):
         with self._call("Status", request.id) as call:
             return job_to_pb(self._authorized(call, request.id))
 
+    async def Wait(self, request: pb.JobRequest) -> pb.Job:
+        """Until the job ends; the client's deadline (grpc-timeout, enforced by the
+        transport) bounds it."""
+        with self._call("Wait", request.id) as call:
+            self._authorized(call, request.id)
+            return job_to_pb(await self._jobs.wait(request.id))
+
+    async def Remove(self, request: pb.RemoveRequest) -> pb.Job:
+        with self._call("Remove", request.id) as call:
+            self._authorized(call, request.id)
+            return job_to_pb(await self._jobs.remove(request.id, force=request.force))
+
     async def List(self, request: pb.ListRequest) -> pb.ListResponse:
+        """A page of the caller's kept jobs (an admin's: everyone's, or `owner`'s), newest
+        first. A non-admin naming another owner gets PERMISSION_DENIED (not silently their
+        own jobs). A page ends early rather than pass the message limit."""
         with self._call("List") as call:
             assert call.identity is not None
-            owner = None if ADMIN_ROLE in call.identity.roles else call.identity.user
-            return pb.ListResponse(jobs=[job_to_pb(j) for j in self._jobs.list(owner)])
+            admin = ADMIN_ROLE in call.identity.roles
+            owner: str | None = request.owner or None
+            if not admin:
+                if owner is not None and owner != call.identity.user:
+                    raise purerpc.PermissionDeniedError(
+                        f"only admins may list another user's jobs; {call.identity.user} "
+                        "may list only their own"
+                    )
+                owner = call.identity.user
+            if request.page_size < 0:
+                raise purerpc.InvalidArgumentError(
+                    f"page_size must be >= 0 (0: {DEFAULT_PAGE_SIZE}), not {request.page_size}"
+                )
+            size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+            states = set()
+            for value in request.states:
+                if value not in engine.State._value2member_map_:
+                    raise purerpc.InvalidArgumentError(f"unknown state {value} in states")
+                states.add(engine.State(value))
+            page = self._jobs.list_page(
+                owner,
+                before=_page_token(request.page_token),
+                limit=size,
+                states=frozenset(states),
+                labels=dict(request.labels),
+                id_prefix=request.id_prefix,
+                name=request.name,
+            )
+            response = pb.ListResponse()
+            total, more = 0, page.more
+            for info in page.jobs:
+                job = job_to_pb(info)
+                total += job.ByteSize() + 8  # field tag and length prefix
+                if total > self._page_bytes and len(response.jobs):
+                    more = True
+                    break
+                response.jobs.append(job)
+            if more and response.jobs:
+                last = page.jobs[len(response.jobs) - 1]
+                token = f"{_TOKEN_PREFIX}{last.seq}".encode()
+                response.next_page_token = base64.urlsafe_b64encode(token).decode()
+            return response
 
     async def Output(  # type: ignore[override]  # a server stream: an async generator
         self, request: pb.OutputRequest
@@ -208,7 +327,15 @@ class JobService(jobd_grpc.JobServiceServicer):
         # here; `_call` is a plain (non-async) context manager around the iteration.
         with self._call("Output", request.id) as call:
             self._authorized(call, request.id)
-            chunks = self._jobs.read_output(request.id, request.offset, follow=request.follow)
+            chunks = self._jobs.read_output(
+                request.id,
+                request.offset,
+                follow=request.follow,
+                tail_lines=request.tail_lines,
+                since=request.since.ToNanoseconds() / 1e9 if request.HasField("since") else None,
+                stream=_stream_filter(request.stream),
+                max_chunk=OUTPUT_CHUNK,
+            )
             try:
                 async for chunk in chunks:
                     yield pb.OutputChunk(
@@ -220,16 +347,7 @@ class JobService(jobd_grpc.JobServiceServicer):
             finally:
                 await chunks.aclose()  # type: ignore[attr-defined]
 
-    # The second milestone's calls (docs/DESIGN.md, "API additions") answer UNIMPLEMENTED
-    # until the engine supports them, never UNKNOWN.
-    async def Wait(self, request: pb.JobRequest) -> pb.Job:
-        with self._call("Wait", request.id):
-            raise purerpc.UnimplementedError("Wait is not supported by this server yet")
-
-    async def Remove(self, request: pb.RemoveRequest) -> pb.Job:
-        with self._call("Remove", request.id):
-            raise purerpc.UnimplementedError("Remove is not supported by this server yet")
-
+    # Input is the client helper's (issue 13): UNIMPLEMENTED until then, never UNKNOWN.
     async def Input(self, requests: AsyncIterator[pb.InputChunk]) -> pb.Job:
         with self._call("Input"):
             raise purerpc.UnimplementedError("Input is not supported by this server yet")

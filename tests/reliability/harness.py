@@ -7,6 +7,7 @@ import hashlib
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import threading
 import time
@@ -22,7 +23,7 @@ import grpc
 from jobd.v1 import jobd_pb2 as pb
 from jobd.v1 import jobd_pb2_grpc
 
-from ..conftest import SESSION_NAMES, TEST_CGROUP_PREFIX
+from ..conftest import SESSION_NAMES, TEST_CGROUP_PREFIX, unique_uid_range
 from ..e2e import JOBD, LISTENING, Pki, pids_in, tcp_sockets
 
 SOAK = os.environ.get("JOBD_SOAK") == "1"
@@ -87,13 +88,18 @@ class ServerProcess:
     proc: subprocess.Popen[bytes] | None = None
     log: bytearray = field(default_factory=bytearray)
     _reader: threading.Thread | None = None
+    # Kept across restarts of this server; of its own, so parallel suites never collide.
+    uids: tuple[int, int] = field(default_factory=unique_uid_range)
+    prefix: tuple[str, ...] = ()  # e.g. ("prlimit", "--nofile=128")
 
     def start(self) -> ServerProcess:
-        argv = [JOBD, "serve", "--listen", "127.0.0.1:0",
+        argv = [*self.prefix, JOBD, "serve", "--listen", "127.0.0.1:0",
                 "--cert", str(self.pki.dir / "server.pem"),
                 "--key", str(self.pki.dir / "server.key"),
                 "--client-ca", str(self.pki.dir / "ca.pem"),
                 "--data-dir", str(self.data_dir), "--cgroup-name", self.cgroup_name,
+                "--job-uids", f"{self.uids[0]}-{self.uids[1]}",
+                "--uid-registry", str(self.data_dir.parent / "uid-ranges"),
                 *self.extra]
         self.log = bytearray()
         self.proc = subprocess.Popen(argv, stderr=subprocess.PIPE)
@@ -200,8 +206,22 @@ def serving(pki: Pki, tmp: Path, *extra: str, cgroup_name: str | None = None
 def assert_nothing_left(server: ServerProcess) -> None:
     assert pids_in(server.cgroup_name) == []
     assert cgroup_dirs(server.cgroup_name) == []
+    # Output is kept with its job's record (--keep-finished): no file of a job not kept.
     output = server.data_dir / "output"
-    assert not output.exists() or list(output.iterdir()) == [], list(output.iterdir())
+    files = {p.name.split(".")[0] for p in output.iterdir()} if output.exists() else set()
+    assert files <= kept_ids(server.data_dir), files - kept_ids(server.data_dir)
+
+
+def kept_ids(data_dir: Path) -> set[str]:
+    """Ids of the jobs the server's store keeps (read with sqlite3 while it is stopped)."""
+    path = data_dir / "jobs.sqlite3"
+    if not path.exists():
+        return set()
+    db = sqlite3.connect(path)
+    try:
+        return {row[0] for row in db.execute("SELECT id FROM jobs")}
+    finally:
+        db.close()
 
 
 def credentials(pki: Pki, user: str) -> grpc.ChannelCredentials:

@@ -136,7 +136,13 @@ def _round(server: Any, jobs: int, followers: int) -> int:
                     stubs[plan.user].Stop(pb.StopRequest(id=plan.id), timeout=TIMEOUT)
                 verified += _reread(stubs[plan.user], plan)
             plan.check_final(stubs[plan.user].Status(pb.JobRequest(id=plan.id), timeout=TIMEOUT))
-        listed = {j.id for j in admin.List(pb.ListRequest(), timeout=TIMEOUT).jobs}
+        listed: set[str] = set()
+        token = ""
+        while True:  # pages of 1000, newest first
+            page = admin.List(pb.ListRequest(page_size=1000, page_token=token), timeout=TIMEOUT)
+            listed |= {j.id for j in page.jobs}
+            if not (token := page.next_page_token):
+                break
         assert {p.id for p in plans} <= listed
     return verified
 
