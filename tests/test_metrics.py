@@ -8,6 +8,7 @@ import ssl
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -170,3 +171,46 @@ async def test_metrics_http_answers(server: Server) -> None:
     assert status == 405 and b"Allow: GET, HEAD" in head
     status, head, body = await http_get(server, "/metrics", method="HEAD")
     assert status == 200 and body == b"" and b"Content-Length: " in head
+
+
+def _bounded_and_timed_out(server: Server) -> tuple[Any, Any, Any]:
+    from jobd.v1 import jobd_pb2 as pb
+    from jobd.v1 import jobd_pb2_grpc
+
+    pki = server.pki
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=(pki.dir / "ca.pem").read_bytes(),
+        private_key=(pki.dir / "alice.key").read_bytes(),
+        certificate_chain=(pki.dir / "alice.pem").read_bytes(),
+    )
+    with grpc.secure_channel(server.address, creds) as channel:
+        stub = jobd_pb2_grpc.JobServiceStub(channel)
+        big = stub.Start(pb.StartRequest(command=["head", "-c", "8000000", "/dev/zero"]),
+                         timeout=10)  # fmt: skip
+        slow = stub.Start(
+            pb.StartRequest(command=["sleep", "1000"], timeout={"nanos": 1}), timeout=10
+        )
+        removed = stub.Start(pb.StartRequest(command=["echo", "bye"]), timeout=10)
+        big, slow = stub.Wait(pb.JobRequest(id=big.id)), stub.Wait(pb.JobRequest(id=slow.id))
+        stub.Wait(pb.JobRequest(id=removed.id))
+        gone = stub.Remove(pb.RemoveRequest(id=removed.id), timeout=10)
+        return big, slow, gone
+
+
+async def test_metrics_dropped_output_and_end_reasons(
+    tmp_path: Path, pki_dir: Pki, cgroup_name: str
+) -> None:
+    extra = ("--metrics-listen", "127.0.0.1:0", "--max-job-output", "1M")
+    async with running_server(tmp_path, pki_dir, cgroup_name, *extra) as server:
+        big, slow, gone = await trio.to_thread.run_sync(_bounded_and_timed_out, server)
+        samples = await scrape(server)
+    assert big.output_bytes == 8_000_000 and big.output_start > 0
+    assert value(samples, "jobd_output_written_bytes_total") == 8_000_000 + 4
+    # What the bound dropped of the big job, and the removed job's 4 bytes.
+    assert value(samples, "jobd_output_dropped_bytes_total") == big.output_start + 4
+    assert value(samples, "jobd_job_ends_total", reason="timeout") == 1
+    assert value(samples, "jobd_job_ends_total", reason="exit") == 2
+    assert value(samples, "jobd_jobs", state="exited") == 1  # the removed one is not kept
+    assert value(samples, "jobd_jobs", state="stopped") == 1
+    assert value(samples, "jobd_rpcs_total", method="jobd.v1.JobService/Remove", code="OK") == 1
+    assert gone.id and slow.state == 3  # STOPPED
