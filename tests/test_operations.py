@@ -206,3 +206,29 @@ async def test_just_serve_execs_jobd_so_a_signal_to_it_stops_jobd(
     assert b"SIGTERM: shutting down" in log and b"INFO jobd: stopped" in log, log
     assert not alive(child)
     assert (tmp_path / "certs" / "ca.pem").is_file()  # `just certs` ran first
+
+
+@pytest.mark.cgroups
+async def test_metrics_port_taken_or_malformed_is_a_clear_error(
+    tmp_path: Path, pki_dir: Pki, cgroup_name: str
+) -> None:
+    base = [JOBD, "serve", "--listen", "127.0.0.1:0", "--cert", str(pki_dir.dir / "server.pem"),
+            "--key", str(pki_dir.dir / "server.key"), "--client-ca", str(pki_dir.dir / "ca.pem"),
+            "--data-dir", str(tmp_path / "data"), "--cgroup-name", cgroup_name,
+            *uid_flags(tmp_path)]  # fmt: skip
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = await trio.run_process(
+            [*base, "--metrics-listen", f"127.0.0.1:{port}"],
+            capture_stderr=True, check=False,
+        )  # fmt: skip
+    err = done.stderr.decode()
+    assert done.returncode == 1, err
+    assert f"cannot serve metrics on 127.0.0.1:{port} (--metrics-listen)" in err, err
+    assert "Traceback" not in err
+    bad = await trio.run_process(
+        [*base, "--metrics-listen", "9091"], capture_stderr=True, check=False
+    )
+    assert bad.returncode == 2 and "HOST:PORT" in bad.stderr.decode(), bad.stderr

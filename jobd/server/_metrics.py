@@ -206,8 +206,13 @@ async def serve_metrics(
     `task_status.started` gets the bound port; binding errors are raised before that."""
     exporter = _Exporter(sources)
     listeners = await trio.open_tcp_listeners(port, host=host)
+    ports = {listener.socket.getsockname()[1] for listener in listeners}
+    if len(ports) != 1:
+        for listener in listeners:
+            await listener.aclose()
+        raise OSError(f"{host!r} has several addresses: give one address, or a fixed port")
+    bound = ports.pop()
     limiter = trio.CapacityLimiter(_MAX_SCRAPERS)
-    bound = listeners[0].socket.getsockname()[1]
 
     async def handle(stream: trio.SocketStream) -> None:
         async with limiter, stream:
