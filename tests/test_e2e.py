@@ -21,7 +21,7 @@ from jobd.v1 import jobd_pb2 as pb
 from jobd.v1 import jobd_pb2_grpc
 
 from .conftest import jobd_cgroups
-from .e2e import CLIENT, JOBD, Pki, Server, alive, pids_in, running_server
+from .e2e import CLIENT, JOBD, Pki, Server, alive, pids_in, running_server, uid_flags
 
 pytestmark = pytest.mark.cgroups
 
@@ -375,6 +375,7 @@ async def test_serve_refuses_bad_setup(tmp_path: Path, pki_dir: Pki) -> None:
     base = [
         "serve", "--listen", "127.0.0.1:0", "--cert", str(pki_dir.dir / "server.pem"),
         "--key", str(pki_dir.dir / "server.key"), "--data-dir", str(tmp_path / "d"),
+        *uid_flags(tmp_path),
     ]
 
 
@@ -407,7 +408,7 @@ async def test_second_server_refused_without_harm(
         job = await first.start_job("sleep", "1000")
         base = [JOBD, "serve", "--cert", str(pki_dir.dir / "server.pem"), "--key",
                 str(pki_dir.dir / "server.key"), "--client-ca", str(pki_dir.dir / "ca.pem"),
-                "--data-dir", str(tmp_path / "second")]
+                "--data-dir", str(tmp_path / "second"), *uid_flags(tmp_path / "second")]
         same_port = await trio.run_process(
             [*base, "--listen", first.address, "--cgroup-name", cgroup_name + "-2"],
             capture_stdout=True, capture_stderr=True, check=False,

@@ -159,7 +159,8 @@ class ServerProcess:
         with channel(self, "admin") as (_, stub):
             stub.List(pb.ListRequest(), timeout=30)
         for bad in ("Traceback", "internal error", " ERROR ", "Got exception"):
-            assert bad not in self.text, f"{bad!r} in the server log:\n{self.text[-5000:]}"
+            at = self.text.find(bad)
+            assert at < 0, f"{bad!r} in the server log:\n{self.text[max(at - 3000, 0):at + 3000]}"
 
     def terminate(self) -> int:
         """SIGTERM, and the exit code."""

@@ -302,8 +302,8 @@ def test_sigkill_under_load_then_restart_reaps_everything(
         assert pids_in(name) == []
         assert f"reaped {jobs} job cgroup" in second.text
         assert [d for d in cgroup_dirs(name) if d.parent.name == "jobs"] == []
-        with channel(second) as (_, alice):
-            listed = alice.List(pb.ListRequest(page_size=1000), timeout=TIMEOUT).jobs
+        with channel(second) as (_, alice), channel(second, "admin") as (_, admin):
+            listed = admin.List(pb.ListRequest(page_size=1000), timeout=TIMEOUT).jobs
             assert sorted(j.id for j in listed) == sorted(ids)
             assert {(j.state, j.reason) for j in listed} == {
                 (pb.KILLED, pb.END_REASON_SERVER_LOST)

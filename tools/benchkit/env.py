@@ -173,6 +173,7 @@ async def open_jobd(workdir: Path, certs: Path, *extra: str) -> AsyncIterator[Jo
     """A fresh `jobd serve` on 127.0.0.1 with its own cgroup tree and data dir; at the end
     SIGTERM, exit 0 expected, and no cgroup or file of it left behind."""
     name = f"jobd-bench-{secrets.token_hex(4)}"
+    uids = 2_000_000_000 + secrets.randbelow(100_000) * 1000
     data = workdir / name
     log = workdir / f"{name}.log"
     argv = [
@@ -180,6 +181,8 @@ async def open_jobd(workdir: Path, certs: Path, *extra: str) -> AsyncIterator[Jo
         "--cert", str(certs / "server.pem"), "--key", str(certs / "server.key"),
         "--client-ca", str(certs / "ca.pem"), "--data-dir", str(data),
         "--cgroup-name", name, "--default-pids", "4096", "--default-memory", "1G",
+        # A uid range and registry of its own: parallel benches and servers never collide.
+        "--job-uids", f"{uids}-{uids + 999}", "--uid-registry", str(workdir / "uid-ranges"),
         *extra,
     ]  # fmt: skip
     log_fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
