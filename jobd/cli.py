@@ -14,7 +14,7 @@ import asyncclick as click
 from jobd import __version__, pki
 from jobd.engine import EngineConfig, JobdError, Limits
 from jobd.engine._manager import JOB_UID_FIRST, JOB_UID_LAST
-from jobd.server import ServerConfig, configure_logging, run_server
+from jobd.server import ServerConfig, TransportLimits, configure_logging, run_server
 from jobd.units import parse_duration, parse_size
 
 MiB = 1024 * 1024
@@ -55,6 +55,7 @@ def _uid_range(value: str) -> tuple[int, int] | None:
 
 SIZE, DURATION = _Parsed("SIZE", parse_size), _Parsed("DURATION", parse_duration)
 DEFAULTS = EngineConfig(data_dir=Path("."))
+TRANSPORT = TransportLimits()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -114,9 +115,37 @@ def _opt(name: str, env: str, **kw: Any) -> Callable[[F], F]:
 @_opt("--max-cpus", "JOBD_MAX_CPUS", type=float, default=DEFAULTS.max_limits.cpus,
       show_default="the host's CPUs", help="Most CPUs a job may ask for (0: no maximum).")
 @_opt("--max-memory", "JOBD_MAX_MEMORY", type=SIZE, default=str(DEFAULTS.max_limits.memory_bytes),
-      show_default="the host's memory", help="Most memory a job may ask for (0: no maximum).")
+      show_default=f"3/4 of the host's memory: {DEFAULTS.max_limits.memory_bytes // MiB}M",
+      help="Most memory a job may ask for (0: no maximum).")
 @_opt("--max-pids", "JOBD_MAX_PIDS", type=int, default=DEFAULTS.max_limits.pids,
+      show_default=f"1/4 of the kernel's pid_max: {DEFAULTS.max_limits.pids}",
       help="Most processes a job may ask for (0: no maximum).")
+@_opt("--max-jobs", "JOBD_MAX_JOBS", type=click.IntRange(min=0), default=DEFAULTS.max_jobs,
+      help="Running jobs in all; a Start past it gets RESOURCE_EXHAUSTED (0: no limit).")
+@_opt("--max-jobs-per-user", "JOBD_MAX_JOBS_PER_USER", type=click.IntRange(min=0),
+      default=DEFAULTS.max_jobs_per_user,
+      help="Running jobs per user; a Start past it gets RESOURCE_EXHAUSTED (0: no limit).")
+@_opt("--job-nofile", "JOBD_JOB_NOFILE", type=click.IntRange(min=0), default=DEFAULTS.job_nofile,
+      help="Soft limit on open files of each job, as systemd gives services; the hard limit "
+      "stays the server's (0: the server's own, raised to its hard limit at start).")
+@_opt("--max-connections", "JOBD_MAX_CONNECTIONS", type=click.IntRange(min=1),
+      default=TRANSPORT.max_connections,
+      help="Established client connections in all; more get RESOURCE_EXHAUSTED.")
+@_opt("--max-connections-per-user", "JOBD_MAX_CONNECTIONS_PER_USER",
+      type=click.IntRange(min=1), default=TRANSPORT.max_connections_per_user,
+      help="Established connections per user (certificate CN); more get RESOURCE_EXHAUSTED.")
+@_opt("--max-calls-per-user", "JOBD_MAX_CALLS_PER_USER", type=click.IntRange(min=1),
+      default=TRANSPORT.max_calls_per_user,
+      help="Calls (e.g. follows) open at once per user, over all connections.")
+@_opt("--max-silent-connections", "JOBD_MAX_SILENT_CONNECTIONS", type=click.IntRange(min=1),
+      default=TRANSPORT.max_silent,
+      help="Accepted connections that have sent nothing yet (at most a quarter of the open-"
+      "files limit); when full, the oldest is dropped.")
+@_opt("--max-handshakes", "JOBD_MAX_HANDSHAKES", type=click.IntRange(min=1),
+      default=TRANSPORT.max_handshakes,
+      help="Connections in their TLS handshake at once; when full, the oldest is dropped.")
+@_opt("--handshake-timeout", "JOBD_HANDSHAKE_TIMEOUT", type=DURATION,
+      default=f"{TRANSPORT.handshake_timeout:g}s", help="Time a client has to complete TLS.")
 @_opt("--stop-grace", "JOBD_STOP_GRACE", type=DURATION, default="5s",
       help="Time between SIGTERM and SIGKILL when a stop names none.")
 @_opt("--keep-finished", "JOBD_KEEP_FINISHED", type=DURATION, default="7d",
@@ -133,6 +162,9 @@ def _opt(name: str, env: str, **kw: Any) -> Callable[[F], F]:
       "go, jobs wait on their pipes (0: no bound).")
 @_opt("--log-level", "JOBD_LOG_LEVEL", default="info",
       type=click.Choice(["debug", "info", "warning", "error"]), help="Log verbosity.")
+@_opt("--library-log-level", "JOBD_LIBRARY_LOG_LEVEL", default="warning",
+      type=click.Choice(["debug", "info", "warning", "error"]),
+      help="Log verbosity of the libraries (h2 and hpack log every frame at debug).")
 @_opt("--log-format", "JOBD_LOG_FORMAT", default="text", type=click.Choice(["text", "json"]),
       help="Log lines for people (text) or one JSON object per line (json; fields in the "
       "README).")
@@ -158,12 +190,22 @@ async def serve(
     max_cpus: float,
     max_memory: int,
     max_pids: int,
+    max_jobs: int,
+    max_jobs_per_user: int,
+    job_nofile: int,
+    max_connections: int,
+    max_connections_per_user: int,
+    max_calls_per_user: int,
+    max_silent_connections: int,
+    max_handshakes: int,
+    handshake_timeout: float,
     stop_grace: float,
     keep_finished: float,
     uid_registry: Path,
     max_job_output: int,
     max_data: int | None,
     log_level: str,
+    library_log_level: str,
     log_format: str,
     metrics_listen: str,
 ) -> None:
@@ -173,7 +215,7 @@ async def serve(
     cgroups and exits 0. A jobd started after a crash first kills and removes whatever its
     predecessor's cgroup tree still holds.
     """
-    configure_logging(log_level, log_format)
+    configure_logging(log_level, log_format, library_level=library_log_level)
     # The formats use none of these: skip collecting them for every record (the audit
     # log writes one per RPC). The Logging HOWTO's "Optimization" knobs; the caller lookup
     # walked the stack and the process id cost a getpid() syscall per line.
@@ -198,12 +240,23 @@ async def serve(
                 io_write_bps=default_io_write,
             ),
             max_limits=Limits(cpus=max_cpus, memory_bytes=max_memory, pids=max_pids),
+            max_jobs=max_jobs,
+            max_jobs_per_user=max_jobs_per_user,
+            job_nofile=job_nofile,
             stop_grace=stop_grace,
             io_devices=io_device or None,
             keep_finished=keep_finished,
             uid_registry=uid_registry,
             max_job_output=max_job_output,
             max_data=max_data,
+        )
+        transport = TransportLimits(
+            max_connections=max_connections,
+            max_connections_per_user=max_connections_per_user,
+            max_calls_per_user=max_calls_per_user,
+            max_silent=max_silent_connections,
+            max_handshakes=max_handshakes,
+            handshake_timeout=handshake_timeout,
         )
         config = ServerConfig(
             host=host,
@@ -213,6 +266,7 @@ async def serve(
             client_ca=client_ca,
             engine=engine,
             metrics_listen=metrics,
+            transport=transport,
         )
         await run_server(config)
     except* (JobdError, OSError) as group:

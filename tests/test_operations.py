@@ -55,6 +55,10 @@ async def test_json_logs_one_object_per_line(
     missing = next(r for r in rpcs if r["user"] == "bob")
     assert missing["method"] == "Status" and missing["code"] == "NOT_FOUND"
     assert any(r["message"].startswith("listening on") for r in records)
+    end = next(r for r in records if r["event"] == "job-end" and r["job"] == job)
+    assert end["state"] == "EXITED" and end["reason"] == "EXIT" and end["exit_code"] == 3
+    assert end["user"] == "alice" and end["duration_s"] >= 0
+    assert start["command"] == ["sh", "-c", "exit 3"]
 
 
 def test_json_formatter_escapes_what_a_client_sends() -> None:

@@ -25,7 +25,7 @@ import signal
 import stat
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -49,6 +49,7 @@ from ._errors import (
 )
 from ._lock import lock_directory
 from ._output import MAX_CHUNK, OutputStore
+from ._quota import Quota
 from ._records import Records
 from ._retention import OutputSpace, default_max_data
 from ._statistics import Counters, EngineStatistics
@@ -75,6 +76,22 @@ def _host_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def _pid_max() -> int:
+    try:
+        return int(Path("/proc/sys/kernel/pid_max").read_text())
+    except (OSError, ValueError):
+        return 32768
+
+
+# Per-job maxima that leave the host alive however many jobs ask for them: a quarter of the
+# kernel's pid space, three quarters of its memory (issue 9: they were all of each).
+DEFAULT_MAX_PIDS_FRACTION = 4
+DEFAULT_MAX_MEMORY_FRACTION = 0.75
+# A job's soft RLIMIT_NOFILE, as systemd gives services (select() breaks above 1024); the
+# hard limit stays the server's, so a job that needs more can raise its own.
+DEFAULT_JOB_NOFILE = 1024
+
+
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
     """How the engine runs jobs. Limits of 0 mean "none"."""
@@ -91,10 +108,16 @@ class EngineConfig:
     max_limits: Limits = field(
         default_factory=lambda: Limits(
             cpus=float(os.cpu_count() or 1),
-            memory_bytes=_host_memory(),
-            pids=32768,
+            memory_bytes=int(_host_memory() * DEFAULT_MAX_MEMORY_FRACTION),
+            pids=max(_pid_max() // DEFAULT_MAX_PIDS_FRACTION, 1024),
         )
     )
+    # Running jobs in all and per owner (0: no limit); a Start past them: ResourceExhausted.
+    max_jobs: int = 1000
+    max_jobs_per_user: int = 100
+    job_nofile: int = DEFAULT_JOB_NOFILE  # soft RLIMIT_NOFILE of each job (0: the server's)
+    # Called with the final JobInfo once each job has ended (the server's audit log).
+    on_job_end: Callable[[JobInfo], None] | None = None
     stop_grace: float = 5.0
     io_devices: tuple[str, ...] | None = None  # None: the disk holding data_dir
     # Output bounds (jobd/engine/_retention.py): one job's kept output, and all jobs' output
@@ -130,6 +153,9 @@ class EngineConfig:
             )
         if self.max_job_output < 0 or (self.max_data or 0) < 0:
             raise JobdError("--max-job-output and --max-data must be >= 0 (0: no bound)")
+        for name in ("max_jobs", "max_jobs_per_user", "job_nofile"):
+            if getattr(self, name) < 0:
+                raise JobdError(f"{name} must be >= 0, not {getattr(self, name)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +257,7 @@ class JobManager:
         self._run_as = run_as
         self._records = records
         self._jobs: dict[str, _Job] = {}  # running jobs only
+        self._quota = Quota(config.max_jobs, config.max_jobs_per_user)
         self._closing = False
         self._nursery: trio.Nursery | None = None
         self._shims: _shimpool.ShimPool | None = None  # set while the manager is open
@@ -462,8 +489,9 @@ class JobManager:
             raise InvalidArgument("working_dir contains a NUL byte")
         if not os.path.isabs(cwd):
             raise InvalidArgument(f"working_dir {cwd!r} must be an absolute path")
-        if not os.path.isdir(cwd):
-            raise InvalidArgument(f"working_dir {cwd!r} does not exist or is not a directory")
+        # Whether it exists is checked by the shim's chdir, as the job's uid: checked here as
+        # root, "Permission denied" vs "does not exist" told anyone what root-only
+        # directories hold (issue 9).
         run_as = self._run_as
         full_env = {
             "PATH": DEFAULT_PATH,
@@ -508,7 +536,12 @@ class JobManager:
             uid=self._uid_for(owner),
         )
         self._check_name(record)
-        job = await self._start(record, full_env)
+        self._quota.admit(owner)  # released when the job ends (_ended)
+        try:
+            job = await self._start(record, full_env)
+        except BaseException:
+            self._quota.release(owner)
+            raise
         try:
             await self._records.write_durably(Put(job.start))
         except StoreError as exc:
@@ -589,6 +622,7 @@ class JobManager:
             "cwd": cwd,
             "argv": list(argv),
             "env": env,
+            "nofile": self._config.job_nofile,
         }
         # A pre-started shim (its interpreter has already booted), or a new one.
         shim = await (self._shims.take() if self._shims else _shimpool.spawn_shim())
@@ -627,6 +661,10 @@ class JobManager:
                 )
             return InvalidArgument(f"cannot execute {program!r} as user {user}: {error}")
         if stage == "chdir":
+            if report["errno"] in (errno.ENOENT, errno.ENOTDIR):
+                return InvalidArgument(
+                    f"working_dir {cwd!r} does not exist or is not a directory (for user {user})"
+                )
             return InvalidArgument(f"cannot use working_dir {cwd!r} as user {user}: {error}")
         return CgroupError(f"job setup failed ({stage} {what}): {error}")
 
@@ -752,6 +790,12 @@ class JobManager:
         if job.recorded:
             self._records.ended(job.final)
         job.ended.set()
+        self._quota.release(job.start.owner)
+        if self._config.on_job_end is not None:
+            try:
+                self._config.on_job_end(job.final)
+            except Exception:
+                log.exception("on_job_end failed for job %s", job.id)
 
     def _request_stop(self, job: _Job, grace: float, reason: EndReason) -> None:
         if job.ended.is_set():

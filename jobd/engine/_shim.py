@@ -19,6 +19,7 @@ import _signal  # type: ignore[import-not-found]
 import errno
 import marshal
 import os
+import resource
 import sys
 
 
@@ -48,6 +49,13 @@ def main() -> None:
             os.setgroups([spec["gid"]])
             os.setgid(spec["gid"])
             os.setuid(spec["uid"])
+        nofile = spec.get("nofile")
+        if nofile:
+            # The job's soft limit on open files: it inherited the server's, raised to the hard
+            # limit. The hard limit is left alone, so a job that needs more may raise its own.
+            stage, what = "rlimit", "RLIMIT_NOFILE"
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(nofile, hard), hard))
         stage, what = "chdir", spec["cwd"]
         os.chdir(spec["cwd"])
         # The Python runtime ignores SIGPIPE and SIGXFSZ; a command expects the defaults

@@ -26,6 +26,7 @@ import h2.settings
 import trio
 from purerpc.grpc_proto import GRPCProtoSocket, GRPCProtoStream
 from purerpc.grpc_socket import GRPCStreamState, SocketWrapper
+from purerpc.grpclib.buffers import MessageReadBuffer
 from purerpc.grpclib.connection import GRPCConfiguration, GRPCConnection
 from purerpc.grpclib.events import (
     Event,
@@ -39,6 +40,8 @@ from purerpc.grpclib.headers import sanitize_headers
 from purerpc.grpclib.status import Status, StatusCode
 
 __all__ = [
+    "ACCEPT_ENCODING",
+    "OutboundBudget",
     "ReaderEnd",
     "ServerSocket",
     "ServerStream",
@@ -69,6 +72,54 @@ _READER_QUEUE_FACTOR = 4
 # How long a call ended by the server (shutdown) may take to finish the message it is sending,
 # so that its status can follow; a peer that reads nothing is cut (reset) after this.
 _MESSAGE_END_GRACE = 1.0
+# What a streaming call reserves of the outbound budgets before it produces its next message:
+# one Output chunk (64 KiB) and its framing. (It exists up to three times while it is made and
+# sent: the engine's bytes, the protobuf message, its serialization; measured per unread
+# stream, not reserved three times, so that many quiet follows fit in the budget.)
+PRODUCE_RESERVE = 64 * 1024 + 64
+
+
+class OutboundBudget:
+    """Bytes waiting to be sent, server-wide and per user: every connection's socket queue
+    plus what streaming calls have reserved for their next message, sent or stalled on flow
+    control (issue 9: 10,000 unread Output streams held 1.94 GB). A stream whose peer has
+    never acknowledged its data produces a message only while both budgets have room; one
+    whose peer has (it reads) only needs room in its own connection's queue. So those who
+    read nothing hold a bounded amount in all, and can starve neither readers nor, past
+    their own user's share, other users' new calls."""
+
+    def __init__(self, limit: int, per_user: int) -> None:
+        self.limit = limit
+        self.per_user = per_user
+        self.used = 0
+        self._by_user: collections.Counter[str] = collections.Counter()
+        self._waiting = trio.lowlevel.ParkingLot()
+
+    def has_room(self, user: str) -> bool:
+        return (
+            self.used + PRODUCE_RESERVE <= self.limit
+            and self._by_user[user] + PRODUCE_RESERVE <= self.per_user
+        )
+
+    def take(self, user: str, size: int) -> None:
+        self.used += size
+        self._by_user[user] += size
+
+    def give(self, user: str, size: int) -> None:
+        self.used -= size
+        left = self._by_user[user] - size
+        if left > 0:
+            self._by_user[user] = left
+        else:
+            del self._by_user[user]
+        if self._waiting and self.used + PRODUCE_RESERVE <= self.limit:
+            # FIFO, a few at a time: thousands of unread streams may be waiting here.
+            self._waiting.unpark(count=size // PRODUCE_RESERVE + 1)
+
+    async def wait(self) -> None:
+        await self._waiting.park()
+
+
 
 
 # --------------------------------------------------------------------------------------------
@@ -96,7 +147,7 @@ class TrioByteStream(anyio.abc.ByteStream):
     with the extra attributes it asks for (`SocketAttribute.raw_socket` for its socket options)
     and the TLS ones a handler may want."""
 
-    def __init__(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
+    def __init__(self, stream: trio.SSLStream[Any]) -> None:  # over a SocketStream
         self._stream = stream
 
     async def receive(self, max_bytes: int = _RECEIVE_SIZE) -> bytes:
@@ -180,6 +231,31 @@ class MessageTooLarge(Event):  # type: ignore[misc]
         self.stream_id = stream_id
 
 
+class MessageCompressed(Event):  # type: ignore[misc]
+    """A request message on this stream has the compressed flag set. purerpc inflated it with
+    no bound (issue 9: 1 MiB of gzip became 1 GiB and froze the event loop for 9 s, before
+    the caller's identity was checked); jobd refuses it uninflated, as the gRPC spec says for
+    an encoding the server does not support: UNIMPLEMENTED, with grpc-accept-encoding."""
+
+    def __init__(self, stream_id: int) -> None:
+        self.stream_id = stream_id
+
+
+# The only message encoding jobd reads; advertised in every response's headers.
+ACCEPT_ENCODING = "identity"
+
+
+class _Compressed(Exception):
+    pass
+
+
+class _UncompressedReadBuffer(MessageReadBuffer):  # type: ignore[misc]
+    """purerpc's request message parser, which never inflates a message."""
+
+    def decompress(self, data: bytes) -> bytes:
+        raise _Compressed
+
+
 class PeerGoAway(Event):  # type: ignore[misc]
     """The peer sent GOAWAY: it is leaving, and h2 will send nothing more."""
 
@@ -218,6 +294,7 @@ class _ServerConnection(GRPCConnection):  # type: ignore[misc]
         # Flow-controlled bytes received per stream and not yet given back to the peer.
         self._unacked: dict[int, int] = {}
         super().__init__(config)
+        self.malformed_requests = 0  # streams reset for malformed request headers
         # purerpc's __init__ made a plain H2Connection; redo its setup on ours.
         self.h2_connection = _H2Connection(
             h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
@@ -244,6 +321,26 @@ class _ServerConnection(GRPCConnection):  # type: ignore[misc]
             self._connection_window - _H2_DEFAULT_WINDOW
         )
 
+    def _request_received(self, event: h2.events.RequestReceived) -> list[Event]:
+        """purerpc's, but a malformed request (bad path, content type, grpc-timeout, END_STREAM
+        on the headers) resets that stream only: purerpc's ProtocolError closed the caller's
+        whole connection, with every other call on it."""
+        try:
+            events: list[Event] = super()._request_received(event)
+        except Exception as exc:  # purerpc's ProtocolError, or e.g. int() of a bad grpc-timeout
+            log.debug("stream %d: malformed request: %s", event.stream_id, exc)
+            self.malformed_requests += 1
+            self.message_read_buffers.pop(event.stream_id, None)
+            with contextlib.suppress(h2.exceptions.H2Error):
+                self.h2_connection.reset_stream(
+                    event.stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR
+                )
+            return []
+        self.message_read_buffers[event.stream_id] = _UncompressedReadBuffer(
+            None, self.config.max_message_length
+        )
+        return events
+
     def _data_received(self, event: h2.events.DataReceived) -> list[Event]:
         stream_id = event.stream_id
         if stream_id not in self.message_read_buffers:
@@ -260,6 +357,9 @@ class _ServerConnection(GRPCConnection):  # type: ignore[misc]
         except MessageTooLargeError:
             del self.message_read_buffers[stream_id]  # drop what is buffered and what follows
             return [MessageTooLarge(stream_id)]
+        except _Compressed:
+            del self.message_read_buffers[stream_id]
+            return [MessageCompressed(stream_id)]
         return events
 
     def acknowledge_received_data(self, stream_id: int, flow_controlled_length: int) -> None:
@@ -294,6 +394,7 @@ class _ServerConnection(GRPCConnection):  # type: ignore[misc]
         headers = [
             (":status", "200"),
             ("content-type", "application/grpc" + content_type_suffix),
+            ("grpc-accept-encoding", ACCEPT_ENCODING),
             *self._status_headers(status),
             *sanitize_headers(custom_metadata),
         ]
@@ -331,8 +432,15 @@ class _BoundedSocket(SocketWrapper):  # type: ignore[misc]
         *,
         max_queued: int,
         on_broken: Callable[[], None],
+        budget: OutboundBudget,
+        user: str,
     ) -> None:
         super().__init__(connection, stream)
+        self._budget = budget
+        self._user = user  # whose budget share this connection's bytes count against
+        # Reserved by this connection's streaming calls and not stalled on flow control: what
+        # may still reach the queue soon.
+        self.active = 0
         # trio's own Event: anyio's looks up the running backend on every creation.
         self._flush_event = trio.Event()
         self._chunks: collections.deque[bytes | memoryview] = collections.deque()
@@ -345,7 +453,56 @@ class _BoundedSocket(SocketWrapper):  # type: ignore[misc]
     def _append(self, data: bytes | memoryview) -> None:
         self._chunks.append(data)
         self.queued += len(data)
+        self._budget.take(self._user, len(data))
         self._flush_event.set()
+
+    async def reserve(self, stream: ServerStream) -> None:
+        """Wait until `stream` may produce its next message, then reserve PRODUCE_RESERVE of
+        the budgets for it until it is sent (`unreserve`): its window is open; this
+        connection's queue has room (or holds nothing at all); and, unless its peer has
+        acknowledged its data before, the server's and the user's budgets have room. So a
+        call whose peer reads nothing holds at most one message, and only within budget."""
+        budget = self._budget
+        while not self.broken:  # broken: the connection's scope is cancelled already
+            if stream.send_window <= 0:
+                await stream._wait_flow_control_update()
+                continue
+            idle = self.queued == 0 and self.active == 0
+            if not idle and self.queued + self.active + PRODUCE_RESERVE > self._max_queued:
+                await self._drained.park()  # woken by each write, and each unreserve
+                continue
+            if not stream.peer_acknowledged and not budget.has_room(self._user):
+                await budget.wait()
+                continue
+            break
+        self.active += PRODUCE_RESERVE
+        budget.take(self._user, PRODUCE_RESERVE)
+        stream.holding = True
+
+    def stalled(self, stalled: bool) -> None:
+        """A stream holding a reservation waits on flow control (or resumes): while it waits,
+        it cannot fill the queue, so it does not count against the connection's room; it
+        still counts against the budgets (it holds the message)."""
+        self.active += -PRODUCE_RESERVE if stalled else PRODUCE_RESERVE
+        if stalled:
+            self._drained.unpark_all()
+
+    def unreserve(self, stream: ServerStream) -> None:
+        if stream.holding:
+            stream.holding = False
+            self.active -= PRODUCE_RESERVE
+            self._budget.give(self._user, PRODUCE_RESERVE)
+            self._drained.unpark_all()
+
+    async def __aexit__(self, *exc_info: object) -> bool | None:
+        try:
+            result: bool | None = await super().__aexit__(*exc_info)
+        finally:
+            if self.queued:
+                self._budget.give(self._user, self.queued)  # never to be sent
+            self.queued = 0
+            self._chunks.clear()
+        return result
 
     def kick(self) -> None:
         """Queue whatever h2 has produced and wake the writer; never blocks (the reader uses it:
@@ -391,6 +548,7 @@ class _BoundedSocket(SocketWrapper):  # type: ignore[misc]
                     self._on_broken()
                     return
                 self.queued -= size
+                self._budget.give(self._user, size)
                 if self.queued <= self._max_queued:
                     self._drained.unpark_all()
             elif self._running:
@@ -415,6 +573,9 @@ class ServerStream(GRPCProtoStream):  # type: ignore[misc]
         self.reset_by_peer = False
         self.mid_message = False
         self._abort_at_boundary = False
+        self.holding = False  # a reservation of the outbound budgets (`reserve`)
+        # The peer has sent a WINDOW_UPDATE for this stream: it reads what it is sent.
+        self.peer_acknowledged = False
 
     def abort(self, status: Status) -> None:
         if self.abort_status is None and not self.reset_by_peer:
@@ -448,6 +609,41 @@ class ServerStream(GRPCProtoStream):  # type: ignore[misc]
                 GRPCStreamState.HALF_CLOSED_REMOTE,
             )
         )
+
+    @property
+    def send_window(self) -> int:
+        """Bytes the peer's flow-control windows let this stream send now."""
+        try:
+            window: int = self._grpc_connection.h2_connection.local_flow_control_window(
+                self._stream_id
+            )
+        except (h2.exceptions.NoSuchStreamError, KeyError):  # StreamClosedError too
+            return 0  # reset or closed: the call's cancellation is on its way
+        return window
+
+    async def reserve(self) -> None:
+        """Wait until this call may produce its next message (see `_BoundedSocket.reserve`)."""
+        await self._socket.reserve(self)
+
+    def unreserve(self) -> None:
+        self._socket.unreserve(self)
+
+    def set_waiting(self, waiting: bool) -> None:
+        """The call waits for its handler's next message (a follow, for new output), holding
+        its reservation: it cannot fill the queue meanwhile."""
+        if self.holding:
+            self._socket.stalled(waiting)
+
+    async def _wait_flow_control_update(self) -> None:
+        # purerpc's; a wait in the middle of a message while holding a reservation is a stall.
+        if not self.holding:
+            await super()._wait_flow_control_update()
+            return
+        self._socket.stalled(True)
+        try:
+            await super()._wait_flow_control_update()
+        finally:
+            self._socket.stalled(False)
 
     def wake_for_window(self) -> None:
         # purerpc's _set_flow_control_update is async only to set this event.
@@ -597,6 +793,8 @@ class ServerSocket(GRPCProtoSocket):  # type: ignore[misc]
         connection_window: int,
         max_queued: int,
         on_broken: Callable[[], None],
+        budget: OutboundBudget,
+        user: str = "",
     ) -> None:
         super().__init__(config, stream, receive_buffer_size=_RECEIVE_SIZE)
         # purerpc's __init__ builds its own connection and socket wrapper; use jobd's.
@@ -606,7 +804,12 @@ class ServerSocket(GRPCProtoSocket):  # type: ignore[misc]
             connection_window=connection_window,
         )
         self._socket = _BoundedSocket(
-            self._grpc_connection, stream, max_queued=max_queued, on_broken=on_broken
+            self._grpc_connection,
+            stream,
+            max_queued=max_queued,
+            on_broken=on_broken,
+            budget=budget,
+            user=user,
         )
         self._max_queued = max_queued
         self._streams: dict[int, ServerStream]
@@ -653,6 +856,7 @@ class ServerSocket(GRPCProtoSocket):  # type: ignore[misc]
                 for each in self._streams.values():
                     each.wake_for_window()
             elif stream is not None:
+                stream.peer_acknowledged = True
                 stream.wake_for_window()
         elif isinstance(event, RequestReceived):
             last = self._goaway_last_stream_id
@@ -675,6 +879,15 @@ class ServerSocket(GRPCProtoSocket):  # type: ignore[misc]
             if stream is not None:
                 del self._streams[event.stream_id]
                 stream.peer_reset()
+        elif isinstance(event, MessageCompressed):
+            if stream is not None:
+                stream.abort(
+                    Status(
+                        StatusCode.UNIMPLEMENTED,
+                        "compressed request messages are not supported: send them "
+                        f"uncompressed (grpc-accept-encoding: {ACCEPT_ENCODING})",
+                    )
+                )
         elif isinstance(event, MessageTooLarge):
             if stream is not None:
                 limit = self._grpc_connection.config.max_message_length

@@ -18,9 +18,10 @@ import logging
 import sys
 from typing import Any
 
+from . import _audit
+
 __all__ = ["JsonFormatter", "configure_logging"]
 
-TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Everything a LogRecord has by itself; any other attribute came in through `extra`.
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
     "message",
@@ -57,8 +58,10 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str, ensure_ascii=False, separators=(",", ":"))
 
 
-def configure_logging(level: str, fmt: str) -> None:
-    """Root logging to stderr at `level` ("debug" ... "error") in `fmt` ("text" or "json")."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+def configure_logging(level: str, fmt: str, *, library_level: str = "warning") -> None:
+    """Root logging to stderr as `_audit.configure_logging` sets it up (jobd at `level`, the
+    chatty libraries at `library_level`, UTC text lines), in `fmt`: "text" or "json"."""
+    _audit.configure_logging(level, library_level=library_level, stream=sys.stderr)
+    if fmt == "json":
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonFormatter())

@@ -41,7 +41,15 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _MAX_REQUEST_HEAD = 8192
 _REQUEST_TIMEOUT = 10.0
 _MAX_SCRAPERS = 8  # connections served at once; more wait in the listen backlog
-_REFUSALS = ("handshake_failed", "handshake_timeout", "too_many_connections")
+_REFUSALS = (
+    "handshake_failed",  # TLS refused: no or an untrusted client certificate, not TLS 1.3, ...
+    "handshake_timeout",
+    "silent",  # sent nothing before the handshake deadline
+    "evicted",  # dropped from a full silent or handshake budget for a newer connection
+    "too_many_connections",
+    "too_many_connections_per_user",
+    "too_many_sockets",  # the descriptor backstop at accept
+)
 
 
 class EngineSource(Protocol):
@@ -55,6 +63,8 @@ class TransportSource(Protocol):
     def connection_count(self) -> int: ...
     @property
     def open_calls(self) -> int: ...
+    @property
+    def handshake_count(self) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,12 +163,17 @@ class _JobdCollector(Collector):
             value=transport.connection_count,
         )
         yield GaugeMetricFamily(
+            "jobd_handshakes",
+            "Connections in their TLS handshake now.",
+            value=transport.handshake_count,
+        )
+        yield GaugeMetricFamily(
             "jobd_streams", "RPCs (HTTP/2 streams) in progress.", value=transport.open_calls
         )
         refusals = CounterMetricFamily(
             "jobd_connection_refusals",
-            "Connections closed before any call: failed or timed-out TLS handshakes (e.g. no "
-            "trusted client certificate), connection cap reached.",
+            "Connections refused before any call could run: failed, timed-out, silent or "
+            "evicted handshakes, and connection caps (server, per user).",
             labels=["reason"],
         )
         # The usual reasons are always present (at 0), so that rate() works from the start.

@@ -7,7 +7,7 @@ import logging
 import signal
 import ssl
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from ._health import HealthService
 from ._metrics import Sources, serve_metrics
 from ._reflection import REFLECTION_FILES, ReflectionService
 from ._sdnotify import notify
-from ._service import JobService
+from ._service import JobService, audit_job_end
 from ._transport import GrpcServer, TransportLimits, make_server_ssl_context, serve_grpc
 
 log = logging.getLogger("jobd")
@@ -61,7 +61,10 @@ async def run_server(
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as top:
             with trio.CancelScope() as everything:
-                async with open_job_manager(config.engine) as jobs:
+                engine = config.engine
+                if engine.on_job_end is None:
+                    engine = replace(engine, on_job_end=audit_job_end)
+                async with open_job_manager(engine) as jobs:
                     await _serve(config, jobs, ssl_context, signals, task_status)
                     top.start_soon(_second_signal, signals, everything)
                     # Leaving the manager stops every job (SIGTERM, grace, SIGKILL).

@@ -11,7 +11,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import purerpc
 import trio
@@ -22,9 +22,9 @@ from jobd import engine
 from jobd.v1 import jobd_grpc
 from jobd.v1 import jobd_pb2 as pb
 
+from ._audit import audit_event
 from ._transport import Identity, current_identity
 
-audit = logging.getLogger("jobd.audit")
 log = logging.getLogger(__name__)
 
 ADMIN_ROLE = "admin"
@@ -114,6 +114,48 @@ def job_to_pb(job: engine.JobInfo) -> pb.Job:
     )
 
 
+def limit_fields(limits: engine.Limits) -> dict[str, object]:
+    """The effective limits as audit fields."""
+    return {
+        "cpus": limits.cpus,
+        "memory_bytes": limits.memory_bytes,
+        "pids": limits.pids,
+        "io_read_bps": limits.io_read_bps,
+        "io_write_bps": limits.io_write_bps,
+    }
+
+
+# Without the store's reason: what the state alone says.
+_END_REASONS = {
+    engine.State.RUNNING: engine.EndReason.UNSPECIFIED,
+    engine.State.EXITED: engine.EndReason.EXIT,
+    engine.State.STOPPED: engine.EndReason.STOP,
+    engine.State.KILLED: engine.EndReason.SIGNAL,
+}
+
+
+def audit_job_end(job: engine.JobInfo) -> None:
+    """The one audit line of a job's end (the engine calls it: EngineConfig.on_job_end)."""
+    reason = getattr(job, "reason", None)  # the store's EndReason, where merged
+    if not isinstance(reason, engine.EndReason) or reason is engine.EndReason.UNSPECIFIED:
+        reason = _END_REASONS[job.state]
+        if job.oom_killed:
+            reason = engine.EndReason.OOM
+    audit_event(
+        "job-end",
+        job=job.id,
+        user=job.owner,
+        state=job.state.name,
+        reason=reason.name,
+        exit_code=job.exit_code,
+        signal=job.signal,
+        duration_s=round(max(job.ended_at - job.started_at, 0.0), 3),
+        cpu_usec=job.usage.cpu_usec,
+        memory_peak_bytes=job.usage.memory_peak_bytes,
+        oom_kills=job.usage.oom_kills,
+    )
+
+
 def _page_token(token: str) -> int | None:
     """The seq a page token stands for (jobs before it come next); None for the first."""
     if not token:
@@ -159,6 +201,7 @@ class _Call:
     identity: Identity | None
     job_id: str = ""
     code: str = "OK"
+    details: dict[str, object] = field(default_factory=dict)  # more fields for its line
 
 
 class JobService(jobd_grpc.JobServiceServicer):
@@ -188,26 +231,14 @@ class JobService(jobd_grpc.JobServiceServicer):
             call.code = "CANCELLED" if isinstance(exc, trio.Cancelled) else "UNKNOWN"
             raise
         finally:
-            user = call.identity.user if call.identity else "-"
-            duration_ms = (time.perf_counter() - start) * 1000
-            audit.info(
-                "rpc user=%s method=%s job=%s code=%s duration_ms=%.1f",
-                user,
-                method,
-                call.job_id or "-",
-                call.code,
-                duration_ms,
-                # The same fields for --log-format json (jobd/server/_logformat.py).
-                extra={
-                    "audit_event": "rpc",
-                    "audit_fields": {
-                        "user": user,
-                        "method": method,
-                        "job": call.job_id,
-                        "code": call.code,
-                        "duration_ms": round(duration_ms, 3),
-                    },
-                },
+            audit_event(
+                "rpc",
+                user=call.identity.user if call.identity else None,
+                method=method,
+                job=call.job_id or None,
+                code=call.code,
+                duration_ms=round((time.perf_counter() - start) * 1000, 1),
+                **call.details,
             )
 
     def _authorized(self, call: _Call, job_id: str) -> engine.JobInfo:
@@ -217,15 +248,20 @@ class JobService(jobd_grpc.JobServiceServicer):
         identity = call.identity
         assert identity is not None
         if job.owner != identity.user and ADMIN_ROLE not in identity.roles:
-            raise purerpc.PermissionDeniedError(
-                f"job {job.id} belongs to another user; {identity.user} may act only on "
-                "their own jobs"
-            )
+            # NOT_FOUND, word for word what a missing job gets: PERMISSION_DENIED told anyone
+            # which ids exist. The audit line says what happened.
+            call.details["denied"] = "not the owner"
+            raise purerpc.NotFoundError(f"no job {job.id}")
         return job
 
     async def Start(self, request: pb.StartRequest) -> pb.Job:
         with self._call("Start") as call:
             assert call.identity is not None
+            call.details["command"] = list(request.command)
+            if request.name:
+                call.details["name"] = request.name
+            if request.working_dir:
+                call.details["working_dir"] = request.working_dir
             lim = request.limits
             if request.network not in engine.Network._value2member_map_:
                 raise purerpc.InvalidArgumentError(f"unknown network {request.network}")
@@ -248,6 +284,7 @@ class JobService(jobd_grpc.JobServiceServicer):
                 network=engine.Network(request.network),
             )
             call.job_id = job.id
+            call.details.update(limit_fields(job.limits))
             return job_to_pb(job)
 
     async def Stop(self, request: pb.StopRequest) -> pb.Job:

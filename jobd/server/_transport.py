@@ -11,11 +11,14 @@ docs/DESIGN.md ("purerpc defects") closed. Service-agnostic: must not import job
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import errno
 import functools
 import logging
 import math
 import os
+import resource
 import ssl
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextvars import ContextVar
@@ -36,12 +39,19 @@ from purerpc.server import ConnectionHandler
 from purerpc.wrappers import (
     call_server_stream_stream,
     call_server_stream_unary,
-    call_server_unary_stream,
     extract_message_from_singleton_stream,
 )
 
+from jobd.server._audit import RateLimitedLog, audit_event
 from jobd.server._callstats import TransportStatistics
-from jobd.server._grpc_stream import ReaderEnd, ServerSocket, ServerStream, TrioByteStream
+from jobd.server._grpc_stream import (
+    ACCEPT_ENCODING,
+    OutboundBudget,
+    ReaderEnd,
+    ServerSocket,
+    ServerStream,
+    TrioByteStream,
+)
 
 __all__ = [
     "GrpcServer",
@@ -71,15 +81,33 @@ connection inherits it. Unset (LookupError) anywhere else."""
 
 @dataclass(frozen=True, slots=True)
 class TransportLimits:
-    """What one client may cost the server (docs/DESIGN.md, purerpc rows 7-9). Times in seconds."""
+    """What one client may cost the server (docs/DESIGN.md, purerpc rows 7-9; issue 9). Times
+    in seconds."""
 
-    max_connections: int = 1000  # more are closed as soon as they are accepted
+    # Established connections in all; one more is answered RESOURCE_EXHAUSTED and closed.
+    max_connections: int = 1000
+    # Connections not yet handshaken have budgets of their own, so that peers without a
+    # certificate can never lock out clients that complete a handshake: those that have sent
+    # nothing yet (cheap: a descriptor each; at most a quarter of RLIMIT_NOFILE), and those
+    # in their TLS handshake. When one is full its oldest is dropped for the new one.
+    max_silent: int = 4096
+    max_handshakes: int = 128
+    handshake_timeout: float = 5.0  # from accept to a completed handshake
+    # Per user (certificate CN): established connections, and calls open at once over all of
+    # them; more are answered RESOURCE_EXHAUSTED.
+    max_connections_per_user: int = 100
+    max_calls_per_user: int = 1000
     max_concurrent_streams: int = 100  # per connection: SETTINGS_MAX_CONCURRENT_STREAMS
     # A larger request gets RESOURCE_EXHAUSTED. purerpc applies one limit both ways, so this
     # also caps each response message.
     max_message_bytes: int = 4 * 1024 * 1024
     max_outbound_queued_bytes: int = 1024 * 1024  # per connection: calls wait past this
-    handshake_timeout: float = 10.0
+    # Server-wide: bytes queued for all sockets plus those reserved by streaming calls for
+    # their next message. Past it, a stream waits unless its own connection is idle.
+    max_outbound_bytes: int = 32 * 1024 * 1024
+    # One user's share of it, for calls whose peer has never acknowledged any data: 128 such
+    # calls may hold a message at once (a follow of a job that prints nothing holds one).
+    max_outbound_bytes_per_user: int = 8 * 1024 * 1024
     idle_timeout: float = 300.0  # no call open this long: GOAWAY, close
     # Upper bound on every call's deadline. inf: a call without grpc-timeout (a follow) may
     # run until it ends.
@@ -87,7 +115,17 @@ class TransportLimits:
     close_timeout: float = 5.0  # for the last frames and close_notify of a closing connection
 
     def __post_init__(self) -> None:
-        for name in ("max_connections", "max_concurrent_streams", "max_outbound_queued_bytes"):
+        for name in (
+            "max_connections",
+            "max_silent",
+            "max_handshakes",
+            "max_connections_per_user",
+            "max_calls_per_user",
+            "max_concurrent_streams",
+            "max_outbound_queued_bytes",
+            "max_outbound_bytes",
+            "max_outbound_bytes_per_user",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if not 1 <= self.max_message_bytes <= 2**31 - 1 - 5:
@@ -151,9 +189,33 @@ async def _call_unary_unary(func: Callable[..., Any], stream: ServerStream) -> N
     await stream.close(Status(StatusCode.OK))
 
 
+async def _call_unary_stream(func: Callable[..., Any], stream: ServerStream) -> None:
+    """purerpc's call_server_unary_stream, but the next message is asked of the handler only
+    once it can be sent (`ServerStream.reserve`): a call whose peer reads nothing holds no
+    message, and all of them together stay within the server's outbound budget."""
+    request = await extract_message_from_singleton_stream(stream)
+    async with contextlib.aclosing(func(request)) as responses:
+        while True:
+            await stream.reserve()
+            try:
+                # A follow may wait here for long: meanwhile its reservation counts against
+                # the budgets (it will hold a message), not against its connection's room.
+                stream.set_waiting(True)
+                try:
+                    message = await anext(responses)
+                except StopAsyncIteration:
+                    break
+                finally:
+                    stream.set_waiting(False)
+                await stream.send_message(message)
+            finally:
+                stream.unreserve()
+    await stream.close(Status(StatusCode.OK))
+
+
 _RUNNERS: dict[Cardinality, _Runner] = {
     Cardinality.UNARY_UNARY: _call_unary_unary,
-    Cardinality.UNARY_STREAM: call_server_unary_stream,
+    Cardinality.UNARY_STREAM: _call_unary_stream,
     Cardinality.STREAM_UNARY: call_server_stream_unary,
     Cardinality.STREAM_STREAM: call_server_stream_stream,
 }
@@ -172,15 +234,26 @@ class _Dispatcher(ConnectionHandler):  # type: ignore[misc]  # purerpc is untype
         services: Mapping[str, Service],
         server: GrpcServer,
         limits: TransportLimits,
-        unauthenticated: UnauthenticatedError | None,
+        user: str | None,
+        refusal: Status | None = None,
+        *,
+        close_after_call: bool = False,
     ) -> None:
         super().__init__(services, server)
+        self._server = server
         # purerpc's default is a 32 MiB message limit.
         self.config = GRPCConfiguration(
-            client_side=False, max_message_length=limits.max_message_bytes
+            client_side=False,
+            max_message_length=limits.max_message_bytes,
+            message_accept_encoding=[ACCEPT_ENCODING],
         )
         self._limits = limits
-        self._unauthenticated = unauthenticated
+        self._user = user
+        # Every call on this connection gets this status (no identity, or over a connection
+        # cap); one over a cap closes after its first call or a short idle time.
+        self._refusal = refusal
+        self._close_after_call = close_after_call
+        self._idle_timeout = limits.handshake_timeout if close_after_call else limits.idle_timeout
         self._socket: ServerSocket | None = None
         self._calls: set[ServerStream] = set()
         self._calls_nursery: trio.Nursery | None = None
@@ -204,6 +277,8 @@ class _Dispatcher(ConnectionHandler):  # type: ignore[misc]  # purerpc is untype
                 connection_window=self._limits.connection_window_bytes,
                 max_queued=self._limits.max_outbound_queued_bytes,
                 on_broken=self._lose_peer,
+                budget=self._server.outbound,
+                user=self._user or "",
             )
             async with socket:  # purerpc: the writer task starts, our SETTINGS go out
                 self._socket = socket
@@ -246,11 +321,11 @@ class _Dispatcher(ConnectionHandler):  # type: ignore[misc]  # purerpc is untype
         """Return once the connection should close."""
         while not (self._draining and not self._calls):
             idle = not self._calls and not self._draining
-            deadline = self._idle_since + self._limits.idle_timeout if idle else math.inf
+            deadline = self._idle_since + self._idle_timeout if idle else math.inf
             with trio.move_on_at(deadline) as timer:
                 await self._changed.park()
             if timer.cancelled_caught and not self._calls:
-                log.debug("no call for %s s: closing", self._limits.idle_timeout)
+                log.debug("no call for %s s: closing", self._idle_timeout)
                 self.drain()
 
     def drain(self) -> None:
@@ -288,6 +363,8 @@ class _Dispatcher(ConnectionHandler):  # type: ignore[misc]  # purerpc is untype
             self._calls.discard(stream)
             if not self._calls:
                 self._idle_since = trio.current_time()
+            if self._close_after_call:
+                self.drain()
             self._changed.unpark_all()
 
     def _record(self, stream: ServerStream, code: str, seconds: float) -> None:
@@ -317,8 +394,25 @@ class _Dispatcher(ConnectionHandler):  # type: ignore[misc]  # purerpc is untype
 
     async def _run_call(self, stream: ServerStream) -> Status | None:
         event: RequestReceived = await stream.receive_event()  # queued by the reader
-        if self._unauthenticated is not None:
-            return self._unauthenticated.status
+        if self._refusal is not None:
+            return self._refusal
+        assert self._user is not None
+        calls = self._server.calls_by_user
+        if calls[self._user] >= self._limits.max_calls_per_user:
+            return Status(
+                StatusCode.RESOURCE_EXHAUSTED,
+                f"user {self._user} has {calls[self._user]} calls open, the server's limit "
+                "per user: end some first",
+            )
+        calls[self._user] += 1
+        try:
+            return await self._run_method(stream, event)
+        finally:
+            calls[self._user] -= 1
+            if not calls[self._user]:
+                del calls[self._user]
+
+    async def _run_method(self, stream: ServerStream, event: RequestReceived) -> Status | None:
         service = self.services.get(event.service_name)
         method = None if service is None else service.methods.get(event.method_name)
         if method is None:
@@ -375,17 +469,25 @@ class _Dispatcher(ConnectionHandler):  # type: ignore[misc]  # purerpc is untype
 
 class _Connection:
     """One accepted TCP connection: TLS handshake under a timeout, in its own task (a silent
-    peer never stalls accept), identity, then a _Dispatcher until it ends."""
+    peer never stalls accept) and within the server's handshake budget, identity and the
+    per-user and server-wide connection caps, then a _Dispatcher until it ends."""
 
     def __init__(self, server: GrpcServer, tcp: trio.SocketStream) -> None:
         self._server = server
         self._tcp = tcp
         self.cancel_scope = trio.CancelScope()
         self.dispatcher: _Dispatcher | None = None
+        self.evicted = ""  # why it was dropped before its handshake completed
         try:
-            self.peer = str(tcp.socket.getpeername())
-        except OSError:
+            host, port, *_ = tcp.socket.getpeername()
+            self.peer = f"{host}:{port}"
+        except (OSError, ValueError):
             self.peer = "?"
+
+    def evict(self, why: str) -> None:
+        """Drop this connection, still silent or handshaking, for a newer one."""
+        self.evicted = why
+        self.cancel_scope.cancel()
 
     def drain(self) -> None:
         if self.dispatcher is None:
@@ -404,40 +506,80 @@ class _Connection:
         limits = server.limits
         ssl_stream = trio.SSLStream(self._tcp, server.ssl_context, server_side=True)
         graceful = False
+        user: str | None = None
+        deadline = trio.current_time() + limits.handshake_timeout
         try:
             with self.cancel_scope:
-                with trio.move_on_after(limits.handshake_timeout) as handshake:
-                    try:
-                        await ssl_stream.do_handshake()
-                    except trio.BrokenResourceError as exc:
-                        log.debug("TLS handshake with %s failed: %s", self.peer, exc.__cause__)
-                        server.stats.refused("handshake_failed")
-                        return
-                if handshake.cancelled_caught:
-                    log.debug("TLS handshake with %s timed out", self.peer)
-                    server.stats.refused("handshake_timeout")
+                # Until its first byte, a connection costs a descriptor and this task only,
+                # in a large budget of its own: so a flood of silent connections is held by
+                # the server, not queued in the kernel's accept backlog in front of real
+                # clients (measured: 2,000 of them re-opened as fast as they were dropped
+                # held every new client 3-6 s in that queue with a 128-slot budget alone).
+                heard = False
+                try:
+                    with trio.move_on_at(deadline):
+                        await trio.lowlevel.wait_readable(self._tcp.socket)
+                        heard = True
+                finally:
+                    server.speech_heard(self, heard)
+                if not heard:
+                    server.refused_handshake(self.peer, "sent nothing", kind="silent")
                     return
-                unauthenticated = None
+                try:
+                    with trio.move_on_at(deadline) as handshake:
+                        try:
+                            await ssl_stream.do_handshake()
+                        except trio.BrokenResourceError as exc:
+                            server.refused_handshake(self.peer, _tls_failure(exc))
+                            return
+                finally:
+                    server.handshake_ended(self)
+                if handshake.cancelled_caught:
+                    server.refused_handshake(
+                        self.peer, "handshake timed out", kind="handshake_timeout"
+                    )
+                    return
+                refusal: Status | None = None
                 try:
                     identity = _identity_from_peer_cert(ssl_stream.getpeercert() or {})
                 except UnauthenticatedError as exc:
-                    unauthenticated = exc
+                    refusal = exc.status
                     log.debug("connection from %s: %s", self.peer, exc.status.status_message)
+                    user = ""  # counted as one anonymous user, each call UNAUTHENTICATED
                 else:
                     # This task's context only: the reader and call tasks it starts copy it.
                     current_identity.set(identity)
                     log.debug("connection from %s: %s", self.peer, identity)
-                self.dispatcher = _Dispatcher(server.services, server, limits, unauthenticated)
+                    user = identity.user
+                over_cap = server.admit_connection(user)
+                if over_cap is not None:
+                    refusal, user = over_cap, None  # not counted; closes after one answer
+                self.dispatcher = _Dispatcher(
+                    server.services, server, limits, user, refusal, close_after_call=over_cap
+                    is not None
+                )
                 if server.draining:
                     self.dispatcher.drain()
                 await self.dispatcher(TrioByteStream(ssl_stream))
                 graceful = not self.dispatcher.peer_gone
+            if self.evicted and self.dispatcher is None:
+                server.refused_handshake(self.peer, self.evicted, kind="evicted")
         finally:
+            if user is not None:
+                server.release_connection(user)
             if graceful:
                 # close_notify, bounded: a peer that reads nothing must not hold us here.
                 with trio.move_on_after(limits.close_timeout):
                     await ssl_stream.aclose()
             await trio.aclose_forcefully(ssl_stream)
+
+
+def _tls_failure(exc: BaseException) -> str:
+    """Why a handshake failed, in a few words: the ssl module's reason, not its repr."""
+    cause = exc.__cause__
+    if isinstance(cause, ssl.SSLError) and cause.reason:
+        return f"TLS error: {cause.reason}"
+    return "peer closed or broke the connection"
 
 
 # accept() errors that mean "out of resources, try again" (as trio.serve_listeners).
@@ -466,6 +608,19 @@ class GrpcServer:
         self.limits = limits
         self.draining = False
         self._connections: set[_Connection] = set()
+        # Accepted and silent yet, and in their TLS handshake: oldest first (a dict keeps
+        # insertion order). Silent ones are bounded by the descriptors we may hold too.
+        self._silent: dict[_Connection, None] = {}
+        self._handshaking: dict[_Connection, None] = {}
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self._max_silent = max(1, min(limits.max_silent, nofile // 4))
+        self._established = 0
+        self._established_by_user: collections.Counter[str] = collections.Counter()
+        self.calls_by_user: collections.Counter[str] = collections.Counter()
+        self._refusals = RateLimitedLog()
+        self.outbound = OutboundBudget(
+            limits.max_outbound_bytes, limits.max_outbound_bytes_per_user
+        )
         self._changed = trio.lowlevel.ParkingLot()
         self._shutdown_requested = trio.Event()
         self._grace = trio.CancelScope()
@@ -481,9 +636,63 @@ class GrpcServer:
         return sum(c.dispatcher.open_calls for c in self._connections if c.dispatcher)
 
     @property
+    def handshake_count(self) -> int:
+        return len(self._handshaking)
+
+    def speech_heard(self, connection: _Connection, heard: bool) -> None:
+        """`connection` is silent no more: it has sent its first bytes (or closed), so it
+        needs a handshake slot, and the oldest handshake is dropped if all are taken; or
+        `heard` is False: it timed out or was dropped."""
+        if self._silent.pop(connection, None) is None or not heard:
+            return
+        if len(self._handshaking) >= self.limits.max_handshakes:
+            victim = next(iter(self._handshaking))
+            del self._handshaking[victim]
+            victim.evict("handshake budget full: dropped for a newer one")
+        self._handshaking[connection] = None
+
+    def handshake_ended(self, connection: _Connection) -> None:
+        self._handshaking.pop(connection, None)
+
+    def refused_handshake(self, peer: str, reason: str, kind: str = "handshake_failed") -> None:
+        """Log it (rate-limited) and count it under `kind`, one of a few fixed words."""
+        self.stats.refused(kind)
+        self._refusals.event("tls-refused", peer=peer, reason=reason)
+
+    def admit_connection(self, user: str) -> Status | None:
+        """Count an established connection of `user`; the status to answer instead when it
+        would pass a cap."""
+        if self._established_by_user[user] >= self.limits.max_connections_per_user:
+            self.stats.refused("too_many_connections_per_user")
+            message = (
+                f"user {user} has {self._established_by_user[user]} connections open, the "
+                "server's limit per user: reuse a connection"
+            )
+        elif self._established >= self.limits.max_connections:
+            self.stats.refused("too_many_connections")
+            message = f"the server has {self._established} connections open, its limit"
+        else:
+            self._established += 1
+            self._established_by_user[user] += 1
+            return None
+        audit_event("connection-refused", user=user, reason=message)
+        return Status(StatusCode.RESOURCE_EXHAUSTED, message)
+
+    def release_connection(self, user: str) -> None:
+        self._established -= 1
+        self._established_by_user[user] -= 1
+        if not self._established_by_user[user]:
+            del self._established_by_user[user]
+
+    @property
     def outbound_queued_bytes(self) -> int:
         """Bytes queued for all connections' sockets and not yet written."""
         return sum(c.dispatcher.queued_bytes for c in self._connections if c.dispatcher)
+
+    @property
+    def outbound_budget_used(self) -> int:
+        """Of `limits.max_outbound_bytes`: queued plus reserved by streaming calls."""
+        return self.outbound.used
 
     def shutdown(self, grace: float) -> None:
         """Stop accepting, send GOAWAY on every connection, let open calls finish for up to
@@ -530,15 +739,28 @@ class GrpcServer:
                 log.error("accept: %s; retrying in %s s", os.strerror(exc.errno), _ACCEPT_RETRY)
                 await trio.sleep(_ACCEPT_RETRY)
                 continue
-            if len(self._connections) >= self.limits.max_connections:
+            if len(self._connections) >= self._max_sockets:
+                # A backstop on descriptors only: handshakes and refused connections are
+                # bounded and short-lived, so this is reached only in a flood of both.
                 log.debug("refused a connection: %d open", len(self._connections))
-                self.stats.refused("too_many_connections")
+                self.stats.refused("too_many_sockets")
                 await trio.aclose_forcefully(tcp)
                 continue
+            if len(self._silent) >= self._max_silent:
+                # Dropping the oldest, not refusing the newest: a peer that speaks at once
+                # gets through however many silent ones keep arriving (issue 9: a global cap
+                # let 1,000 of them lock everyone out).
+                victim = next(iter(self._silent))
+                del self._silent[victim]
+                victim.evict("sent nothing: dropped for a newer connection")
             connection = _Connection(self, tcp)
-            # Counted from accept on, so a burst of silent peers cannot exceed the cap.
             self._connections.add(connection)
+            self._silent[connection] = None
             connections.start_soon(self._run_connection, connection)
+
+    @property
+    def _max_sockets(self) -> int:
+        return self.limits.max_connections + self._max_silent + 2 * self.limits.max_handshakes
 
     async def _run_connection(self, connection: _Connection) -> None:
         try:
@@ -546,6 +768,8 @@ class GrpcServer:
         except Exception:  # a bug in jobd: lose the connection, keep the server
             log.exception("connection from %s failed", connection.peer)
         finally:
+            self._silent.pop(connection, None)
+            self._handshaking.pop(connection, None)
             self._connections.discard(connection)
             self._changed.unpark_all()
 

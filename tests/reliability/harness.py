@@ -191,11 +191,11 @@ class ServerProcess:
 
 
 @contextmanager
-def serving(pki: Pki, tmp: Path, *extra: str, cgroup_name: str | None = None
-            ) -> Iterator[ServerProcess]:
+def serving(pki: Pki, tmp: Path, *extra: str, cgroup_name: str | None = None,
+            prefix: tuple[str, ...] = ()) -> Iterator[ServerProcess]:
     """A server for the block; SIGTERM at the end must exit 0 and leave nothing at all."""
     name = cgroup_name or new_cgroup_name()
-    server = ServerProcess(pki, tmp / "data", name, extra).start()
+    server = ServerProcess(pki, tmp / "data", name, extra, prefix=prefix).start()
     try:
         yield server
     finally:

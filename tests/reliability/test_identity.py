@@ -18,7 +18,9 @@ from .harness import ServerProcess, channel, code_of
 
 pytestmark = pytest.mark.cgroups
 
-DENIED = grpc.StatusCode.PERMISSION_DENIED
+# Another user's job is NOT_FOUND, as a job that does not exist: the answer tells nobody
+# which ids exist (issue 9, finding 7; README "Security model").
+DENIED = grpc.StatusCode.NOT_FOUND
 
 
 def id_spellings(job_id: str) -> list[str]:
@@ -53,8 +55,14 @@ def test_another_users_job_ids_on_every_rpc(shared_server: ServerProcess) -> Non
         assert stopped.state == pb.STOPPED
         # ...and a finished job is just as private.
         assert code_of(lambda: bob.Output(pb.OutputRequest(id=job.id), timeout=30)) == DENIED
+        # ...and word for word what a job that never existed gets.
+        missing = str(uuid.uuid4())
+        for job_id in (job.id, missing):
+            with pytest.raises(grpc.RpcError) as caught:
+                bob.Status(pb.JobRequest(id=job_id), timeout=30)
+            assert caught.value.details() == f"no job {job_id}"  # type: ignore[attr-defined]
     audit = shared_server.text
-    assert f"user=bob method=Stop job={job.id} code=PERMISSION_DENIED" in audit
+    assert f'user=bob method=Stop job={job.id} code=NOT_FOUND' in audit
 
 
 SMUGGLED = [

@@ -1,0 +1,190 @@
+"""The audit log and the server's log format: one line per event, built from structured fields
+that no client-chosen value can break (ids, names, commands, certificate names are quoted
+and escaped, long ones cut with a marker), timestamps in UTC ISO 8601, and a rate limit for
+what a peer without a certificate can make us log. Imports only the standard library.
+
+    audit_event("rpc", user="alice", method="Stop", job=job_id, code="OK")
+    # 2026-12-01T09:10:11.123Z INFO jobd.audit: rpc user=alice method=Stop job=... code=OK
+
+Each record also carries the fields themselves (`record.audit_event`, `record.audit_fields`),
+so that another formatter (JSON) writes the same facts without parsing the line.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import re
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import TextIO
+
+__all__ = [
+    "MAX_VALUE_CHARS",
+    "AuditLine",
+    "RateLimitedLog",
+    "UtcFormatter",
+    "audit_event",
+    "configure_logging",
+    "format_fields",
+    "quote",
+]
+
+audit = logging.getLogger("jobd.audit")
+
+# A longer value is cut here, with a marker saying how much was left out.
+MAX_VALUE_CHARS = 256
+# The whole of a list value (a command line) is cut at this many characters.
+MAX_LIST_CHARS = 1024
+# Printed bare: nothing a reader could take for a separator, a quote or another field.
+_BARE = re.compile(r"[A-Za-z0-9_.,:/@+%-]+")
+_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def quote(value: object, limit: int = MAX_VALUE_CHARS) -> str:
+    """`value` as one token of a log line: bare if it is plainly safe, else double-quoted
+    with `"`, `\\` and every control or non-printable character escaped (`\\n`, `\\x1b`,
+    `\\u2028`), so it can never end the line or look like another field. Longer than
+    `limit` characters: cut, with `...(+N chars)` inside the quotes."""
+    text = value if isinstance(value, str) else str(value)
+    cut = len(text) - limit
+    if cut > 0:
+        text = text[:limit]
+    if cut <= 0 and _BARE.fullmatch(text):
+        return text
+    out = ['"']
+    for char in text:
+        if char in _ESCAPES:
+            out.append(_ESCAPES[char])
+        elif char.isprintable() and char != "\x7f":
+            out.append(char)
+        elif ord(char) <= 0xFF:
+            out.append(f"\\x{ord(char):02x}")
+        else:
+            out.append(f"\\u{ord(char):04x}" if ord(char) <= 0xFFFF else f"\\U{ord(char):08x}")
+    if cut > 0:
+        out.append(f"...(+{cut} chars)")
+    out.append('"')
+    return "".join(out)
+
+
+def quote_list(values: Iterable[object], limit: int = MAX_LIST_CHARS) -> str:
+    """A list (a command's argv) as `[a,"b c",...]`, each item quoted; cut after `limit`
+    characters with a marker saying how many items were left out."""
+    items = list(values)
+    out: list[str] = []
+    size = 0
+    for i, item in enumerate(items):
+        token = quote(item)
+        if size + len(token) > limit and out:
+            out.append(f"...(+{len(items) - i} args)")
+            break
+        out.append(token)
+        size += len(token) + 1
+    return "[" + ",".join(out) + "]"
+
+
+def _token(value: object) -> str:
+    if isinstance(value, list | tuple):
+        return quote_list(value)
+    if isinstance(value, float):
+        return f"{value:.3f}".rstrip("0").rstrip(".") if value == value else "nan"
+    return quote(value)
+
+
+def format_fields(event: str, fields: Mapping[str, object]) -> str:
+    """`event key=value ...`, every value quoted as `quote` does (None is written `-`)."""
+    parts = [quote(event)]
+    for key, value in fields.items():
+        parts.append(f"{key}={'-' if value is None else _token(value)}")
+    return " ".join(parts)
+
+
+class AuditLine:
+    """A log message formatted only if a handler writes it (`str()`)."""
+
+    __slots__ = ("event", "fields")
+
+    def __init__(self, event: str, fields: Mapping[str, object]) -> None:
+        self.event = event
+        self.fields = fields
+
+    def __str__(self) -> str:
+        return format_fields(self.event, self.fields)
+
+
+def audit_event(event: str, /, **fields: object) -> None:
+    """Log one audit event at INFO on "jobd.audit": the line, and the fields as
+    `record.audit_event` / `record.audit_fields` for structured formatters."""
+    if audit.isEnabledFor(logging.INFO):
+        audit.info(
+            "%s",
+            AuditLine(event, fields),
+            extra={"audit_event": event, "audit_fields": fields},
+        )
+
+
+class RateLimitedLog:
+    """At most `burst` lines, refilled at `per_second`, for events a peer can cause at will
+    (refused TLS handshakes); what is dropped is counted in the next line written."""
+
+    def __init__(
+        self, per_second: float = 1.0, burst: int = 10, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._rate = per_second
+        self._burst = float(burst)
+        self._tokens = float(burst)
+        self._clock = clock
+        self._last = clock()
+        self._suppressed = 0
+        self._lock = threading.Lock()
+
+    def event(self, event: str, **fields: object) -> bool:
+        """Log it if the budget allows; True if it was logged."""
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
+            self._last = now
+            if self._tokens < 1:
+                self._suppressed += 1
+                return False
+            self._tokens -= 1
+            suppressed, self._suppressed = self._suppressed, 0
+        if suppressed:
+            fields["suppressed"] = suppressed  # events not logged since the last line
+        audit_event(event, **fields)
+        return True
+
+
+class UtcFormatter(logging.Formatter):
+    """The server's line format with UTC ISO 8601 timestamps (`2026-12-01T09:10:11.123Z`)."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+        stamp = dt.datetime.fromtimestamp(record.created, dt.UTC)
+        return stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z"
+
+
+# Chatty libraries: at DEBUG, h2 and hpack log every frame and header. They stay at WARNING
+# unless the operator asks for them.
+LIBRARY_LOGGERS = ("h2", "hpack", "purerpc", "anyio", "trio", "asyncio")
+
+
+def configure_logging(
+    level: str, *, library_level: str = "warning", stream: TextIO = sys.stderr
+) -> None:
+    """The root handler with `UtcFormatter` on `stream`, jobd at `level`, the libraries of
+    LIBRARY_LOGGERS at `library_level`."""
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(UtcFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(library_level.upper())

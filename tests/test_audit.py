@@ -1,0 +1,89 @@
+"""The audit log's formatting (jobd/server/_audit.py): no value can end a line or pass for
+another field, long values are cut with a marker, timestamps are UTC ISO 8601, and the
+rate limit counts what it drops."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import pytest
+
+from jobd.server._audit import (
+    MAX_VALUE_CHARS,
+    RateLimitedLog,
+    UtcFormatter,
+    audit_event,
+    configure_logging,
+    format_fields,
+    quote,
+)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("alice", "alice"),
+        ("6f1c0a4e-1f0e-4c39-9a53-2d8d0f3e4b7a", "6f1c0a4e-1f0e-4c39-9a53-2d8d0f3e4b7a"),
+        ("", '""'),
+        ("a b", '"a b"'),
+        ("x\ny", '"x\\ny"'),
+        ("x\r\x1b[2K", '"x\\r\\x1b[2K"'),
+        ('say "hi" \\', '"say \\"hi\\" \\\\"'),
+        ("k=v", '"k=v"'),
+        ("line\u2028sep\x85", '"line\\u2028sep\\x85"'),
+        ("é", '"é"'),
+    ],
+)
+def test_quote(value: str, expected: str) -> None:
+    assert quote(value) == expected
+
+
+def test_long_values_are_cut_with_a_marker() -> None:
+    out = quote("y" * 100_000)
+    assert out == '"' + "y" * MAX_VALUE_CHARS + f'...(+{100_000 - MAX_VALUE_CHARS} chars)"'
+
+
+def test_fields_stay_on_one_line_whatever_they_hold() -> None:
+    line = format_fields("rpc", {"user": "a\nb", "job": None, "command": ["sh", "-c", "x y"],
+                                 "cpus": 0.5, "n": 3})
+    assert line == 'rpc user="a\\nb" job=- command=[sh,-c,"x y"] cpus=0.5 n=3'
+    long = format_fields("rpc", {"command": ["a" * 200] * 100})
+    assert len(long) < 1500 and "args)" in long and "\n" not in long
+
+
+def test_records_carry_the_fields_and_utc_timestamps() -> None:
+    stream = io.StringIO()
+    configure_logging("info", stream=stream)
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    keep = Keep()
+    logging.getLogger().addHandler(keep)
+    try:
+        audit_event("job-end", job="j", exit_code=3)
+        logging.getLogger("hpack.hpack").debug("a frame")
+    finally:
+        logging.getLogger().removeHandler(keep)
+    text = stream.getvalue()
+    assert text.endswith(" INFO jobd.audit: job-end job=j exit_code=3\n"), text
+    assert text[:24].endswith("Z") and text[10] == "T", text
+    assert "frame" not in text
+    assert records[0].audit_event == "job-end"  # type: ignore[attr-defined]
+    assert records[0].audit_fields == {"job": "j", "exit_code": 3}  # type: ignore[attr-defined]
+    assert isinstance(UtcFormatter().formatTime(records[0]), str)
+
+
+def test_rate_limit_counts_what_it_drops(caplog: pytest.LogCaptureFixture) -> None:
+    now = [0.0]
+    limited = RateLimitedLog(per_second=1.0, burst=2, clock=lambda: now[0])
+    caplog.set_level(logging.INFO, "jobd.audit")
+    logged = [limited.event("tls-refused", peer=f"p{i}") for i in range(5)]
+    assert logged == [True, True, False, False, False]
+    now[0] = 1.0
+    assert limited.event("tls-refused", peer="p5")
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[-1] == "tls-refused peer=p5 suppressed=3"
