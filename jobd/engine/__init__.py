@@ -15,7 +15,8 @@ from ._errors import (
     ResourceExhausted,
     Unavailable,
 )
-from ._manager import EngineConfig, JobManager, JobPage, open_job_manager
+from ._manager import EngineConfig, JobManager, open_job_manager
+from ._records import JobPage
 from ._statistics import EngineStatistics
 from ._types import Chunk, EndReason, JobInfo, Limits, Network, State, Stream, Usage
 

@@ -3,6 +3,8 @@ where there is one, the fix. The server maps each class to a gRPC status in one 
 
 from __future__ import annotations
 
+import errno
+
 
 class JobdError(Exception):
     """Base of every error the engine raises on purpose."""
@@ -34,3 +36,20 @@ class FailedPrecondition(JobdError):
 
 class AlreadyExists(JobdError):
     """The name is taken (a job name is unique among its owner's kept jobs)."""
+
+
+def exhausted(what: str, exc: OSError) -> JobdError:
+    """An OSError on a Start: RESOURCE_EXHAUSTED naming the cause when the host ran out of
+    something; else a server failure that says what failed."""
+    causes = {
+        errno.EMFILE: "jobd has too many open files (raise its LimitNOFILE / ulimit -n)",
+        errno.ENFILE: "the host has too many open files (fs.file-max)",
+        errno.ENOSPC: "no space or inodes left on the data dir's filesystem",
+        errno.EDQUOT: "the data dir's disk quota is exhausted",
+        errno.ENOMEM: "the host is out of memory",
+        errno.EAGAIN: "the host cannot create more processes or threads now",
+    }
+    cause = causes.get(exc.errno or 0)
+    if cause is None:
+        return JobdError(f"cannot {what}: {exc}")
+    return ResourceExhausted(f"cannot {what}: {cause} ({exc.strerror})")

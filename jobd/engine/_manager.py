@@ -46,11 +46,12 @@ from ._errors import (
     NotFound,
     ResourceExhausted,
     Unavailable,
+    exhausted,
 )
 from ._lock import lock_directory
 from ._output import MAX_CHUNK, OutputStore
 from ._quota import Quota
-from ._records import Records
+from ._records import JobPage, Records
 from ._retention import OutputSpace, default_max_data
 from ._statistics import Counters, EngineStatistics
 from ._store import Put, StoreError
@@ -184,7 +185,6 @@ class _Job:
         self.kill_at: AsyncValue[float] = AsyncValue(math.inf)
         self.stop_reason = EndReason.UNSPECIFIED  # set by the first stop request
         self.failed = False  # a task of jobd's own failed for it (logged)
-        self.recorded = True  # False: its Start could not be recorded; leave no record
         self.final: JobInfo | None = None
         self.ended = trio.Event()
 
@@ -237,15 +237,6 @@ class _Job:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class JobPage:
-    """One page of List: `jobs` newest first; `more`: further jobs may match (ask again with
-    `before` = the last job's seq)."""
-
-    jobs: list[JobInfo]
-    more: bool
-
-
 class JobManager:
     """Start, stop, inspect and read jobs. Create with `open_job_manager`."""
 
@@ -257,6 +248,8 @@ class JobManager:
         self._run_as = run_as
         self._records = records
         self._jobs: dict[str, _Job] = {}  # running jobs only
+        self._starting: set[str] = set()  # recorded, not yet running: not shown
+        self._limits: dict[Limits, Limits] = {}
         self._quota = Quota(config.max_jobs, config.max_jobs_per_user)
         self._closing = False
         self._nursery: trio.Nursery | None = None
@@ -303,6 +296,8 @@ class JobManager:
         job = self._jobs.get(job_id)
         if job is not None:
             return job.info()
+        if job_id in self._starting:
+            return None
         info = self._records.get(job_id)
         output = self._output.get(job_id)
         if info is not None and output is not None and output.start != info.output_start:
@@ -332,36 +327,12 @@ class JobManager:
         id_prefix: str = "",
         name: str = "",
     ) -> JobPage:
-        """Up to `limit` kept jobs with seq < `before` matching every filter, newest first.
-        Keyset paging on seq: a job started or ended meanwhile never shifts a later page."""
-        prefix = id_prefix.lower()
-        if prefix and (
-            len(prefix.replace("-", "")) < 4 or prefix.strip("0123456789abcdef-") != ""
-        ):
-            raise InvalidArgument(
-                f"id_prefix {id_prefix[:40]!r} must be at least 4 hex digits of a job id"
-            )
-        if limit < 1:
-            raise InvalidArgument(f"page size must be >= 1, not {limit}")
-        wanted = tuple((labels or {}).items())
-        out: list[JobInfo] = []
-        bound = math.inf if before is None else before
-        for job_id in self._records.newest_first(owner, bound):  # type: ignore[arg-type]
-            if prefix and not job_id.startswith(prefix):
-                continue
-            info = self._info(job_id)
-            if info is None:
-                continue
-            if states and info.state not in states:
-                continue
-            if name and info.name != name:
-                continue
-            if wanted and not all(pair in info.labels for pair in wanted):
-                continue
-            if len(out) == limit:
-                return JobPage(out, more=True)
-            out.append(info)
-        return JobPage(out, more=False)
+        """Up to `limit` kept jobs with seq < `before` matching every filter, newest first
+        (running ones as they are now). See `Records.page`."""
+        return self._records.page(
+            self._info, owner, before=before, limit=limit, states=states, labels=labels or {},
+            id_prefix=id_prefix, name=name,
+        )  # fmt: skip
 
     def read_output(
         self,
@@ -415,28 +386,14 @@ class JobManager:
         if self._records.remove(job_id) is not None:
             self._output.remove(job_id)
 
-    async def _expire(
-        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        """--keep-finished: forget each ended job that long after it ended."""
-        task_status.started()
-        keep = self._config.keep_finished
-        if not keep:
+    def _expired(self, job_id: str) -> None:
+        """--keep-finished passed for this ended job."""
+        if job_id in self._jobs:
             return
-        pending = self._records.ended_order
-        while True:
-            while pending and pending[0][0] + keep <= time.time():
-                _, job_id = pending.popleft()
-                if job_id not in self._jobs:
-                    try:
-                        self._forget(job_id)
-                    except OSError as exc:  # its files stay; never end the manager for it
-                        log.error("job %s: cannot remove its output: %s", job_id, exc)
-            if pending:
-                await trio.sleep(max(pending[0][0] + keep - time.time(), 0.0))
-            else:
-                self._records.ended_added = trio.Event()
-                await self._records.ended_added.wait()
+        try:
+            self._forget(job_id)
+        except OSError as exc:  # its files stay; never end the manager for it
+            log.error("job %s: cannot remove its output: %s", job_id, exc)
 
     # ----------------------------------------------------------------- start
 
@@ -466,7 +423,11 @@ class JobManager:
             raise InvalidArgument(
                 f"limit memory_bytes={limits.memory_bytes} is below the minimum {MiB} (1 MiB)"
             )
-        return limits
+        # Most jobs share a few sets of limits: one object each for every record that has
+        # them (72 bytes less per kept job), in a cache of bounded size.
+        if len(self._limits) > 1024:
+            self._limits.clear()
+        return self._limits.setdefault(limits, limits)
 
     def _validate(
         self, command: Sequence[str], env: Mapping[str, str], working_dir: str
@@ -537,22 +498,24 @@ class JobManager:
         )
         self._check_name(record)
         self._quota.admit(owner)  # released when the job ends (_ended)
+        # Recorded before it runs: its output cannot fill the disk before its record is in
+        # (a crash in between leaves a record that the next start-up calls SERVER_LOST).
+        record = dataclasses.replace(record, seq=self._records.next_seq(), started_at=time.time())
+        self._records.add(record)  # takes its name; hidden from queries until it runs
+        self._starting.add(record.id)
         try:
+            try:
+                await self._records.write_durably(Put(record))
+            except StoreError as exc:
+                raise ResourceExhausted(f"cannot record the job in the data dir: {exc}") from exc
             job = await self._start(record, full_env)
         except BaseException:
+            self._records.remove(record.id, forgotten=False)
             self._quota.release(owner)
             raise
-        try:
-            await self._records.write_durably(Put(job.start))
-        except StoreError as exc:
-            # Without a record a restart would lose it: end it and leave nothing.
-            log.error("job %s: cannot record its start, stopping it: %s", job.id, exc)
-            job.recorded = False
-            with trio.CancelScope(shield=True):
-                await self.stop(job.id, 0)
-            self._forget(job.id)
-            raise ResourceExhausted(f"cannot record the job in the data dir: {exc}") from exc
-        return job.start  # as it started (it may have ended while its record committed)
+        finally:
+            self._starting.discard(record.id)
+        return job.start
 
     def _check_name(self, record: JobInfo) -> None:
         if record.name and self._records.named(record.owner, record.name) is not None:
@@ -578,7 +541,7 @@ class JobManager:
             # The kernel refused a value (e.g. a limit it cannot apply on this host).
             raise InvalidArgument(f"cannot apply limits {record.limits}: {exc}") from exc
         except OSError as exc:
-            raise _exhausted("create the job's cgroup", exc) from exc
+            raise exhausted("create the job's cgroup", exc) from exc
         output: OutputStore | None = None
         proc: trio.Process | None = None
         try:
@@ -588,18 +551,14 @@ class JobManager:
                     record.command, full_env, record.working_dir, cgroup, record.uid
                 )
             except OSError as exc:
-                raise _exhausted("start the job", exc) from exc
-            # A concurrent Start may have taken the name while this one spawned.
-            self._check_name(record)
+                raise exhausted("start the job", exc) from exc
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self._teardown(cgroup, proc, output, remove_output=True)
             raise
-        record = dataclasses.replace(record, seq=self._records.next_seq(), started_at=time.time())
         job = _Job(record, cgroup, output)
         job.proc = proc
         self._jobs[record.id] = job
-        self._records.add(record)
         self._counters.starts += 1
         # No checkpoint since the shim's verdict: the job is registered and owned by the
         # nursery atomically, so a cancellation cannot leave it half-created.
@@ -690,8 +649,10 @@ class JobManager:
                 # behind. The pumps see EOF once the last holder of the pipes is dead.
                 job.cgroup.signal_all(signal.SIGKILL)
                 await job.cgroup.wait_empty()
-                # Nobody is left to write: a pump waiting for disk room gives up, so it ends.
-                job.output.stop_waiting()
+                # Output still in the pipes is kept, waiting for disk room if need be; but a
+                # stopped job ends now (what cannot be stored then is lost, and logged).
+                if job.stop_requested:
+                    job.output.stop_waiting()
         except Exception:
             job.failed = True
             log.exception("job %s failed inside jobd; killing it", job.id)
@@ -787,8 +748,7 @@ class JobManager:
         self._counters.ends[job.final.reason] += 1
         if self._jobs.get(job.id) is job:
             del self._jobs[job.id]
-        if job.recorded:
-            self._records.ended(job.final)
+        self._records.ended(job.final)
         job.ended.set()
         self._quota.release(job.start.owner)
         if self._config.on_job_end is not None:
@@ -821,6 +781,8 @@ class JobManager:
         if job is None:
             return info
         self._request_stop(job, grace, reason)
+        if job.proc is not None and job.proc.returncode is not None:
+            job.output.stop_waiting()  # only its output, blocked on a full disk, is left
         await job.ended.wait()
         assert job.final is not None
         return job.final
@@ -831,23 +793,6 @@ class JobManager:
                 nursery.start_soon(
                     partial(self.stop, job.id, grace, reason=EndReason.SERVER_SHUTDOWN)
                 )
-
-
-def _exhausted(what: str, exc: OSError) -> JobdError:
-    """An OSError on a Start: RESOURCE_EXHAUSTED naming the cause when the host ran out of
-    something; else a server failure that says what failed."""
-    causes = {
-        errno.EMFILE: "jobd has too many open files (raise its LimitNOFILE / ulimit -n)",
-        errno.ENFILE: "the host has too many open files (fs.file-max)",
-        errno.ENOSPC: "no space or inodes left on the data dir's filesystem",
-        errno.EDQUOT: "the data dir's disk quota is exhausted",
-        errno.ENOMEM: "the host is out of memory",
-        errno.EAGAIN: "the host cannot create more processes or threads now",
-    }
-    cause = causes.get(exc.errno or 0)
-    if cause is None:
-        return JobdError(f"cannot {what}: {exc}")
-    return ResourceExhausted(f"cannot {what}: {cause} ({exc.strerror})")
 
 
 def _resolve_run_as(name: str | None) -> _RunAs:
@@ -919,7 +864,7 @@ def _prune_output(space: OutputSpace, kept: set[str]) -> None:
     for job_id in stale:
         space.remove(job_id)
     if stale:
-        log.warning("removed the output of %d job(s) left by a previous jobd", len(stale))
+        log.warning("removed the output of %d job(s) that no record keeps", len(stale))
 
 
 @asynccontextmanager
@@ -973,7 +918,7 @@ async def open_job_manager(config: EngineConfig) -> AsyncIterator[JobManager]:
                 log.warning("job %s was running when its server died: recorded KILLED", job.id)
         async with trio.open_nursery() as upkeep:
             await upkeep.start(records.run)
-            await upkeep.start(manager._expire)
+            await upkeep.start(records.expire, config.keep_finished, manager._expired)
             try:
                 async with trio.open_nursery() as nursery:
                     manager._nursery = nursery

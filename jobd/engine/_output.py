@@ -70,8 +70,11 @@ _RECORD = struct.Struct("<QdQB7x")
 # the index bytes read (4 KiB) for one step when a job wrote a byte at a time.
 _RECORD_BATCH = 128
 
-# Data read in one step while scanning back for line ends (`tail_lines`).
+# Data read in one step while scanning back for line ends (`tail_lines`), and in all: a
+# `tail_lines` that finds too few line ends in this much output (index included) starts where
+# the scan stopped, so one seek never holds the event loop for long (a 10 GB line).
 _SCAN_BLOCK = 64 * 1024
+TAIL_SCAN_LIMIT = 16 * 1024 * 1024
 
 # What one tail entry costs besides its data (Chunk object, int, float and bytes headers, a
 # list slot). Counted against `memory_tail`, so that a job printing one byte at a time cannot
@@ -194,6 +197,10 @@ class OutputStatistics:
     open_fds: int  # file descriptors the store holds (the writer's segment; 0 once closed)
 
 
+# A closed store's tail: holds nothing, and anything appended to it is discarded.
+_NO_TAIL: collections.deque[Chunk] = collections.deque(maxlen=0)
+
+
 class OutputStore:
     """The lossless, multicast output of one job. Made by `OutputSpace.create` (a new job) or
     `OutputSpace.open` (a kept job's output after a restart).
@@ -210,6 +217,13 @@ class OutputStore:
     Files are created with mode 0o600 (a job must not read other jobs' output). Call every
     method from the trio thread.
     """
+
+    # An ended job's store is one of many kept for days: slots keep it to a few hundred bytes.
+    __slots__ = (
+        "__weakref__", "_blocked", "_blocked_since", "_changed", "_closed", "_complete",
+        "_dir", "_disk", "_last_time", "_lost", "_memory_tail", "_removed", "_segments",
+        "_size", "_space", "_stop_waiting", "_tail", "_tail_bytes", "job_id",
+    )
 
     def __init__(
         self,
@@ -241,7 +255,7 @@ class OutputStore:
         # The tail: contiguous chunks ending at `_size`, oldest first. A deque, so eviction
         # frees at once; bisecting it is cheap since the overhead charge bounds its length
         # (memory_tail / _ENTRY_OVERHEAD entries).
-        self._tail: collections.deque[Chunk] = collections.deque()
+        self._tail: collections.deque[Chunk] = collections.deque() if writable else _NO_TAIL
         self._tail_bytes = 0
         # Created by the first follower that parks, set and dropped by the next write or close:
         # a write costs nothing when nobody waits, and one set() wakes every follower.
@@ -304,6 +318,9 @@ class OutputStore:
             raise RuntimeError("output store is closed; nothing more can be written")
         if not data:
             return
+        if self._lost:
+            self._lost += len(data)  # after a loss, nothing more: the output stays a prefix
+            return
         data = bytes(data)  # the tail keeps it: it must not change under us
         space = self._space
         while True:
@@ -319,7 +336,7 @@ class OutputStore:
                         continue  # freed something: try again at once
                     problem = (
                         f"the data dir {space.directory.parent} is full "
-                        f"({os.strerror(exc.errno)}); jobd resumes when there is room"
+                        f"({os.strerror(exc.errno)})"
                     )
             if self._stop_waiting:
                 self._lose(len(data), problem)
@@ -334,9 +351,10 @@ class OutputStore:
         self._wake()
 
     def stop_waiting(self) -> None:
-        """The job's processes are gone: from now on output that cannot be stored is lost
-        (counted and logged once) instead of waited for, and a writer waiting now gives up.
-        So a stopped job blocked on a full disk still ends, and its pipes drain."""
+        """The job is stopped and its processes are gone (or going): from now on output that
+        cannot be stored is lost instead of waited for, and so is everything after it (the
+        output stays a prefix, nothing is skipped); counted and logged once. A writer waiting
+        now gives up. So a stopped job blocked on a full disk still ends, its pipes drain."""
         self._stop_waiting = True
         self._space._wake_blocked()
 
@@ -348,7 +366,7 @@ class OutputStore:
         self._closed = True
         self._complete = not self._removed
         self._stop_waiting = True
-        self._tail.clear()
+        self._tail = _NO_TAIL
         self._tail_bytes = 0
         for segment in self._segments:
             segment.close_fds()
@@ -682,8 +700,10 @@ class OutputStore:
 
     def _lines_start(self, lines: int, want: Stream | None) -> int:
         """Where the last `lines` lines kept begin (of `want` only, when given): scans back
-        from the end, reading index batches and only the data of records it counts in."""
+        from the end, reading index batches and only the data of records it counts in, at
+        most TAIL_SCAN_LIMIT bytes in all (then it starts where the scan stopped)."""
         final = True  # the very last byte: a newline there ends the last line
+        budget = TAIL_SCAN_LIMIT
         for segment in reversed(self._segments):
             if not segment.records:
                 continue
@@ -694,12 +714,18 @@ class OutputStore:
                     raw = _pread_exact(
                         index_fd, (upto - first) * _RECORD.size, first * _RECORD.size
                     )
+                    budget -= len(raw)
                     for offset, _, length, stream in reversed(list(_RECORD.iter_unpack(raw))):
+                        if budget <= 0:
+                            return int(offset + length)
                         if want is not None and stream != want:
                             continue
                         end = offset + length
                         while end > offset:
+                            if budget <= 0:
+                                return int(end)
                             begin = max(offset, end - _SCAN_BLOCK)
+                            budget -= end - begin
                             block = _pread_exact(data_fd, end - begin, begin - segment.base)
                             at = len(block)
                             if final:

@@ -22,14 +22,16 @@ import bisect
 import collections
 import logging
 import math
+import time
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 from trio_util import AsyncValue
 
-from ._errors import ResourceExhausted
+from ._errors import InvalidArgument, ResourceExhausted
 from ._store import AssignUid, Delete, Op, Put, Store, StoreError
 from ._types import JobInfo, State
 
@@ -69,6 +71,15 @@ class _Order:
         i = bisect.bisect_left(self._seqs, before)
         for j in range(i - 1, -1, -1):
             yield self._ids[j]
+
+
+@dataclass(frozen=True, slots=True)
+class JobPage:
+    """One page of List: `jobs` newest first; `more`: further jobs may match (ask again with
+    `before` = the last job's seq)."""
+
+    jobs: list[JobInfo]
+    more: bool
 
 
 class _Batch:
@@ -170,8 +181,9 @@ class Records:
         self.ended_added.set()
         self.write(Put(job))
 
-    def remove(self, job_id: str) -> JobInfo | None:
-        """Forget a job (written behind); its record, or None if it was not kept."""
+    def remove(self, job_id: str, *, forgotten: bool = True) -> JobInfo | None:
+        """Forget a job (written behind); its record, or None if it was not kept.
+        `forgotten`=False: a Start that failed (not counted as a removal)."""
         job = self._by_id.pop(job_id, None)
         if job is None:
             return None
@@ -184,20 +196,85 @@ class Records:
         if job.name and self._names.get((job.owner, job.name)) == job_id:
             del self._names[(job.owner, job.name)]
         self.write(Delete(job_id))
-        self.removed_count.value += 1
+        if forgotten:
+            self.removed_count.value += 1
         return job
 
     def named(self, owner: str, name: str) -> str | None:
         """The id of `owner`'s kept job called `name`."""
         return self._names.get((owner, name))
 
-    def newest_first(self, owner: str | None, before: int = math.inf) -> Iterator[str]:  # type: ignore[assignment]
+    def newest_first(self, owner: str | None, before: float = math.inf) -> Iterator[str]:
         """Ids of kept jobs (of `owner`, or everyone's) with seq < `before`, newest first."""
         order = self._all if owner is None else self._by_owner.get(owner)
         if order is None:
             return iter(())
-        bound = before if before != math.inf else self._next_seq
-        return order.newest_before(int(bound))
+        return order.newest_before(int(min(before, self._next_seq)))
+
+    def page(
+        self,
+        info_of: Callable[[str], JobInfo | None],
+        owner: str | None,
+        *,
+        before: int | None,
+        limit: int,
+        states: frozenset[State],
+        labels: Mapping[str, str],
+        id_prefix: str,
+        name: str,
+    ) -> JobPage:
+        """Up to `limit` kept jobs (`info_of` gives each one's current state) with seq <
+        `before` matching every filter, newest first. Keyset paging on seq: a job started,
+        ended or removed meanwhile never shifts a later page."""
+        prefix = id_prefix.lower()
+        if prefix and (
+            len(prefix.replace("-", "")) < 4 or prefix.strip("0123456789abcdef-") != ""
+        ):
+            raise InvalidArgument(
+                f"id_prefix {id_prefix[:40]!r} must be at least 4 hex digits of a job id"
+            )
+        if limit < 1:
+            raise InvalidArgument(f"page size must be >= 1, not {limit}")
+        wanted = tuple(labels.items())
+        out: list[JobInfo] = []
+        for job_id in self.newest_first(owner, math.inf if before is None else before):
+            if prefix and not job_id.startswith(prefix):
+                continue
+            info = info_of(job_id)
+            if info is None:
+                continue
+            if states and info.state not in states:
+                continue
+            if name and info.name != name:
+                continue
+            if wanted and not all(pair in info.labels for pair in wanted):
+                continue
+            if len(out) == limit:
+                return JobPage(out, more=True)
+            out.append(info)
+        return JobPage(out, more=False)
+
+    async def expire(
+        self,
+        keep: float,
+        forget: Callable[[str], None],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """--keep-finished: call `forget(id)` for each ended job `keep` seconds after it
+        ended (0: never). Runs until cancelled."""
+        task_status.started()
+        if not keep:
+            return
+        pending = self.ended_order
+        while True:
+            while pending and pending[0][0] + keep <= time.time():
+                forget(pending.popleft()[1])
+            if pending:
+                await trio.sleep(max(pending[0][0] + keep - time.time(), 0.0))
+            else:
+                self.ended_added = trio.Event()
+                await self.ended_added.wait()
 
     # ----------------------------------------------------------------- uids
 

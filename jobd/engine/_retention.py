@@ -27,6 +27,7 @@ import math
 import os
 import pathlib
 import time
+from typing import NoReturn
 
 import trio
 
@@ -51,13 +52,23 @@ def default_max_data(directory: pathlib.Path) -> int:
     return st.f_blocks * st.f_frsize // 4
 
 
-def _segment_size(max_job_output: int, max_data: int) -> int:
-    """Small enough that dropping a segment is a fine step of either bound (1/16 of it)."""
+def _segment_size(max_job_output: int, max_data: int, filesystem: int) -> int:
+    """Small enough that dropping a segment is a fine step of any bound (1/16 of it), the
+    filesystem's size included: on a disk that fills up, the flood must have old segments."""
     size = DEFAULT_SEGMENT_LIMIT
-    for bound in (max_job_output, max_data):
+    for bound in (max_job_output, max_data, filesystem):
         if bound:
             size = min(size, bound // 16)
     return max(MIN_SEGMENT, size)
+
+
+def _create_job_dir(path: pathlib.Path) -> _Segment:
+    path.mkdir(mode=0o700)
+    try:
+        return _Segment.create(path, 0)
+    except BaseException:
+        path.rmdir()
+        raise
 
 
 def _is_job_dir_name(name: str) -> bool:
@@ -97,10 +108,14 @@ class OutputSpace:
         self.directory = directory
         self.max_job_output = max_job_output
         self.max_data = max_data
-        self.segment_bytes = segment_bytes or _segment_size(max_job_output, max_data)
+        st = os.statvfs(directory)
+        self.segment_bytes = segment_bytes or _segment_size(
+            max_job_output, max_data, st.f_blocks * st.f_frsize
+        )
         self.memory_tail = memory_tail
         self.poll_interval = poll_interval
         self._stores: dict[str, OutputStore] = {}
+        self._running: dict[str, OutputStore] = {}  # the writable ones: scanned for drops
         self._stored = 0  # disk bytes of every store's kept segments
         # Output bytes no longer kept since start-up (dropped by a bound, or removed with
         # their job), for metrics.
@@ -135,28 +150,32 @@ class OutputSpace:
         on a data dir that cannot take them fails before the job exists."""
         self._check_name(job_id)
         path = self.directory / job_id
-        try:
-            path.mkdir(mode=0o700)
+        while True:
             try:
-                segment = _Segment.create(path, 0)
-            except BaseException:
-                path.rmdir()
+                segment = _create_job_dir(path)
+                break
+            except FileExistsError:
                 raise
-        except FileExistsError:
-            raise
-        except OSError as exc:
-            what = f"cannot create the output files of a new job in {self.directory}"
-            if exc.errno in _EXHAUSTED:
-                hint = "free space or inodes there, or lower --max-data"
-                if exc.errno in _NO_DESCRIPTORS:
-                    hint = "raise the server's open file limit (ulimit -n)"
-                raise ResourceExhausted(f"{what}: {os.strerror(exc.errno)}; {hint}") from exc
-            raise JobdError(f"{what}: {exc}") from exc
+            except OSError as exc:
+                # A full disk: make room as a write would (ended jobs' output first).
+                if exc.errno in DISK_FULL and self._drop_one(for_disk=True):
+                    continue
+                self._refuse_start(exc)
         store = OutputStore(
             self, job_id, path, [segment], writable=True, memory_tail=self.memory_tail
         )
         self._stores[job_id] = store
+        self._running[job_id] = store
         return store
+
+    def _refuse_start(self, exc: OSError) -> NoReturn:
+        what = f"cannot create the output files of a new job in {self.directory}"
+        if exc.errno in _EXHAUSTED:
+            hint = "free space or inodes there, or lower --max-data"
+            if exc.errno in _NO_DESCRIPTORS:
+                hint = "raise the server's open file limit (ulimit -n)"
+            raise ResourceExhausted(f"{what}: {os.strerror(exc.errno)}; {hint}") from exc
+        raise JobdError(f"{what}: {exc}") from exc
 
     def open(self, job_id: str) -> OutputStore:
         """A kept job's output after a restart, ended (recovers a torn last write). Holds no
@@ -211,6 +230,10 @@ class OutputSpace:
         if store is not None:
             self.dropped_bytes += store.size - store.start
             store._remove()
+            # Removed stores leave the heap lazily; keep it from holding many of them.
+            if len(self._ended) > 2 * len(self._stores) + 64:
+                self._ended = [e for e in self._ended if not e[2].removed]
+                heapq.heapify(self._ended)
         else:
             path = self.directory / job_id
             if path.is_dir():
@@ -269,7 +292,7 @@ class OutputSpace:
             self._drop(store)
             return True
         best: OutputStore | None = None
-        for store in self._stores.values():
+        for store in self._running.values():
             if store.closed or not store._droppable(KEEP_NEWEST):
                 continue
             if best is None or store.disk_bytes > best.disk_bytes:
@@ -289,6 +312,7 @@ class OutputSpace:
     def _closed(self, store: OutputStore) -> None:
         """A job ended: its output may now be dropped first, which may be room for others."""
         self._blocked.discard(store)
+        self._running.pop(store.job_id, None)
         if not store.removed:
             heapq.heappush(self._ended, (time.time(), next(self._arrivals), store))
         self._wake_blocked()

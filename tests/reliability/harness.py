@@ -59,13 +59,12 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = 30.0) 
 
 
 def cgroup_dirs(cgroup_name: str) -> list[Path]:
-    """Every directory of the tree `cgroup_name` in any hierarchy. os.walk, not rglob: other
-    suites on the machine create and remove cgroups meanwhile, and rglob raises
-    FileNotFoundError when a directory vanishes under it; os.walk skips it."""
+    """Every directory of the tree `cgroup_name` in any hierarchy."""
+    # os.walk, not rglob: other suites' cgroups come and go while it looks (rglob raised
+    # FileNotFoundError for a directory removed under it).
     found = []
-    for root, dirs, _ in os.walk("/sys/fs/cgroup", followlinks=True):
-        if cgroup_name in dirs:
-            found.append(Path(root) / cgroup_name)
+    for top, dirs, _ in os.walk("/sys/fs/cgroup", onerror=lambda exc: None):
+        found += [Path(top) / d for d in dirs if d == cgroup_name]
     return found
 
 
