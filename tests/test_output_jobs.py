@@ -22,6 +22,7 @@ from jobd.engine import (
     open_job_manager,
 )
 from jobd.engine._cgroup import block_device_of
+from jobd.engine._output import OutputStore
 from jobd.v1 import jobd_pb2 as pb
 
 from .conftest import unique_uid_range
@@ -48,6 +49,12 @@ async def engine_on_tmpfs(
             yield engine, data
 
 
+def out(engine: JobManager, job_id: str) -> OutputStore:
+    store = engine._output.get(job_id)
+    assert store is not None
+    return store
+
+
 async def output_of(engine: JobManager, job_id: str) -> bytes:
     return b"".join([c.data async for c in engine.read_output(job_id, follow=True)])
 
@@ -71,7 +78,7 @@ async def test_one_users_flood_never_costs_another_users_output(
         engine, _,
     ):
         flood = await engine.start("bob", ["yes"])
-        bobs = engine._output._stores[flood.id]
+        bobs = out(engine, flood.id)
         # It filled the data dir (twice over), and lost its own oldest output.
         await wait_until(lambda: bobs.size > 32 << 20)
         assert bobs.start > 0
@@ -83,12 +90,39 @@ async def test_one_users_flood_never_costs_another_users_output(
             if got.endswith(b"\n200000\n"):
                 break
         assert got == SEQ
-        assert engine._output._stores[alice.id].start == 0
+        assert out(engine, alice.id).start == 0
         assert engine.status(alice.id).state is State.RUNNING
         assert not bobs.blocked and engine.status(flood.id).state is State.RUNNING
         stopped = await engine.stop(flood.id, grace=0)
         assert stopped.state is State.STOPPED  # stopped by us, never killed for the disk
         assert bobs.size - bobs.start >= 1 << 20
+
+
+async def test_a_capped_output_survives_a_restart_with_its_offsets(
+    tmp_path: Path, cgroup_name: str
+) -> None:
+    """--max-job-output dropped the oldest part; after a restart Status and Output say the
+    same: output_bytes counts everything, output_start where kept output begins, and the
+    kept bytes are byte for byte at their offsets."""
+    seq = b"".join(b"%d\n" % i for i in range(1, 1_000_001))
+    config = EngineConfig(data_dir=tmp_path / "data", cgroup_name=cgroup_name,
+                          job_uids=unique_uid_range(), uid_registry=tmp_path / "uid-ranges",
+                          max_job_output=128 * 1024)
+    async with open_job_manager(config) as engine:
+        job = await engine.start("alice", ["seq", "1000000"])  # 6.9 MB, written in pieces
+        await engine.wait(job.id)
+        before = engine.status(job.id)
+        first = [c async for c in engine.read_output(job.id)]
+    assert before.output_bytes == len(seq) and 0 < before.output_start < len(seq)
+    assert first[0].offset == before.output_start
+    async with open_job_manager(config) as engine:
+        after = engine.status(job.id)
+        assert (after.output_bytes, after.output_start) == (len(seq), before.output_start)
+        again = [c async for c in engine.read_output(job.id, 0)]
+        assert again == first
+        assert b"".join(c.data for c in again) == seq[after.output_start :]
+        tail = b"".join([c.data async for c in engine.read_output(job.id, tail_lines=2)])
+        assert tail == b"999999\n1000000\n"
 
 
 @pytest.mark.parametrize("then", ["free space", "stop it"])
@@ -98,11 +132,13 @@ async def test_a_job_blocked_on_a_full_disk_waits_and_resumes_losslessly(
     async with engine_on_tmpfs(tmp_path, cgroup_name, "size=8m", max_data=0) as (engine, data):
         foreign = fill(data, leave=64 * 1024)  # an operator's file fills the disk
         job = await engine.start("alice", ["seq", "200000"])
-        output = engine._output._stores[job.id]
+        output = out(engine, job.id)
         await wait_until(lambda: bool(output.blocked))
         assert "is full (No space left on device)" in output.blocked
         assert str(data) in output.blocked
-        # The job waits on its pipe: not killed, not ended, and the server goes on serving.
+        assert engine.status(job.id).output_blocked == output.blocked  # Status says why
+        # The job waits on its pipe: not killed, not ended, and the engine goes on serving.
+        # (A Start here would need room in the job store, which this full disk has not.)
         assert engine.status(job.id).state is State.RUNNING
         # Another Start runs if the job store can still commit its record (SQLite may reuse
         # its WAL), else it is refused with RESOURCE_EXHAUSTED naming the data dir: never a
@@ -169,7 +205,7 @@ async def test_ended_jobs_hold_no_descriptors(tmp_path: Path, cgroup_name: str) 
         # The shim pool keeps a few pre-started shims (their pipes) in flux: allow for them,
         # not for 200 jobs' files (400 descriptors before the fix).
         assert len(fds() - before) <= 12
-        assert all(engine._output._stores[j.id].statistics().open_fds == 0 for j in jobs)
+        assert all(out(engine, j.id).statistics().open_fds == 0 for j in jobs)
 
 
 # ----------------------------------------------------------------- the real server
@@ -198,6 +234,26 @@ async def test_server_start_on_a_data_dir_without_inodes_is_resource_exhausted(
             job = await server.start_job("echo", "hi")
             logs = await server.client("logs", "-f", job, check=True)
             assert logs.stdout == b"hi\n"
+
+
+async def test_sigterm_stops_a_server_whose_jobs_wait_on_a_full_disk(
+    tmp_path: Path, cgroup_name: str
+) -> None:
+    """The job blocks on its pipe, the operator log says so once, the server keeps serving,
+    and SIGTERM still stops everything and exits 0 (running_server checks both)."""
+    pki_ = Pki.make(tmp_path / "certs")
+    with tmpfs(tmp_path / "data", "size=8m") as data:
+        device = block_device_of(tmp_path)
+        async with running_server(
+            tmp_path, pki_, cgroup_name, "--io-device", device, "--max-data", "0"
+        ) as server:
+            fill(data, leave=64 * 1024)
+            job = await server.start_job("sh", "-c", "while :; do seq 100000; done")
+            await wait_until(lambda: b"output blocked" in server.log)
+            status = await server.client("status", job, check=True)
+            assert status.stdout == b"running\n"
+        assert server.log.count(b"output blocked") == 1
+        assert b"is full (No space left on device)" in server.log
 
 
 def _seeking(server: Server, job_id: str) -> dict[str, object]:

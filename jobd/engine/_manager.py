@@ -765,6 +765,8 @@ class JobManager:
         at = trio.current_time() + grace
         if at < job.kill_at.value:
             job.kill_at.value = at
+        if job.proc is not None and job.proc.returncode is not None:
+            job.output.stop_waiting()  # only its output, blocked on a full disk, is left
 
     async def stop(
         self, job_id: str, grace: float | None = None, *, reason: EndReason = EndReason.STOP

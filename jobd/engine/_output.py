@@ -221,8 +221,9 @@ class OutputStore:
     # An ended job's store is one of many kept for days: slots keep it to a few hundred bytes.
     __slots__ = (
         "__weakref__", "_blocked", "_blocked_since", "_changed", "_closed", "_complete",
-        "_dir", "_disk", "_last_time", "_lost", "_memory_tail", "_removed", "_segments",
-        "_size", "_space", "_stop_waiting", "_tail", "_tail_bytes", "job_id",
+        "_dir", "_disk", "_last_time", "_lost", "_memory_tail", "_prefix", "_reading",
+        "_removed", "_segments", "_size", "_space", "_stop_waiting", "_tail", "_tail_bytes",
+        "job_id",
     )
 
     def __init__(
@@ -240,6 +241,11 @@ class OutputStore:
         self.job_id = job_id
         self._space = space
         self._dir = directory
+        self._prefix = str(directory) + "/"  # paths as strings: pathlib costs per read step
+        # While the job runs, the older segment followers last read from stays open for them
+        # (a follower that fell behind reads one step at a time): closed when that segment is
+        # dropped or another is read, and at close(). An ended job keeps nothing open.
+        self._reading: _Segment | None = None
         self._segments = segments  # oldest first, contiguous; never empty
         self._size = segments[-1].end
         self._memory_tail = memory_tail
@@ -368,6 +374,7 @@ class OutputStore:
         self._stop_waiting = True
         self._tail = _NO_TAIL
         self._tail_bytes = 0
+        self._stop_reading()
         for segment in self._segments:
             segment.close_fds()
         if self._lost:
@@ -469,6 +476,8 @@ class OutputStore:
         becomes an empty one at its end, so `start` and `size` survive a restart."""
         oldest = self._segments[0]
         freed = oldest.disk
+        if oldest is self._reading:
+            self._stop_reading()  # no descriptor may keep a dropped file's space
         paths = segment_paths(self._dir, oldest.base)
         if len(self._segments) > 1:
             for path in paths:
@@ -589,14 +598,36 @@ class OutputStore:
 
     @contextmanager
     def _files(self, segment: _Segment) -> Iterator[tuple[int, int]]:
-        """(data fd, index fd) of a segment for one step: the writer's own, or opened now
-        and closed at the end of the step."""
+        """(data fd, index fd) of a segment for one step: the writer's own, the one kept for
+        followers of a running job, or opened now and closed at the end of the step."""
+        if segment.data_fd < 0 and not self._closed:
+            if self._reading is not segment:
+                self._stop_reading()
+                segment.data_fd, segment.index_fd = self._open_segment(segment)
+                self._reading = segment
         if segment.data_fd >= 0:
             yield segment.data_fd, segment.index_fd
             return
-        data_path, index_path = segment_paths(self._dir, segment.base)
-        with _opened(data_path) as data_fd, _opened(index_path) as index_fd:
+        data_fd, index_fd = self._open_segment(segment)
+        try:
             yield data_fd, index_fd
+        finally:
+            os.close(data_fd)
+            os.close(index_fd)
+
+    def _open_segment(self, segment: _Segment) -> tuple[int, int]:
+        name = f"{self._prefix}{segment.base:020d}"
+        data_fd = os.open(name + ".out", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return data_fd, os.open(name + ".idx", os.O_RDONLY | os.O_CLOEXEC)
+        except BaseException:
+            os.close(data_fd)
+            raise
+
+    def _stop_reading(self) -> None:
+        if self._reading is not None:
+            self._reading.close_fds()
+            self._reading = None
 
     def _segment_at(self, pos: int) -> int:
         return bisect.bisect_right(self._segments, pos, key=_base_of) - 1

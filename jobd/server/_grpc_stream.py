@@ -9,6 +9,7 @@ import collections
 import contextlib
 import enum
 import logging
+import math
 import ssl
 import struct
 from collections.abc import Callable, Iterator, Mapping
@@ -23,6 +24,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import h2.stream
 import trio
 from purerpc.grpc_proto import GRPCProtoSocket, GRPCProtoStream
 from purerpc.grpc_socket import GRPCStreamState, SocketWrapper
@@ -40,6 +42,7 @@ from purerpc.grpclib.headers import sanitize_headers
 from purerpc.grpclib.status import Status, StatusCode
 
 __all__ = [
+    "FramedMessage",
     "ACCEPT_ENCODING",
     "OutboundBudget",
     "ReaderEnd",
@@ -55,8 +58,11 @@ log = logging.getLogger(__name__)
 # Bytes asked of the TLS stream per read. purerpc asks for 1 MiB, which makes the ssl module
 # allocate a 1 MiB buffer on every read however little arrived.
 _RECEIVE_SIZE = 65536
-# The writer joins queued frames into one TLS write up to this size (fewer records, syscalls).
+# The writer joins small queued pieces (frame headers, h2's own frames) into one TLS write up to
+# this size (fewer records and syscalls); a piece this big or bigger (a message body) is written
+# as it is, without being copied into a joined buffer.
 _WRITE_BATCH = 256 * 1024
+_WRITE_ALONE = 16 * 1024
 # h2 opens every connection window at the RFC 7540 default.
 _H2_DEFAULT_WINDOW = 65535
 # gRPC frames each message with a 1-byte compressed flag and a 4-byte length.
@@ -66,12 +72,43 @@ _GRPC_FRAME_HEADER = 5
 _SEND_BATCH = 256 * 1024
 # HTTP/2 frame header: 24-bit length (as 16 + 8 bits here), type, flags, stream id.
 _FRAME_HEADER = struct.Struct(">HBBBI")
+_GRPC_PREFIX = struct.Struct(">?I")  # compressed flag, message length
+_CONN_SEND_DATA = h2.connection.ConnectionInputs.SEND_DATA
+_STREAM_SEND_DATA = h2.stream.StreamInputs.SEND_DATA
+_CONN_SEND_HEADERS = h2.connection.ConnectionInputs.SEND_HEADERS
+_STREAM_SEND_HEADERS = h2.stream.StreamInputs.SEND_HEADERS
+_STREAM_SEND_END_STREAM = h2.stream.StreamInputs.SEND_END_STREAM
+_HEADERS, _END_STREAM, _END_HEADERS = 0x1, 0x1, 0x4  # frame type, flags (RFC 7540 6.2)
+
+
+def _literal_never_indexed(name: bytes | int, value: bytes) -> bytes:
+    """One HPACK field "literal without indexing" (RFC 7541 6.2.2), no Huffman coding: it
+    leaves the decoder's and our encoder's dynamic tables as they are, so the encoded block can
+    be sent again and again. `name` is a static-table index (< 127) or the name itself; values
+    and names here are shorter than 127 bytes."""
+    if isinstance(name, int):
+        assert 15 <= name < 15 + 127
+        head = bytes([0x0F, name - 15])
+    else:
+        head = bytes([0x00, len(name)]) + name
+    assert len(value) < 127
+    return head + bytes([len(value)]) + value
+
+
+# Our own response headers for a call answered with protobuf, and its OK trailers, HPACK-encoded
+# once: ":status: 200" (static index 8), "content-type: application/grpc+proto" (name: static
+# index 31), "grpc-status: 0". h2 would encode and validate them on every call.
+_RESPONSE_START_BLOCK = bytes([0x88]) + _literal_never_indexed(31, b"application/grpc+proto")
+_OK_TRAILERS_BLOCK = _literal_never_indexed(b"grpc-status", b"0")
 # The reader stops reading once this many times the outbound cap is queued: h2 answers PINGs
 # and SETTINGS by itself, so a peer that sends those and reads nothing would grow the queue.
 _READER_QUEUE_FACTOR = 4
-# How long a call ended by the server (shutdown) may take to finish the message it is sending,
-# so that its status can follow; a peer that reads nothing is cut (reset) after this.
+# A call ended by the server (shutdown) first finishes the message it is sending, so that its
+# status can follow. It is cut (reset) once the connection has taken nothing for this long; while
+# the peer reads on, it gets this long again after every socket write (up to 1 MiB messages on
+# many busy streams of a loaded host take longer than a fixed second), up to _MESSAGE_END_LIMIT.
 _MESSAGE_END_GRACE = 1.0
+_MESSAGE_END_LIMIT = 10.0
 # What a streaming call reserves of the outbound budgets before it produces its next message:
 # one Output chunk (64 KiB) and its framing. (It exists up to three times while it is made and
 # sent: the engine's bytes, the protobuf message, its serialization; measured per unread
@@ -157,7 +194,7 @@ class TrioByteStream(anyio.abc.ByteStream):
             raise anyio.EndOfStream
         return bytes(data)
 
-    async def send(self, item: bytes) -> None:
+    async def send(self, item: bytes | memoryview) -> None:
         with _as_anyio_errors():
             await self._stream.send_all(item)
 
@@ -213,6 +250,34 @@ def goaway_frame(last_stream_id: int, error_code: int) -> bytes:
     still in flight; a graceful drain has to keep answering them."""
     payload = struct.pack(">II", last_stream_id & 0x7FFFFFFF, error_code)
     return struct.pack(">I", len(payload))[1:] + struct.pack(">BBI", 0x7, 0, 0) + payload
+
+
+class FramedMessage:
+    """A message already serialized, in two parts: `head` (small) and `body`, which is sent as
+    it is: no copy into a protobuf field, a serialized string or a frame. Made by a handler that
+    knows its message's wire format (an OutputChunk's data field, written last; protobuf
+    parsers accept fields in any order)."""
+
+    __slots__ = ("body", "head")
+
+    def __init__(self, head: bytes, body: bytes | memoryview) -> None:
+        self.head = head
+        self.body = body
+
+    def SerializeToString(self) -> bytes:  # noqa: N802  (protobuf's name)
+        return self.head + bytes(self.body)
+
+
+def _debit_data_frame(h2c: Any, stream_id: int, size: int) -> None:
+    """What h2's `send_data` checks and counts for a DATA frame of `size` bytes (the caller has
+    checked it fits the windows and the peer's frame size), without building the frame: the
+    connection and the stream must still be open for sending (h2's ProtocolError or
+    StreamClosedError otherwise, as from send_data), and both windows are debited."""
+    h2c.state_machine.process_input(_CONN_SEND_DATA)
+    stream = h2c.streams[stream_id]
+    stream.state_machine.process_input(_STREAM_SEND_DATA)
+    stream.outbound_flow_control_window -= size
+    h2c.outbound_flow_control_window -= size
 
 
 class StreamReset(Event):  # type: ignore[misc]  # purerpc is untyped
@@ -400,9 +465,41 @@ class _ServerConnection(GRPCConnection):  # type: ignore[misc]
         ]
         self.h2_connection.send_headers(stream_id, headers, end_stream=True)
 
+    def start_response(
+        self, stream_id: int, content_type_suffix: str = "", custom_metadata: Any = ()
+    ) -> None:
+        if content_type_suffix == "+proto" and not custom_metadata and self._plain_responses():
+            self._send_constant_headers(stream_id, _RESPONSE_START_BLOCK, end_stream=False)
+        else:
+            super().start_response(stream_id, content_type_suffix, custom_metadata)
+
     def end_response(self, stream_id: int, status: Status, custom_metadata: Any = ()) -> None:
+        plain_ok = status.status_code is StatusCode.OK and not status.status_message
+        if plain_ok and not custom_metadata:
+            self._send_constant_headers(stream_id, _OK_TRAILERS_BLOCK, end_stream=True)
+            return
         headers = [*self._status_headers(status), *sanitize_headers(custom_metadata)]
         self.h2_connection.send_headers(stream_id, headers, end_stream=True)
+
+    def _plain_responses(self) -> bool:
+        # purerpc adds grpc-encoding headers only when configured with an encoding.
+        return self.config._message_encoding is None and (
+            self.config._message_accept_encoding is None
+        )
+
+    def _send_constant_headers(self, stream_id: int, block: bytes, *, end_stream: bool) -> None:
+        """What h2's send_headers does for a header block we encoded once (state checks, the
+        same errors), minus the encoding and the validation of our own constant headers."""
+        h2c = self.h2_connection
+        h2c.state_machine.process_input(_CONN_SEND_HEADERS)
+        stream = h2c.streams[stream_id]  # the client opened it: it exists
+        stream.state_machine.process_input(_STREAM_SEND_HEADERS)
+        flags = _END_HEADERS
+        if end_stream:
+            stream.state_machine.process_input(_STREAM_SEND_END_STREAM)
+            flags |= _END_STREAM
+        frame = _FRAME_HEADER.pack(len(block) >> 8, len(block) & 0xFF, _HEADERS, flags, stream_id)
+        h2c._data_to_send += frame + block
 
     @staticmethod
     def _status_headers(status: Status) -> list[tuple[str, str]]:
@@ -449,6 +546,8 @@ class _BoundedSocket(SocketWrapper):  # type: ignore[misc]
         self._drained = trio.lowlevel.ParkingLot()
         self._on_broken = on_broken
         self.broken = False
+        # Streams ended by the server that are finishing their message (ServerStream.abort).
+        self.finishing: set[ServerStream] = set()
 
     def _append(self, data: bytes | memoryview) -> None:
         self._chunks.append(data)
@@ -511,10 +610,11 @@ class _BoundedSocket(SocketWrapper):  # type: ignore[misc]
         if data:
             self._append(data)
 
-    def append_frame(self, header: bytes, payload: bytes | memoryview) -> None:
+    def append_frame(self, header: bytes, *payload: bytes | memoryview) -> None:
         """Queue a frame built outside h2 (the caller has flushed h2's own bytes first)."""
         self._append(header)
-        self._append(payload)
+        for piece in payload:
+            self._append(piece)
 
     def send_raw(self, frame: bytes) -> None:
         """Queue a frame built outside h2, after everything h2 has produced so far."""
@@ -535,13 +635,9 @@ class _BoundedSocket(SocketWrapper):  # type: ignore[misc]
     async def _writer_thread(self) -> None:  # purerpc's name; started by SocketWrapper.__aenter__
         while True:
             if self._chunks:
-                batch = [self._chunks.popleft()]
-                size = len(batch[0])
-                while self._chunks and size + len(self._chunks[0]) <= _WRITE_BATCH:
-                    batch.append(self._chunks.popleft())
-                    size += len(batch[-1])
+                size, data = self._next_write()
                 try:
-                    await self._stream.send(b"".join(batch))
+                    await self._stream.send(data)
                 except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                     self.broken = True
                     self._drained.unpark_all()
@@ -551,11 +647,27 @@ class _BoundedSocket(SocketWrapper):  # type: ignore[misc]
                 self._budget.give(self._user, size)
                 if self.queued <= self._max_queued:
                     self._drained.unpark_all()
+                for stream in self.finishing:
+                    stream.extend_grace()
             elif self._running:
                 await self._flush_event.wait()
                 self._flush_event = trio.Event()
             else:
                 return
+
+    def _next_write(self) -> tuple[int, bytes | memoryview]:
+        """The next TLS write: a big piece (a message body) as it is, or small pieces joined up
+        to _WRITE_BATCH. Never copies a big piece: the TLS layer encrypts straight from it."""
+        chunks = self._chunks
+        first = chunks.popleft()
+        if len(first) >= _WRITE_ALONE:
+            return len(first), first
+        batch = [first]
+        size = len(first)
+        while chunks and len(chunks[0]) < _WRITE_ALONE and size + len(chunks[0]) <= _WRITE_BATCH:
+            batch.append(chunks.popleft())
+            size += len(batch[-1])
+        return size, b"".join(batch)
 
 
 class ServerStream(GRPCProtoStream):  # type: ignore[misc]
@@ -573,6 +685,7 @@ class ServerStream(GRPCProtoStream):  # type: ignore[misc]
         self.reset_by_peer = False
         self.mid_message = False
         self._abort_at_boundary = False
+        self._abort_limit = math.inf
         self.holding = False  # a reservation of the outbound budgets (`reserve`)
         # The peer has sent a WINDOW_UPDATE for this stream: it reads what it is sent.
         self.peer_acknowledged = False
@@ -584,12 +697,19 @@ class ServerStream(GRPCProtoStream):  # type: ignore[misc]
             # Cut now, the client would get half a message and a reset, which it reports as
             # CANCELLED (as if it had cancelled itself): end at the message's end instead, so
             # that the status follows. A peer that does not read is cut after a short bound.
-            self._abort_at_boundary = True
-            self.cancel_scope.deadline = min(
-                self.cancel_scope.deadline, trio.current_time() + _MESSAGE_END_GRACE
-            )
+            if not self._abort_at_boundary:
+                self._abort_at_boundary = True
+                self._abort_limit = trio.current_time() + _MESSAGE_END_LIMIT
+                self._socket.finishing.add(self)
+            self.extend_grace()
         else:
             self.cancel_scope.cancel()
+
+    def extend_grace(self) -> None:
+        """The peer is reading: the message being finished gets _MESSAGE_END_GRACE again."""
+        self.cancel_scope.deadline = min(
+            trio.current_time() + _MESSAGE_END_GRACE, self._abort_limit
+        )
 
     def peer_reset(self) -> None:
         self.reset_by_peer = True
@@ -695,68 +815,80 @@ class ServerStream(GRPCProtoStream):  # type: ignore[misc]
         self._response_started = True
 
     async def send_message(self, message: Any, *, flush: bool = True) -> None:
-        """Send one message. flush=False leaves its last bytes queued for the caller's next
-        flush (a unary response's `close`), so headers, message and trailers go out at once."""
+        """Send one message (a protobuf message or a `FramedMessage`). flush=False leaves its
+        last bytes queued for the caller's next flush (a unary response's `close`), so headers,
+        message and trailers go out at once."""
         # Remembered so that a call cut short mid-message is reset rather than given trailers
         # after half a message.
         self.mid_message = True
         # Not super().send_message: it calls GRPCStream._send by name, past our _send.
-        await self._send(message.SerializeToString(), flush_last=flush)
+        if isinstance(message, FramedMessage):
+            await self._send_parts(message.head, message.body, flush_last=flush)
+        else:
+            await self._send_parts(message.SerializeToString(), b"", flush_last=flush)
         self.mid_message = False
         if self._abort_at_boundary:
+            self._socket.finishing.discard(self)
             self.cancel_scope.cancel()
             await trio.lowlevel.checkpoint()  # raises Cancelled here, before another message
 
     async def _send(self, message: bytes, compress: bool = False, flush_last: bool = True) -> None:
-        """purerpc's, without its per-frame cost: it handed h2 one DATA frame (16 KiB by
-        default) at a time and yielded to the writer after each, which capped a stream at
-        ~100 MB/s. Here each turn sends as much as the flow-control windows allow, up to
-        _SEND_BATCH: the first frame through h2 (which checks the stream may still send),
-        the rest framed here, with h2's windows debited the same, then one flush (which
-        applies the outbound cap; the last one is left to the caller if not flush_last)."""
         if compress:
             await super()._send(message, compress)
-            return
+        else:
+            await self._send_parts(message, b"", flush_last=flush_last)
+
+    async def _send_parts(
+        self, head: bytes, body: bytes | memoryview, *, flush_last: bool = True
+    ) -> None:
+        """Send the message `head + body` without copying `body`. purerpc handed h2 one DATA frame
+        (16 KiB by default) at a time and yielded to the writer after each, which capped a
+        stream at ~100 MB/s; and h2 copies each frame three times. Here each turn frames as
+        much as the flow-control windows allow, up to _SEND_BATCH, as frames of the peer's
+        maximum size whose payloads are slices of the message (h2's state checks and window
+        accounting done as its send_data does), then flushes once (which applies the outbound
+        cap; the last flush is left to the caller if not flush_last)."""
         conn = self._grpc_connection
-        if len(message) > conn.config.max_message_length:
+        total = len(head) + len(body)
+        if total > conn.config.max_message_length:
             raise MessageTooLargeError(
-                f"message of {len(message)} bytes is over the limit of "
-                f"{conn.config.max_message_length}"
+                f"message of {total} bytes is over the limit of {conn.config.max_message_length}"
             )
         h2c = conn.h2_connection
         stream_id = self._stream_id
-        pending = struct.pack(">?I", False, len(message))  # gRPC message header
-        payload = memoryview(message)
-        pos = 0
-        while pending or pos < len(payload):
+        # The gRPC message prefix and the head are small: one piece; the body is never copied.
+        parts = [memoryview(_GRPC_PREFIX.pack(False, total) + head)]
+        if body:
+            parts.append(memoryview(body).cast("B"))
+        left = _GRPC_FRAME_HEADER + total
+        index = 0  # parts[index][offset:] is what is left to send
+        offset = 0
+        while left:
             window = h2c.local_flow_control_window(stream_id)
             if window <= 0:
                 await self._wait_flow_control_update()
                 continue
-            budget = min(window, _SEND_BATCH, len(pending) + len(payload) - pos)
+            budget = min(window, _SEND_BATCH, left)
             max_frame = h2c.max_outbound_frame_size
-            first = True
+            self._socket.kick()  # h2's own frames (the response headers) go first
             while budget:
                 size = min(budget, max_frame)
-                if pending:
-                    take = max(0, size - len(pending))
-                    piece: bytes | memoryview = pending[:size] + payload[pos : pos + take]
-                    pending = pending[size:]
-                else:
-                    take = size
-                    piece = payload[pos : pos + take]
-                pos += take
+                _debit_data_frame(h2c, stream_id, size)
+                pieces = []
+                need = size
+                while need:
+                    part = parts[index]
+                    take = min(need, len(part) - offset)
+                    pieces.append(part[offset : offset + take])
+                    need -= take
+                    offset += take
+                    if offset == len(part):
+                        index += 1
+                        offset = 0
+                self._socket.append_frame(_data_frame_header(stream_id, size), *pieces)
                 budget -= size
-                if first:
-                    h2c.send_data(stream_id, piece)  # checks state, windows, frame size
-                    self._socket.kick()
-                    first = False
-                else:
-                    # What h2's send_data does for a frame, minus its per-frame overhead.
-                    h2c.outbound_flow_control_window -= size
-                    h2c.streams[stream_id].outbound_flow_control_window -= size
-                    self._socket.append_frame(_data_frame_header(stream_id, size), piece)
-            if flush_last or pending or pos < len(payload):
+                left -= size
+            if flush_last or left:
                 await self._socket.flush()
 
     def close_channels(self) -> None:
@@ -910,6 +1042,7 @@ class ServerSocket(GRPCProtoSocket):  # type: ignore[misc]
         (RST_STREAM NO_ERROR, RFC 7540 §8.1); a call that ended without a status (cut short
         mid-message, or the connection is closing) is reset with CANCEL."""
         self._streams.pop(stream.stream_id, None)
+        self._socket.finishing.discard(stream)
         if not stream.reset_by_peer and stream.state is not GRPCStreamState.CLOSED:
             code = h2.errors.ErrorCodes.CANCEL
             if stream.state is GRPCStreamState.HALF_CLOSED_LOCAL:

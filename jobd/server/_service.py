@@ -6,6 +6,7 @@ identity arrives through `current_identity`, set by the transport from the peer 
 from __future__ import annotations
 
 import base64
+import collections
 import logging
 import math
 import time
@@ -23,6 +24,7 @@ from jobd.v1 import jobd_grpc
 from jobd.v1 import jobd_pb2 as pb
 
 from ._audit import audit_event
+from ._grpc_stream import FramedMessage
 from ._transport import Identity, current_identity
 
 log = logging.getLogger(__name__)
@@ -114,6 +116,26 @@ def job_to_pb(job: engine.JobInfo) -> pb.Job:
     )
 
 
+def _output_message(chunk: engine.Chunk) -> FramedMessage:
+    """`pb.OutputChunk(data=chunk.data, stream=..., offset=..., time=...)` as sent, but with the
+    data field written last, by hand, so that the transport sends `chunk.data` without copying
+    it (protobuf would copy it into the message, then into the serialized string)."""
+    head = pb.OutputChunk(
+        stream=pb.Stream.ValueType(chunk.stream), offset=chunk.offset, time=_timestamp(chunk.time)
+    ).SerializeToString()
+    return FramedMessage(head + _DATA_TAG + _varint(len(chunk.data)), chunk.data)
+
+
+_DATA_TAG = bytes([pb.OutputChunk.DATA_FIELD_NUMBER << 3 | 2])  # field 1, length-delimited
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
 def limit_fields(limits: engine.Limits) -> dict[str, object]:
     """The effective limits as audit fields."""
     return {
@@ -204,6 +226,32 @@ class _Call:
     details: dict[str, object] = field(default_factory=dict)  # more fields for its line
 
 
+class _EndedJobMessages:
+    """Serialized `Job` messages of ended jobs, which Status is asked for again and again
+    (a client polling for the result). An entry is served only for a `JobInfo` equal to the
+    one it was made from, so whatever the engine changes about a job (removal, a new record
+    after a restart) can never be answered from here; at most `size` entries, oldest dropped."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self._size = size
+        self._entries: collections.OrderedDict[str, tuple[engine.JobInfo, FramedMessage]] = (
+            collections.OrderedDict()
+        )
+
+    def message(self, job: engine.JobInfo) -> pb.Job | FramedMessage:
+        if job.state is engine.State.RUNNING:
+            return job_to_pb(job)  # its usage changes
+        entry = self._entries.get(job.id)
+        if entry is not None and entry[0] == job:
+            return entry[1]
+        framed = FramedMessage(job_to_pb(job).SerializeToString(), b"")
+        self._entries[job.id] = (job, framed)
+        self._entries.move_to_end(job.id)
+        if len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+        return framed
+
+
 class JobService(jobd_grpc.JobServiceServicer):
     """Every handler: who is calling, may they, do it, log it."""
 
@@ -211,6 +259,7 @@ class JobService(jobd_grpc.JobServiceServicer):
         self, jobs: engine.JobManager, *, max_message_bytes: int = 4 * 1024 * 1024
     ) -> None:
         self._jobs = jobs
+        self._ended = _EndedJobMessages()
         self._page_bytes = max(max_message_bytes - PAGE_MARGIN, 1)
 
     @contextmanager
@@ -294,7 +343,8 @@ class JobService(jobd_grpc.JobServiceServicer):
 
     async def Status(self, request: pb.JobRequest) -> pb.Job:
         with self._call("Status", request.id) as call:
-            return job_to_pb(self._authorized(call, request.id))
+            job = self._authorized(call, request.id)
+            return self._ended.message(job)  # type: ignore[return-value]  # framed: same bytes
 
     async def Wait(self, request: pb.JobRequest) -> pb.Job:
         """Until the job ends; the client's deadline (grpc-timeout, enforced by the
@@ -375,12 +425,7 @@ class JobService(jobd_grpc.JobServiceServicer):
             )
             try:
                 async for chunk in chunks:
-                    yield pb.OutputChunk(
-                        data=chunk.data,
-                        stream=pb.Stream.ValueType(chunk.stream),
-                        offset=chunk.offset,
-                        time=_timestamp(chunk.time),
-                    )
+                    yield _output_message(chunk)  # type: ignore[misc]  # framed OutputChunk
             finally:
                 await chunks.aclose()  # type: ignore[attr-defined]
 

@@ -318,14 +318,22 @@ class _Dispatcher(ConnectionHandler):  # type: ignore[misc]  # purerpc is untype
         self._calls_nursery.start_soon(self.request_received, stream)
 
     async def _supervise(self) -> None:
-        """Return once the connection should close."""
+        """Return once the connection should close. Woken only by a drain and by the last call
+        of a draining connection: the idle check runs on a timer, so that a call costs it
+        nothing."""
+        timeout = self._idle_timeout
         while not (self._draining and not self._calls):
-            idle = not self._calls and not self._draining
-            deadline = self._idle_since + self._idle_timeout if idle else math.inf
-            with trio.move_on_at(deadline) as timer:
+            if self._draining:
+                deadline = math.inf
+            elif self._calls:
+                deadline = trio.current_time() + timeout  # look again then
+            else:
+                deadline = self._idle_since + timeout
+            with trio.move_on_at(deadline):
                 await self._changed.park()
-            if timer.cancelled_caught and not self._calls:
-                log.debug("no call for %s s: closing", self._idle_timeout)
+            idle_for = trio.current_time() - self._idle_since
+            if not self._calls and not self._draining and idle_for >= timeout:
+                log.debug("no call for %s s: closing", timeout)
                 self.drain()
 
     def drain(self) -> None:
@@ -363,9 +371,10 @@ class _Dispatcher(ConnectionHandler):  # type: ignore[misc]  # purerpc is untype
             self._calls.discard(stream)
             if not self._calls:
                 self._idle_since = trio.current_time()
+                if self._draining:
+                    self._changed.unpark_all()
             if self._close_after_call:
                 self.drain()
-            self._changed.unpark_all()
 
     def _record(self, stream: ServerStream, code: str, seconds: float) -> None:
         event = stream.start_stream_event
@@ -427,8 +436,13 @@ class _Dispatcher(ConnectionHandler):  # type: ignore[misc]  # purerpc is untype
             await stream.start_response()
         stream.expect_message_type(method.signature.request_type)
         run = _RUNNERS[cardinality]
-        with trio.move_on_after(self._deadline(event)):  # row 7: purerpc ignored grpc-timeout
-            await run(functools.partial(method.method_fn, request=event), stream)
+        call = functools.partial(method.method_fn, request=event)
+        timeout = self._deadline(event)
+        if timeout == math.inf:  # no deadline: no cancel scope to open and close per call
+            await run(call, stream)
+            return None
+        with trio.move_on_after(timeout):  # row 7: purerpc ignored grpc-timeout
+            await run(call, stream)
             return None
         return Status(StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
 

@@ -201,7 +201,12 @@ async def open_jobd(workdir: Path, certs: Path, *extra: str) -> AsyncIterator[Jo
                     port = int(match.group(1))
                 else:
                     await trio.sleep(0.05)
-        yield Jobd(proc, port, name, log)
+        try:
+            yield Jobd(proc, port, name, log)
+        except BaseException:
+            # Whatever went wrong, the server's own account of it is in its log.
+            sys.stderr.write(f"jobd log ({log}):\n{log.read_text(errors='replace')[-5000:]}\n")
+            raise
     finally:
         with trio.CancelScope(shield=True):
             if proc.returncode is None:
@@ -233,12 +238,27 @@ class Peer:
 
 @asynccontextmanager
 async def open_peer(certs: Path) -> AsyncIterator[Peer]:
-    """The grpcio peer (peer.py) in its own process; ends when its stdin closes."""
-    proc = await trio.lowlevel.open_process(
-        [sys.executable, BENCH, "--peer", str(certs)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-    )
+    """The grpc.aio peer (peer.py) in its own process; ends when its stdin closes."""
+    async with _open_peer_process([sys.executable, BENCH, "--peer", str(certs)]) as peer:
+        yield peer
+
+
+@asynccontextmanager
+async def open_sync_peer(certs: Path, chunk: int = 1024 * 1024) -> AsyncIterator[Peer]:
+    """The synchronous grpcio peer (syncpeer.py) sending output messages of up to `chunk`
+    bytes; it makes its own cgroup tree, which must be gone once it has stopped."""
+    name = f"jobd-bench-peer-{secrets.token_hex(4)}"
+    argv = [sys.executable, BENCH, "--sync-peer", str(certs), str(chunk), name]
+    async with _open_peer_process(argv) as peer:
+        yield peer
+    left = _leftover_cgroups(name)
+    if left:
+        raise BenchError(f"the sync peer left cgroups behind: {left}")
+
+
+@asynccontextmanager
+async def _open_peer_process(argv: list[str]) -> AsyncIterator[Peer]:
+    proc = await trio.lowlevel.open_process(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
         assert proc.stdout is not None
         with trio.fail_after(30):
@@ -248,7 +268,7 @@ async def open_peer(certs: Path) -> AsyncIterator[Peer]:
         with trio.CancelScope(shield=True):
             if proc.stdin is not None:
                 await proc.stdin.aclose()
-            with trio.move_on_after(10):
+            with trio.move_on_after(30):
                 await proc.wait()
             if proc.returncode is None:
                 proc.kill()

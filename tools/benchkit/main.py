@@ -107,6 +107,10 @@ def main(argv: list[str]) -> int:
         from .peer import run_peer
 
         return run_peer(argv[1])
+    if argv[:1] == ["--sync-peer"]:
+        from .syncpeer import run_sync_peer
+
+        return run_sync_peer(argv[1], argv[2], argv[3])
     parser = argparse.ArgumentParser(prog="just bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, one repeat (CI smoke)")
     parser.add_argument("--only", nargs="+", choices=list(SECTIONS), help="run only these sections")

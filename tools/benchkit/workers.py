@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -218,6 +219,130 @@ async def w_stop_tree(args: Args) -> Any:
     return latencies
 
 
+# ------------------------------------------------------------------ sync grpcio clients
+
+
+def sync_channel(args: Args) -> grpc.Channel:
+    """A synchronous grpcio mTLS channel of its own, with grpcio's default 4 MiB receive
+    limit (the limit jobd's output messages must stay within)."""
+    certs = args["certs"]
+    user = args.get("user", "alice")
+
+    def read(name: str) -> bytes:
+        with open(os.path.join(certs, name), "rb") as f:
+            return f.read()
+
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=read("ca.pem"),
+        private_key=read(f"{user}.key"),
+        certificate_chain=read(f"{user}.pem"),
+    )
+    options = [
+        ("grpc.ssl_target_name_override", "localhost"),
+        ("grpc.use_local_subchannel_pool", 1),
+    ]
+    ch = grpc.secure_channel(args["target"], creds, options)
+    grpc.channel_ready_future(ch).result(timeout=15)
+    return ch
+
+
+def s_stream(args: Args) -> Any:
+    """Start the command and follow its output to the end, with the sync client."""
+    ch = sync_channel(args)
+    stub = pb_grpc.JobServiceStub(ch)  # type: ignore[no-untyped-call]
+    _ready()
+    t0 = time.monotonic()
+    job = stub.Start(pb.StartRequest(command=args["command"]))
+    size = messages = biggest = 0
+    for chunk in stub.Output(pb.OutputRequest(id=job.id, follow=True)):
+        size += len(chunk.data)
+        biggest = max(biggest, len(chunk.data))
+        messages += 1
+    ch.close()
+    return {"bytes": size, "messages": messages, "biggest": biggest, "t0": t0,
+            "t1": time.monotonic()}  # fmt: skip
+
+
+def s_starts(args: Args) -> Any:
+    """Start latency with the sync client: n Starts of `command` one after another ("back to
+    back"), `gap` seconds apart ("spaced"), or in waves of `concurrent` at once; the jobs are
+    left to end by themselves (`true`). Returns every latency in seconds."""
+    ch = sync_channel(args)
+    stub = pb_grpc.JobServiceStub(ch)  # type: ignore[no-untyped-call]
+    request = pb.StartRequest(command=args["command"])
+    for _ in range(3):  # warm-up: first calls on the connection
+        stub.Start(request)
+    time.sleep(0.3)
+    _ready()
+    latencies: list[float] = []
+    wave = args.get("concurrent", 1)
+    for _ in range(args["n"] // wave):
+        if wave == 1:
+            t0 = time.perf_counter()
+            stub.Start(request)
+            latencies.append(time.perf_counter() - t0)
+        else:
+            latencies += _wave(stub, request, wave)
+            time.sleep(0.3)  # let the waves' jobs end before the next
+        if args.get("gap"):
+            time.sleep(args["gap"])
+    ch.close()
+    return latencies
+
+
+def _wave(stub: Any, request: pb.StartRequest, wave: int) -> list[float]:
+    """`wave` Starts sent at once; each one's latency from the common send time."""
+    done = threading.Event()
+    lock = threading.Lock()
+    got: list[float] = []
+    t0 = time.perf_counter()
+
+    def finished(_: Any) -> None:
+        with lock:
+            got.append(time.perf_counter() - t0)
+            if len(got) == wave:
+                done.set()
+
+    calls = [stub.Start.future(request) for _ in range(wave)]
+    for call in calls:
+        call.add_done_callback(finished)
+    done.wait(60)
+    for call in calls:
+        call.result()  # raises if a Start failed
+    return got
+
+
+def s_unary(args: Args) -> Any:
+    """Status calls per second on one sync connection: `concurrency` threads calling back to
+    back, for `seconds` after a warm-up."""
+    ch = sync_channel(args)
+    stub = pb_grpc.JobServiceStub(ch)  # type: ignore[no-untyped-call]
+    request = pb.JobRequest(id=args["job_id"])
+    _ready()
+    count = 0
+    lock = threading.Lock()
+    measure_from = time.monotonic() + args["warmup"]
+    stop_at = measure_from + args["seconds"]
+
+    def caller() -> None:
+        nonlocal count
+        mine = 0
+        while (now := time.monotonic()) < stop_at:
+            stub.Status(request)
+            if now >= measure_from:
+                mine += 1
+        with lock:
+            count += mine
+
+    threads = [threading.Thread(target=caller) for _ in range(args["concurrency"])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ch.close()
+    return {"calls": count, "seconds": args["seconds"]}
+
+
 # ------------------------------------------------------------------ trio baselines
 
 
@@ -270,12 +395,15 @@ ASYNCIO_WORKERS = {
     "stop_tree": w_stop_tree,
 }
 TRIO_WORKERS = {"pipe": w_pipe, "spawn": w_spawn}
+SYNC_WORKERS = {"s_stream": s_stream, "s_starts": s_starts, "s_unary": s_unary}
 
 
 def run_worker(kind: str, raw: str) -> int:
     args = json.loads(raw)
     if kind in TRIO_WORKERS:
         result = trio.run(TRIO_WORKERS[kind], args)
+    elif kind in SYNC_WORKERS:
+        result = SYNC_WORKERS[kind](args)
     else:
         result = asyncio.run(ASYNCIO_WORKERS[kind](args))
     sys.stdout.write(json.dumps(result) + "\n")
