@@ -19,7 +19,7 @@ proto:
 # create development certificates in certs/ (kept if present; --force to replace), and
 # register them as the client context `dev` (current if there is none), for any directory
 certs *args:
-    {{python}} tools/devcerts.py --dir certs "$@"
+    {{venv}}/jobd certs dev --dir certs "$@"
     {{venv}}/jobd-client context add dev --replace --server 127.0.0.1:9090 --ca "{{justfile_directory()}}/certs/ca.pem" --cert "{{justfile_directory()}}/certs/alice.pem" --key "{{justfile_directory()}}/certs/alice.key"
 
 # ruff, mypy and the import contracts
@@ -32,9 +32,10 @@ lint:
 test *args:
     {{venv}}/pytest "$@"
 
-# run the server as root on 127.0.0.1:9090 with development certificates
+# run the server as root on 127.0.0.1:9090 (metrics on 127.0.0.1:9091) with development
+# certificates; `exec`, so that a signal to this recipe's process reaches jobd itself
 serve *args: (certs)
-    {{venv}}/jobd serve --listen 127.0.0.1:9090 --cert certs/server.pem --key certs/server.key --client-ca certs/ca.pem --data-dir data "$@"
+    exec {{venv}}/jobd serve --listen 127.0.0.1:9090 --metrics-listen 127.0.0.1:9091 --cert certs/server.pem --key certs/server.key --client-ca certs/ca.pem --data-dir data "$@"
 
 # benchmarks against the local limit and a grpcio peer (--quick: CI smoke run, < 3 min)
 bench *args:

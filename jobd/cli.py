@@ -11,10 +11,10 @@ from typing import Any, TypeVar
 
 import asyncclick as click
 
+from jobd import __version__, pki
 from jobd.engine import EngineConfig, JobdError, Limits, Network
 from jobd.engine._manager import JOB_UID_FIRST, JOB_UID_LAST
-from jobd.server import ServerConfig, TransportLimits, run_server
-from jobd.server._audit import configure_logging
+from jobd.server import ServerConfig, TransportLimits, configure_logging, run_server
 from jobd.units import parse_duration, parse_size
 
 MiB = 1024 * 1024
@@ -59,6 +59,7 @@ TRANSPORT = TransportLimits()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(__version__, "--version", prog_name="jobd", message="%(prog)s %(version)s")
 def main() -> None:
     """jobd: run Linux commands for remote clients over gRPC with mutual TLS.
 
@@ -174,6 +175,12 @@ def _opt(name: str, env: str, **kw: Any) -> Callable[[F], F]:
 @_opt("--library-log-level", "JOBD_LIBRARY_LOG_LEVEL", default="warning",
       type=click.Choice(["debug", "info", "warning", "error"]),
       help="Log verbosity of the libraries (h2 and hpack log every frame at debug).")
+@_opt("--log-format", "JOBD_LOG_FORMAT", default="text", type=click.Choice(["text", "json"]),
+      help="Log lines for people (text) or one JSON object per line (json; fields in the "
+      "README).")
+@_opt("--metrics-listen", "JOBD_METRICS_LISTEN", default="", metavar="HOST:PORT",
+      show_default="off", help="Serve Prometheus metrics at http://HOST:PORT/metrics (plain "
+      "HTTP: bind it to a trusted address).")
 async def serve(
     listen: str,
     cert: Path,
@@ -213,6 +220,8 @@ async def serve(
     max_data: int | None,
     log_level: str,
     library_log_level: str,
+    log_format: str,
+    metrics_listen: str,
 ) -> None:
     """Serve the jobd API over mutual TLS until SIGTERM or SIGINT.
 
@@ -220,8 +229,8 @@ async def serve(
     cgroups and exits 0. A jobd started after a crash first kills and removes whatever its
     predecessor's cgroup tree still holds.
     """
-    configure_logging(log_level, library_level=library_log_level, stream=sys.stderr)
-    # The format above uses none of these: skip collecting them for every record (the audit
+    configure_logging(log_level, log_format, library_level=library_log_level)
+    # The formats use none of these: skip collecting them for every record (the audit
     # log writes one per RPC). The Logging HOWTO's "Optimization" knobs; the caller lookup
     # walked the stack and the process id cost a getpid() syscall per line.
     logging._srcfile = None
@@ -229,6 +238,7 @@ async def serve(
     logging.logProcesses = False
     logging.logMultiprocessing = False
     host, port = _listen(listen)
+    metrics = _listen(metrics_listen) if metrics_listen else None
     try:
         engine = EngineConfig(
             data_dir=data_dir,
@@ -267,7 +277,13 @@ async def serve(
             handshake_timeout=handshake_timeout,
         )
         config = ServerConfig(
-            host=host, port=port, cert=cert, key=key, client_ca=client_ca, engine=engine,
+            host=host,
+            port=port,
+            cert=cert,
+            key=key,
+            client_ca=client_ca,
+            engine=engine,
+            metrics_listen=metrics,
             transport=transport,
         )
         await run_server(config)
@@ -275,6 +291,87 @@ async def serve(
         for exc in _leaves(group):
             click.echo(f"jobd: {exc}", err=True)
         sys.exit(1)
+
+
+# ----------------------------------------------------------------- jobd certs
+
+
+@main.group()
+def certs() -> None:
+    """Make the certificates jobd and its clients use (a CA, the server's, one per user).
+
+    Keys are written with mode 0600, the directory created with mode 0700. Keep ca.key
+    offline or at least off the serving host if you can: whoever holds it can make an admin.
+    """
+
+
+_DIR = click.option(
+    "--dir", "directory", required=True,
+    type=click.Path(file_okay=False, path_type=Path), help="Where the certificates live.",
+)  # fmt: skip
+_DAYS = click.option(
+    "--days", type=click.IntRange(min=0), default=0, show_default="CA 3650, others 365",
+    help="Validity in days.",
+)  # fmt: skip
+_FORCE = click.option("--force", is_flag=True, help="Replace existing files.")
+
+
+@certs.command("init")
+@_DIR
+@click.option("--host", "hosts", multiple=True, metavar="NAME|IP",
+              default=("localhost", "127.0.0.1", "::1"),
+              show_default="localhost, 127.0.0.1, ::1",
+              help="Name or address clients use to reach the server (repeat for several).")
+@_DAYS
+@_FORCE
+async def certs_init(directory: Path, hosts: tuple[str, ...], days: int, force: bool) -> None:
+    """A new CA (ca.pem, ca.key) and the server's certificate (server.pem, server.key)."""
+    _written(lambda: pki.init_pki(directory, hosts, force=force, days=days))
+    click.echo(
+        f"serve with: jobd serve --cert {directory / 'server.pem'} --key "
+        f"{directory / 'server.key'} --client-ca {directory / 'ca.pem'}"
+    )
+
+
+@certs.command("issue")
+@_DIR
+@click.option("--user", required=True, help="User name (the certificate's CN).")
+@click.option("--role", "roles", multiple=True, default=("user",), show_default=True,
+              help="Role (an OU; 'admin' may act on every job); repeat for several.")
+@_DAYS
+@_FORCE
+async def certs_issue(
+    directory: Path, user: str, roles: tuple[str, ...], days: int, force: bool
+) -> None:
+    """A client certificate for USER (USER.pem, USER.key), signed by the CA in --dir."""
+    _written(lambda: pki.issue_client(directory, user, roles, force=force, days=days))
+
+
+@certs.command("dev")
+@click.option("--dir", "directory", default=Path("certs"), show_default=True,
+              type=click.Path(file_okay=False, path_type=Path), help="Where to write.")
+@_FORCE
+async def certs_dev(directory: Path, force: bool) -> None:
+    """The development set `just certs` makes: a CA, server (localhost), alice, bob (role
+    user) and admin (role admin). Keeps what is present unless --force."""
+    written = _written(lambda: pki.write_dev_pki(directory, force=force))
+    if not written:
+        click.echo(f"{directory}: development certificates already present (--force to replace)")
+
+
+def _written(make: Callable[[], list[Path]]) -> list[Path]:
+    try:
+        written = make()
+    except (pki.PkiError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    for path in written:
+        if path.suffix == ".key":
+            click.echo(f"wrote {path} (private key, mode 0600)")
+            continue
+        cert = pki.load_issued(path, path.with_suffix(".key")).cert
+        until = cert.not_valid_after_utc.date().isoformat()
+        click.echo(f"wrote {path} ({cert.subject.rfc4514_string()}, valid until {until})")
+    return written
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:

@@ -1,9 +1,12 @@
-"""Development PKI: a CA, server and client certificates (EC P-256), in memory or on disk.
-Imports only the standard library and `cryptography`; the server and tests build on it.
+"""jobd's PKI: a CA, server and client certificates (EC P-256), in memory or on disk, for
+`jobd certs init|issue|dev`, the tests and the benchmarks. Imports only the standard library
+and `cryptography`.
 
     ca = make_ca()
     alice = issue_cert(ca, "alice", ["user"])
     server = issue_cert(ca, "localhost", server=True)
+    init_pki(Path("/etc/jobd"), ["node1.example", "10.0.0.5"])   # ca.*, server.*
+    issue_client(Path("/etc/jobd"), "carol", ["admin"])           # carol.pem, carol.key
     write_dev_pki(Path("certs"))   # ca.pem/.key, server.pem/.key, alice, bob, admin
 """
 
@@ -28,7 +31,10 @@ __all__ = [
     "LEAF_VALIDITY",
     "SERVER_HOSTS",
     "Issued",
+    "PkiError",
+    "init_pki",
     "issue_cert",
+    "issue_client",
     "load_issued",
     "make_ca",
     "write_dev_pki",
@@ -88,6 +94,7 @@ def _now() -> dt.datetime:
 def make_ca(
     common_name: str = "jobd dev CA",
     *,
+    organization: str = "jobd development",
     not_before: dt.datetime | None = None,
     not_after: dt.datetime | None = None,
 ) -> Issued:
@@ -95,7 +102,7 @@ def make_ca(
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name(
         [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "jobd development"),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization),
             x509.NameAttribute(NameOID.COMMON_NAME, common_name),
         ]
     )
@@ -244,6 +251,78 @@ def write_dev_pki(
             issue_cert(ca, cn, ous, server=server, hosts=hosts).write(*pair(name))
             written += pair(name)
     return written
+
+
+class PkiError(ValueError):
+    """A PKI directory that cannot be used as asked; the message says what to do."""
+
+
+def _pair(directory: Path, name: str) -> tuple[Path, Path]:
+    return directory / f"{name}.pem", directory / f"{name}.key"
+
+
+def _private_dir(directory: Path) -> None:
+    """Create directory (mode 0700: it holds the CA key) if missing."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+def init_pki(
+    directory: Path, hosts: Sequence[str], *, force: bool = False, days: int = 0
+) -> list[Path]:
+    """A new CA (ca.pem, ca.key) and a server certificate for `hosts` (DNS names or IPs; the
+    first is its CN) signed by it (server.pem, server.key). Refuses to replace an existing CA
+    unless `force`: every certificate the old one signed would stop working."""
+    if not hosts:
+        raise PkiError("give at least one --host: the names and addresses clients dial")
+    for host in hosts:
+        if not host or any(c.isspace() or c in "/,\0" for c in host):
+            raise PkiError(f"{host!r} is not a host name or IP address")
+    ca_cert, ca_key = _pair(directory, "ca")
+    if not force and (ca_cert.exists() or ca_key.exists()):
+        raise PkiError(
+            f"{directory} already has a CA ({ca_cert.name}); use --force to replace it "
+            "(certificates it signed stop working), or `jobd certs issue` to add clients"
+        )
+    _private_dir(directory)
+    validity = dt.timedelta(days=days) if days else None
+    start = _now() - CLOCK_SKEW
+    ca = make_ca(
+        f"jobd CA {hosts[0]}",
+        organization="jobd",
+        not_after=start + (validity or CA_VALIDITY),
+    )
+    server = issue_cert(
+        ca, hosts[0], server=True, hosts=hosts, not_after=start + (validity or LEAF_VALIDITY)
+    )
+    ca.write(ca_cert, ca_key)
+    server.write(*_pair(directory, "server"))
+    return [ca_cert, ca_key, *_pair(directory, "server")]
+
+
+def issue_client(
+    directory: Path,
+    user: str,
+    roles: Sequence[str] = ("user",),
+    *,
+    force: bool = False,
+    days: int = 0,
+) -> list[Path]:
+    """<user>.pem and <user>.key: a client certificate (CN=user, an OU per role) signed by the
+    CA in directory. Refuses to replace an existing one unless `force`."""
+    if not user or user in ("ca", "server") or user.startswith(".") or any(
+        c in user for c in "/\0\n"
+    ):
+        raise PkiError(f"{user!r} cannot be a user name here (nor 'ca' or 'server')")
+    ca_files = _pair(directory, "ca")
+    if not all(p.is_file() for p in ca_files):
+        raise PkiError(f"no CA in {directory}: run `jobd certs init --dir {directory}` first")
+    target = _pair(directory, user)
+    if not force and any(p.exists() for p in target):
+        raise PkiError(f"{target[0]} exists; use --force to issue a new one")
+    ca = load_issued(*ca_files)
+    not_after = _now() - CLOCK_SKEW + dt.timedelta(days=days) if days else None
+    issue_cert(ca, user, roles, not_after=not_after).write(*target)
+    return list(target)
 
 
 def _write_file(path: Path, data: bytes, mode: int) -> None:

@@ -1,4 +1,4 @@
-"""How jobs read on the terminal: status words (DESIGN.md "Jobs and resources"), exit codes
+"""How jobs read on the terminal: status words (docs/DESIGN.md "API"), exit codes
 (`run`, `wait`, `logs -f`, `status`), why a job ended, sizes and durations as people write
 them, the `list` table, JSON of jobs and of output chunks. Pure functions of jobd.v1 messages.
 """

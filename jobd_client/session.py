@@ -37,7 +37,7 @@ __all__ = [
 
 DEFAULT_TIMEOUT: float = 10
 # Stop returns once the job's processes are gone, so its deadline is the unary timeout plus
-# the grace period: the one asked for, else the server's default as DESIGN.md states it.
+# the grace period: the one asked for, else the server's default as docs/DESIGN.md states it.
 SERVER_DEFAULT_GRACE = 5.0
 
 

@@ -1,4 +1,4 @@
-"""jobd.pki and tools/devcerts.py: the dev PKI loads into TLS 1.3 mutual-auth contexts."""
+"""jobd.pki and `jobd certs dev` (`just certs`): the dev PKI works in TLS 1.3 mutual auth."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from jobd.pki import Issued, issue_cert, load_issued, make_ca, write_dev_pki
 
-ROOT = Path(__file__).resolve().parent.parent
+JOBD = str(Path(sys.executable).parent / "jobd")
 CLIENTS = {"alice": ["user"], "bob": ["user"], "admin": ["admin"]}
 ALL = ["ca", "server", *CLIENTS]
 
@@ -26,7 +26,7 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A dev PKI made by the command line tool, as `just certs` does."""
     directory = tmp_path_factory.mktemp("certs")
     result = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "devcerts.py"), "--dir", str(directory)],
+        [JOBD, "certs", "dev", "--dir", str(directory)],
         capture_output=True,
         text=True,
         check=True,
@@ -161,7 +161,7 @@ def test_idempotent_and_force(tmp_path: Path) -> None:
 
 
 def test_cli_keeps_existing_files(tmp_path: Path) -> None:
-    cli = [sys.executable, str(ROOT / "tools" / "devcerts.py"), "--dir", str(tmp_path)]
+    cli = [JOBD, "certs", "dev", "--dir", str(tmp_path)]
     subprocess.run(cli, check=True, capture_output=True)
     before = {p: p.read_bytes() for p in tmp_path.iterdir()}
     again = subprocess.run(cli, check=True, capture_output=True, text=True)

@@ -1,4 +1,4 @@
-"""The committed jobd.v1 code is fresh, and its names and numbers are the DESIGN.md contract."""
+"""The committed jobd.v1 code is fresh; its names and numbers are the docs/DESIGN.md contract."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from jobd.v1 import jobd_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# DESIGN.md "API contract": message -> {field name: number}. Fields may be added, never
+# docs/DESIGN.md "API": message -> {field name: number}. Fields may be added, never
 # renamed or renumbered, so every entry here must stay as it is.
 FIELDS: dict[str, dict[str, int]] = {
     "StartRequest": {"command": 1, "env": 2, "working_dir": 3, "limits": 4},

@@ -1,6 +1,7 @@
 """jobd.server._transport: the gRPC-over-mTLS transport. Each purerpc server defect it closes
-(shared/PURERPC.md rows 1-10) has a regression test here, named after what it guarantees,
-driven by the official grpcio client or, where grpcio will not misbehave on request, raw h2."""
+(docs/DESIGN.md, "purerpc defects", rows 1-10) has a regression test here, named after what it
+guarantees, driven by the official grpcio client or, where grpcio will not misbehave on request,
+raw h2."""
 
 from __future__ import annotations
 

@@ -12,6 +12,11 @@ if ! "$PYTHON" -m venv --help >/dev/null 2>&1 || ! "$PYTHON" -c 'import ensurepi
     echo "setup: installing python3-venv with apt-get" >&2
     apt-get update -qq && apt-get install -y -qq python3-venv
 fi
+if ! command -v systemd-analyze >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    # Only for `systemd-analyze verify deploy/jobd.service` in the tests; nothing is started.
+    echo "setup: installing systemd (systemd-analyze checks the unit file)" >&2
+    apt-get update -qq && apt-get install -y -qq --no-install-recommends systemd
+fi
 if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv" >&2
     "$PYTHON" -m venv .venv

@@ -17,6 +17,7 @@ from ._errors import (
 )
 from ._manager import EngineConfig, JobManager, open_job_manager
 from ._records import JobPage
+from ._statistics import EngineStatistics
 from ._types import Chunk, EndReason, JobInfo, Limits, Network, State, Stream, Usage
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "Chunk",
     "EndReason",
     "EngineConfig",
+    "EngineStatistics",
     "FailedPrecondition",
     "InvalidArgument",
     "JobInfo",

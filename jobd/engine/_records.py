@@ -112,6 +112,7 @@ class Records:
         self.ended_order: collections.deque[tuple[float, str]] = collections.deque()
         self.ended_added = trio.Event()
         self.removed_count = AsyncValue(0)  # for tests and metrics
+        self.states: collections.Counter[State] = collections.Counter()  # kept jobs, for metrics
         for job in jobs:
             self.add(job)
         for job in sorted((j for j in jobs if j.ended_at), key=lambda j: j.ended_at):
@@ -162,6 +163,7 @@ class Records:
     def add(self, job: JobInfo) -> None:
         """A new job (or one loaded from the store); not written: see `write`."""
         self._by_id[job.id] = job
+        self.states[job.state] += 1
         self._all.add(job.seq, job.id)
         self._by_owner.setdefault(job.owner, _Order()).add(job.seq, job.id)
         if job.name:
@@ -172,6 +174,8 @@ class Records:
         """A kept job's final state: replaces its record and writes it behind."""
         if job.id not in self._by_id:
             return  # removed meanwhile
+        self.states[self._by_id[job.id].state] -= 1
+        self.states[job.state] += 1
         self._by_id[job.id] = job
         self.ended_order.append((job.ended_at, job.id))
         self.ended_added.set()
@@ -183,6 +187,7 @@ class Records:
         job = self._by_id.pop(job_id, None)
         if job is None:
             return None
+        self.states[job.state] -= 1
         self._all.remove(job.seq)
         order = self._by_owner[job.owner]
         order.remove(job.seq)

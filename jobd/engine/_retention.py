@@ -117,6 +117,9 @@ class OutputSpace:
         self._stores: dict[str, OutputStore] = {}
         self._running: dict[str, OutputStore] = {}  # the writable ones: scanned for drops
         self._stored = 0  # disk bytes of every store's kept segments
+        # Output bytes no longer kept since start-up (dropped by a bound, or removed with
+        # their job), for metrics.
+        self.dropped_bytes = 0
         # Ended stores by when they ended (ties by arrival): the first to drop from. Stores
         # removed or emptied meanwhile are skipped when they come up.
         self._ended: list[tuple[float, int, OutputStore]] = []
@@ -225,6 +228,7 @@ class OutputSpace:
         self._check_name(job_id)
         store = self._stores.pop(job_id, None)
         if store is not None:
+            self.dropped_bytes += store.size - store.start
             store._remove()
             # Removed stores leave the heap lazily; keep it from holding many of them.
             if len(self._ended) > 2 * len(self._stores) + 64:
@@ -299,7 +303,9 @@ class OutputSpace:
         return True
 
     def _drop(self, store: OutputStore) -> None:
+        before = store.start
         store._drop_oldest()
+        self.dropped_bytes += store.start - before
         log.debug("job %s: output before offset %d dropped", store.job_id, store.start)
         self._wake_blocked()
 

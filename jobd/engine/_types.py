@@ -91,7 +91,7 @@ class JobInfo:
     output_blocked: str = ""  # why output is not being stored right now ("" = it is)
 
     def status_word(self) -> str:
-        """The status as DESIGN.md has the CLI print it."""
+        """The status as the CLI prints it (docs/DESIGN.md, "API")."""
         if self.state is State.RUNNING:
             return "running"
         if self.state is State.EXITED:

@@ -4,6 +4,7 @@
 engine to the API and authorizes every call; `_serve` puts them together.
 """
 
+from ._logformat import JsonFormatter, configure_logging
 from ._serve import ServerConfig, run_server
 from ._service import JobService, map_errors
 from ._transport import (
@@ -19,8 +20,10 @@ __all__ = [
     "GrpcServer",
     "Identity",
     "JobService",
+    "JsonFormatter",
     "ServerConfig",
     "TransportLimits",
+    "configure_logging",
     "current_identity",
     "make_server_ssl_context",
     "map_errors",

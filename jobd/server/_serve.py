@@ -12,9 +12,16 @@ from functools import partial
 from pathlib import Path
 
 import trio
+from grpc_health.v1 import health_pb2
 
 from jobd.engine import EngineConfig, JobdError, JobManager, open_job_manager
+from jobd.v1 import jobd_pb2
 
+from ._health import SERVICE_NAME as HEALTH_SERVICE
+from ._health import HealthService
+from ._metrics import Sources, serve_metrics
+from ._reflection import REFLECTION_FILES, ReflectionService
+from ._sdnotify import notify
 from ._service import JobService, audit_job_end
 from ._transport import GrpcServer, TransportLimits, make_server_ssl_context, serve_grpc
 
@@ -33,6 +40,8 @@ class ServerConfig:
     # Short: a follow of a running job never ends by itself.
     call_grace: float = 1.0
     transport: TransportLimits = field(default_factory=TransportLimits)
+    # Where to serve Prometheus metrics (plain HTTP); None: nowhere.
+    metrics_listen: tuple[str, int] | None = None
 
 
 async def run_server(
@@ -71,12 +80,21 @@ async def _serve(
     task_status: trio.TaskStatus[GrpcServer],
 ) -> None:
     service = JobService(jobs, max_message_bytes=config.transport.max_message_bytes)
+    job_service = service.service
+    health = HealthService([job_service.name])
+    reflection = ReflectionService(
+        {
+            job_service.name: jobd_pb2.DESCRIPTOR,
+            HEALTH_SERVICE: health_pb2.DESCRIPTOR,
+            **REFLECTION_FILES,
+        }
+    )
     async with trio.open_nursery() as nursery:
         try:
             server: GrpcServer = await nursery.start(
                 partial(
                     serve_grpc,
-                    [service.service],
+                    [job_service, health.service, *reflection.services],
                     host=config.host,
                     port=config.port,
                     ssl_context=ssl_context,
@@ -87,25 +105,47 @@ async def _serve(
             raise JobdError(
                 f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}"
             ) from exc
-        log.info(
-            "listening on %s:%d (cgroups: %s; jobs run as %s; data in %s)",
-            config.host,
-            server.port,
-            jobs.cgroup_mode.value,
-            config.engine.run_as or "the server's user",
-            config.engine.data_dir,
-        )
-        task_status.started(server)
-        async for signum in signals:
+        async with trio.open_nursery() as extras:
+            if config.metrics_listen is not None:
+                await _start_metrics(extras, config, jobs, server)
             log.info(
-                "%s: shutting down (%d job(s) running)",
-                signal.Signals(signum).name,
-                jobs.running_count(),
+                "listening on %s:%d (cgroups: %s; jobs run as %s; data in %s)",
+                config.host,
+                server.port,
+                jobs.cgroup_mode.value,
+                config.engine.run_as or "the server's user",
+                config.engine.data_dir,
             )
-            break
-        jobs.refuse_new_jobs()
-        server.shutdown(config.call_grace)
+            notify(f"READY=1\nSTATUS=serving on {config.host}:{server.port}")
+            task_status.started(server)
+            async for signum in signals:
+                log.info(
+                    "%s: shutting down (%d job(s) running)",
+                    signal.Signals(signum).name,
+                    jobs.running_count(),
+                )
+                break
+            notify("STOPPING=1\nSTATUS=stopping: ending calls, stopping jobs")
+            health.shut_down()
+            jobs.refuse_new_jobs()
+            server.shutdown(config.call_grace)
+            extras.cancel_scope.cancel()
     # serve_grpc has returned: every connection is closed.
+
+
+async def _start_metrics(
+    nursery: trio.Nursery, config: ServerConfig, jobs: JobManager, server: GrpcServer
+) -> None:
+    assert config.metrics_listen is not None
+    host, port = config.metrics_listen
+    sources = Sources(engine=jobs, transport=server, data_dir=config.engine.data_dir)
+    try:
+        bound: int = await nursery.start(serve_metrics, host, port, sources)
+    except OSError as exc:
+        raise JobdError(
+            f"cannot serve metrics on {host}:{port} (--metrics-listen): {exc.strerror or exc}"
+        ) from exc
+    log.info("metrics on http://%s:%d/metrics", host, bound)
 
 
 async def _second_signal(signals: AsyncIterator[int], everything: trio.CancelScope) -> None:

@@ -1,6 +1,6 @@
 """jobd's gRPC endpoint: its own TCP listener, TLS 1.3 with client certificates, the caller's
 identity, and purerpc's call handling per connection with the server defects of
-shared/PURERPC.md closed. Service-agnostic: must not import jobd.engine.
+docs/DESIGN.md ("purerpc defects") closed. Service-agnostic: must not import jobd.engine.
 
     ctx = make_server_ssl_context(cert, key, client_ca)
     server = await nursery.start(partial(serve_grpc, [servicer.service], host=h, port=p,
@@ -43,6 +43,7 @@ from purerpc.wrappers import (
 )
 
 from jobd.server._audit import RateLimitedLog, audit_event
+from jobd.server._callstats import TransportStatistics
 from jobd.server._grpc_stream import (
     ACCEPT_ENCODING,
     OutboundBudget,
@@ -80,8 +81,8 @@ connection inherits it. Unset (LookupError) anywhere else."""
 
 @dataclass(frozen=True, slots=True)
 class TransportLimits:
-    """What one client may cost the server (shared/PURERPC.md rows 7-9, issue 9). Times in
-    seconds."""
+    """What one client may cost the server (docs/DESIGN.md, purerpc rows 7-9; issue 9). Times
+    in seconds."""
 
     # Established connections in all; one more is answered RESOURCE_EXHAUSTED and closed.
     max_connections: int = 1000
@@ -351,14 +352,21 @@ class _Dispatcher(ConnectionHandler):  # type: ignore[misc]  # purerpc is untype
 
     async def request_received(self, stream: ServerStream) -> None:
         assert self._socket is not None
+        started = trio.current_time()
+        code = "CANCELLED"  # unless the call gets as far as a status
         try:
             status = await self._answer(stream)
+            if status is not None:
+                code = status.status_code.name
+            elif not (stream.reset_by_peer or self.peer_gone or self._h2_closed):
+                code = "OK"  # the call sent its own OK
             if status is not None and stream.can_respond:
                 try:
                     await stream.close(status)
                 except Exception as exc:  # h2 closed the stream or the connection meanwhile
                     log.debug("no status sent on stream %d: %r", stream.stream_id, exc)
         finally:
+            self._record(stream, code, trio.current_time() - started)
             self._socket.release(stream)
             self._calls.discard(stream)
             if not self._calls:
@@ -367,6 +375,17 @@ class _Dispatcher(ConnectionHandler):  # type: ignore[misc]  # purerpc is untype
                     self._changed.unpark_all()
             if self._close_after_call:
                 self.drain()
+
+    def _record(self, stream: ServerStream, code: str, seconds: float) -> None:
+        event = stream.start_stream_event
+        stats: TransportStatistics = self._server.stats
+        if event is not None:
+            method = stats.method_label(event.service_name, event.method_name)
+            stats.call_ended(method, code, seconds)
+
+    @property
+    def open_calls(self) -> int:
+        return len(self._calls)
 
     async def _answer(self, stream: ServerStream) -> Status | None:
         """Run the call; return the status still to send, None when it was sent already or
@@ -518,7 +537,7 @@ class _Connection:
                 finally:
                     server.speech_heard(self, heard)
                 if not heard:
-                    server.refused_handshake(self.peer, "sent nothing")
+                    server.refused_handshake(self.peer, "sent nothing", kind="silent")
                     return
                 try:
                     with trio.move_on_at(deadline) as handshake:
@@ -530,7 +549,9 @@ class _Connection:
                 finally:
                     server.handshake_ended(self)
                 if handshake.cancelled_caught:
-                    server.refused_handshake(self.peer, "handshake timed out")
+                    server.refused_handshake(
+                        self.peer, "handshake timed out", kind="handshake_timeout"
+                    )
                     return
                 refusal: Status | None = None
                 try:
@@ -556,7 +577,7 @@ class _Connection:
                 await self.dispatcher(TrioByteStream(ssl_stream))
                 graceful = not self.dispatcher.peer_gone
             if self.evicted and self.dispatcher is None:
-                server.refused_handshake(self.peer, self.evicted)
+                server.refused_handshake(self.peer, self.evicted, kind="evicted")
         finally:
             if user is not None:
                 server.release_connection(user)
@@ -594,6 +615,9 @@ class GrpcServer:
     ) -> None:
         self.port = port
         self.services = services
+        self.stats = TransportStatistics(
+            f"{name}/{method}" for name, service in services.items() for method in service.methods
+        )
         self.ssl_context = ssl_context
         self.limits = limits
         self.draining = False
@@ -621,6 +645,11 @@ class GrpcServer:
         return len(self._connections)
 
     @property
+    def open_calls(self) -> int:
+        """Calls (HTTP/2 streams) being served on all connections."""
+        return sum(c.dispatcher.open_calls for c in self._connections if c.dispatcher)
+
+    @property
     def handshake_count(self) -> int:
         return len(self._handshaking)
 
@@ -639,18 +668,22 @@ class GrpcServer:
     def handshake_ended(self, connection: _Connection) -> None:
         self._handshaking.pop(connection, None)
 
-    def refused_handshake(self, peer: str, reason: str) -> None:
+    def refused_handshake(self, peer: str, reason: str, kind: str = "handshake_failed") -> None:
+        """Log it (rate-limited) and count it under `kind`, one of a few fixed words."""
+        self.stats.refused(kind)
         self._refusals.event("tls-refused", peer=peer, reason=reason)
 
     def admit_connection(self, user: str) -> Status | None:
         """Count an established connection of `user`; the status to answer instead when it
         would pass a cap."""
         if self._established_by_user[user] >= self.limits.max_connections_per_user:
+            self.stats.refused("too_many_connections_per_user")
             message = (
                 f"user {user} has {self._established_by_user[user]} connections open, the "
                 "server's limit per user: reuse a connection"
             )
         elif self._established >= self.limits.max_connections:
+            self.stats.refused("too_many_connections")
             message = f"the server has {self._established} connections open, its limit"
         else:
             self._established += 1
@@ -724,6 +757,7 @@ class GrpcServer:
                 # A backstop on descriptors only: handshakes and refused connections are
                 # bounded and short-lived, so this is reached only in a flood of both.
                 log.debug("refused a connection: %d open", len(self._connections))
+                self.stats.refused("too_many_sockets")
                 await trio.aclose_forcefully(tcp)
                 continue
             if len(self._silent) >= self._max_silent:

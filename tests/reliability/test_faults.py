@@ -71,7 +71,7 @@ def peak_rss(server: ServerProcess) -> int:
 
 class SilentFollower:
     """Raw h2 over TLS: asks to follow a job with every window opened as wide as HTTP/2
-    allows, then never reads a byte (shared/PURERPC.md row 8, end to end)."""
+    allows, then never reads a byte (docs/DESIGN.md purerpc row 8, end to end)."""
 
     def __init__(self, server: ServerProcess, job_id: str) -> None:
         self.tls = raw_tls(server)
