@@ -20,7 +20,7 @@ proto:
 # register them as the client context `dev` (current if there is none), for any directory
 certs *args:
     {{venv}}/jobd certs dev --dir certs "$@"
-    {{venv}}/jobd-client context add dev --replace --server 127.0.0.1:9090 --ca "{{justfile_directory()}}/certs/ca.pem" --cert "{{justfile_directory()}}/certs/alice.pem" --key "{{justfile_directory()}}/certs/alice.key"
+    {{venv}}/jobd-client context add dev --replace --server 127.0.0.1:9090 --ca "$PWD/certs/ca.pem" --cert "$PWD/certs/alice.pem" --key "$PWD/certs/alice.key"
 
 # ruff, mypy and the import contracts
 lint:

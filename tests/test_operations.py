@@ -187,7 +187,9 @@ async def test_just_serve_execs_jobd_so_a_signal_to_it_stops_jobd(
             str(tmp_path), "serve", "--listen", "127.0.0.1:0", "--metrics-listen",
             "127.0.0.1:0", "--cgroup-name", cgroup_name, *uid_flags(tmp_path)]  # fmt: skip
     log = bytearray()
-    proc = await trio.lowlevel.open_process(argv, stderr=subprocess.PIPE)
+    # `just certs` registers the client context dev: in a config dir of this test's own.
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    proc = await trio.lowlevel.open_process(argv, stderr=subprocess.PIPE, env=env)
     assert proc.stderr is not None
     try:
         while b"listening on" not in log:
@@ -210,6 +212,8 @@ async def test_just_serve_execs_jobd_so_a_signal_to_it_stops_jobd(
     assert b"SIGTERM: shutting down" in log and b"INFO jobd: stopped" in log, log
     assert not alive(child)
     assert (tmp_path / "certs" / "ca.pem").is_file()  # `just certs` ran first
+    config = (tmp_path / "config" / "jobd" / "config.toml").read_text()
+    assert f'ca = "{tmp_path}/certs/ca.pem"' in config, config
 
 
 @pytest.mark.cgroups
