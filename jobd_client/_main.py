@@ -6,7 +6,7 @@ earliest moment code of ours runs), not only when `main` is called."""
 
 # _signal, the C module under `signal`: importing `signal` loads `enum` first, long enough
 # for a Ctrl-C to land in it.
-import _signal
+import _signal  # type: ignore[import-not-found]  # (no stubs: the C module under signal)
 
 _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
 
