@@ -407,9 +407,8 @@ async def memory_bound(ctx: Ctx) -> list[Row]:
             job_id = await start_job(ctx, jobd.target, command)
             await staller.go(job_id)
             await staller.expect("stalled")
-            out = jobd_output_file(ctx, jobd, job_id)
             with trio.fail_after(600):
-                while not (out.exists() and out.stat().st_size >= z.memory_bytes):
+                while jobd_output_bytes(ctx, jobd, job_id) < z.memory_bytes:
                     sampled = max(sampled, jobd.rss())
                     await trio.sleep(0.02)
                 for _ in range(25):
@@ -428,8 +427,17 @@ async def memory_bound(ctx: Ctx) -> list[Row]:
     ]  # fmt: skip
 
 
-def jobd_output_file(ctx: Ctx, jobd: Jobd, job_id: str) -> Path:
-    return ctx.workdir / jobd.cgroup_name / "output" / f"{job_id}.out"
+def jobd_output_bytes(ctx: Ctx, jobd: Jobd, job_id: str) -> int:
+    """Bytes of the job's output on disk: the data files of its segments
+    (`output/<id>/<base>.out`, jobd/engine/_output.py)."""
+    directory = ctx.workdir / jobd.cgroup_name / "output" / job_id
+    total = 0
+    for path in directory.glob("*.out") if directory.is_dir() else ():
+        try:
+            total += path.stat().st_size
+        except FileNotFoundError:  # a segment dropped meanwhile
+            pass
+    return total
 
 
 SECTIONS: dict[str, Callable[[Ctx], Awaitable[list[Row]]]] = {
