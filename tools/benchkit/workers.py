@@ -38,8 +38,8 @@ async def _aready() -> str:
     return await asyncio.get_running_loop().run_in_executor(None, _ready)
 
 
-def channel(args: Args) -> grpc.aio.Channel:
-    """An mTLS channel of its own (never a shared subchannel: one channel = one connection)."""
+def _credentials(args: Args) -> grpc.ChannelCredentials:
+    """The CA and the user's key and certificate from the bench's certs dir."""
     certs = args["certs"]
     user = args.get("user", "alice")
 
@@ -47,11 +47,16 @@ def channel(args: Args) -> grpc.aio.Channel:
         with open(os.path.join(certs, name), "rb") as f:
             return f.read()
 
-    creds = grpc.ssl_channel_credentials(
+    return grpc.ssl_channel_credentials(
         root_certificates=read("ca.pem"),
         private_key=read(f"{user}.key"),
         certificate_chain=read(f"{user}.pem"),
     )
+
+
+def channel(args: Args) -> grpc.aio.Channel:
+    """An mTLS channel of its own (never a shared subchannel: one channel = one connection)."""
+    creds = _credentials(args)
     options = [
         ("grpc.ssl_target_name_override", "localhost"),
         ("grpc.use_local_subchannel_pool", 1),
@@ -228,18 +233,7 @@ async def w_stop_tree(args: Args) -> Any:
 def sync_channel(args: Args) -> grpc.Channel:
     """A synchronous grpcio mTLS channel of its own, with grpcio's default 4 MiB receive
     limit (the limit jobd's output messages must stay within)."""
-    certs = args["certs"]
-    user = args.get("user", "alice")
-
-    def read(name: str) -> bytes:
-        with open(os.path.join(certs, name), "rb") as f:
-            return f.read()
-
-    creds = grpc.ssl_channel_credentials(
-        root_certificates=read("ca.pem"),
-        private_key=read(f"{user}.key"),
-        certificate_chain=read(f"{user}.pem"),
-    )
+    creds = _credentials(args)
     options = [
         ("grpc.ssl_target_name_override", "localhost"),
         ("grpc.use_local_subchannel_pool", 1),
