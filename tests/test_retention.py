@@ -229,6 +229,44 @@ async def test_each_running_job_keeps_its_newest_mib(tmp_path: pathlib.Path) -> 
     assert space.stored_bytes <= 3 * MiB
 
 
+async def test_a_flood_in_pipe_sized_writes_drops_its_own_oldest_instead_of_blocking(
+    tmp_path: pathlib.Path,
+) -> None:
+    """The job's pump reads up to a pipe-full (1 MiB) at a time, four times a segment here: a
+    write is stored in segment-sized pieces, so no segment grows past its size and the flood
+    always has an old one to give up instead of waiting, until the quiet job ends, for room
+    only its own oldest output could make."""
+    space = OutputSpace(tmp_path, max_job_output=0, max_data=4 * MiB, segment_bytes=256 * KiB)
+    quiet, flood = space.create("quiet"), space.create("flood")
+    seq = b"".join(b"%d\n" % i for i in range(1, 200_001))  # 1.23 MiB: all of it stays
+    await quiet.write(OUT, seq)
+    written = bytearray()
+    done = trio.Event()
+
+    async def write_flood() -> None:
+        # Pipe reads of any size up to 1 MiB. (Stored whole, 255 KiB + 1 MiB made a segment
+        # of 1.25 MiB that the next two, 300 + 600 KiB, could not replace: 4.4 MiB needed.)
+        sizes = [255 * KiB, MiB, 300 * KiB, 600 * KiB, MiB] * 8
+        for i, size in enumerate(sizes):
+            data = bytes([65 + i % 26]) * size
+            await flood.write(OUT, data)
+            written.extend(data)
+        done.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(write_flood)
+        await trio.testing.wait_all_tasks_blocked()
+        assert flood.blocked == "" and done.is_set()
+    assert space.stored_bytes <= 4 * MiB
+    assert quiet.start == 0 and await read_all(quiet) == (0, seq)
+    assert flood.size == len(written) and flood.start > 0
+    assert flood.size - flood.start >= KEEP_NEWEST
+    assert await read_all(flood) == (flood.start, bytes(written[flood.start :]))
+    # No segment (of data and index) is larger than its size plus one record.
+    for path in (tmp_path / "flood").glob("*.out"):
+        assert path.stat().st_size <= 256 * KiB
+
+
 @pytest.mark.parametrize("freed_by", ["job end", "remove"])
 async def test_quota_with_nothing_to_drop_blocks_the_writer_until_room_appears(
     tmp_path: pathlib.Path, freed_by: str
@@ -415,7 +453,7 @@ async def test_no_inodes_is_resource_exhausted_on_create_and_blocks_a_roll(
         written = bytearray()
         async with trio.open_nursery() as nursery:
             async def write() -> None:
-                for _ in range(4):
+                for _ in range(3):  # 30 KiB: one more 16 KiB segment, two inodes
                     await store.write(OUT, b"z" * (10 * KiB))
                     written.extend(b"z" * (10 * KiB))
 
@@ -723,8 +761,9 @@ async def test_seeking_never_reads_the_whole_output(tmp_path: pathlib.Path) -> N
     """A 64 MiB output: tail, since and the end are found by reading a few KiB."""
     ticks = itertools.count()
     with mock.patch.object(_output, "_now", lambda: float(next(ticks))):
+        # 64 whole writes and their index records per segment: one record per write.
         space = OutputSpace(tmp_path, max_job_output=0, max_data=0,
-                            segment_bytes=4 * MiB, memory_tail=0)
+                            segment_bytes=4 * MiB + 64 * 32, memory_tail=0)
         store = space.create("job")
         line = b"y" * 1023 + b"\n"
         for _ in range(1024):

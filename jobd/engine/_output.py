@@ -328,6 +328,17 @@ class OutputStore:
             self._lost += len(data)  # after a loss, nothing more: the output stays a prefix
             return
         data = bytes(data)  # the tail keeps it: it must not change under us
+        view, done = memoryview(data), 0
+        while done < len(data):
+            length = self._piece_length(len(data) - done)
+            piece = data if length == len(data) else bytes(view[done : done + length])
+            if not await self._write_piece(stream, piece):
+                self._lost += len(data) - done - length  # the rest too: the output stays a prefix
+                return
+            done += length
+
+    async def _write_piece(self, stream: Stream, data: bytes) -> bool:
+        """`write` of at most what the last segment has room for; False when it was lost."""
         space = self._space
         while True:
             problem = space._make_room(self, self._room_needed(len(data)))
@@ -346,7 +357,7 @@ class OutputStore:
                     )
             if self._stop_waiting:
                 self._lose(len(data), problem)
-                return
+                return False
             self._set_blocked(problem)
             await space._wait_for_room(self)
             if self._closed:
@@ -355,6 +366,17 @@ class OutputStore:
             self._set_blocked("")
         self._remember(chunk)
         self._wake()
+        return True
+
+    def _piece_length(self, length: int) -> int:
+        """How much of a write of `length` bytes goes into the last segment (or the one it
+        rolls to): never past the segment size, so that a job whose pipe reads are larger than
+        a segment still has old segments to drop and never holds much more than it keeps."""
+        segment = self._segments[-1]
+        room = self._space.segment_bytes
+        if not self._rolls(segment):
+            room -= segment.data_bytes + segment.records * _RECORD.size
+        return min(length, max(room, 1))
 
     def stop_waiting(self) -> None:
         """The job is stopped and its processes are gone (or going): from now on output that
