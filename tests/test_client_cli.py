@@ -258,9 +258,28 @@ EMPTY_SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
 
 
 async def hang_up(stream: trio.SSLStream[trio.SocketStream]) -> None:
-    """Answer the client's HTTP/2 preface, then close the connection."""
-    await stream.receive_some()
+    """Answer the client's HTTP/2 preface, read its whole request, then close the connection.
+
+    Closed only once the client has nothing more to send (its request ended and our SETTINGS
+    acknowledged): data arriving at a closed socket, or unread in it, makes the kernel send
+    a reset instead of the close this test is about."""
+    received = await stream.receive_some()
     await stream.send_all(EMPTY_SETTINGS)
+    position = len(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")  # then frames
+    request_ended = settings_acknowledged = False
+    while not (request_ended and settings_acknowledged):
+        header = received[position : position + 9]
+        length = int.from_bytes(header[:3], "big")
+        if len(header) < 9 or len(received) < position + 9 + length:
+            more = await stream.receive_some()
+            if not more:
+                return
+            received += more
+            continue
+        kind, flags, stream_id = header[3], header[4], int.from_bytes(header[5:], "big")
+        position += 9 + length
+        settings_acknowledged |= kind == 0x4 and bool(flags & 0x1)  # SETTINGS, ACK
+        request_ended |= kind in (0x0, 0x1) and stream_id > 0 and bool(flags & 0x1)  # END_STREAM
     await stream.aclose()
 
 

@@ -557,8 +557,10 @@ def _interrupted_before_our_code(err: bytes) -> bool:
     import hooks it runs, in the console script pip generated (at its `from jobd_client._main
     import main`), in the import machinery or the standard library under it, and in no line
     of jobd_client but the first of `_main` (its SIGINT reset): the signal came before that
-    reset, where no program can catch it."""
-    if not err.rstrip().endswith(b"KeyboardInterrupt"):
+    reset, where no program can catch it. Also when CPython reports it as "Exception ignored
+    in" a callback of the import machinery (then "KeyboardInterrupt: ", and the program
+    goes on)."""
+    if not re.search(rb"\nKeyboardInterrupt:?\s*$", err):
         return False
     frames = re.findall(rb'File "([^"]+)", line \d+, in [^\n]*\n((?: {4}[^\n]*\n)?)', err)
     if not frames:
@@ -569,6 +571,26 @@ def _interrupted_before_our_code(err: bytes) -> bool:
         ):
             return False  # a line of ours after the reset ran: the reset did not hold
     return True
+
+
+def test_what_counts_as_interrupted_before_our_code() -> None:
+    wrapper = (
+        b'Traceback (most recent call last):\n  File "/v/bin/jobd-client", line 5, in <module>\n'
+        b"    from jobd_client._main import main\n"
+        b'  File "<frozen importlib._bootstrap>", line 1176, in _find_and_load\nKeyboardInterrupt\n'
+    )
+    ignored = (
+        b"Exception ignored in: <function _get_module_lock.<locals>.cb at 0x7f8b2b998900>\n"
+        b'Traceback (most recent call last):\n  File "<frozen importlib._bootstrap>", line 204, '
+        b"in cb\nKeyboardInterrupt: \n"
+    )
+    ours = (
+        b'Traceback (most recent call last):\n  File "/r/jobd_client/cli.py", line 9, in main\n'
+        b"    run()\nKeyboardInterrupt\n"
+    )
+    assert _interrupted_before_our_code(wrapper) and _interrupted_before_our_code(ignored)
+    assert not _interrupted_before_our_code(ours)
+    assert not _interrupted_before_our_code(b"jobd-client: some error\n")
 
 
 async def test_no_traceback_on_ctrl_c_at_any_moment(server: Server) -> None:
