@@ -9,7 +9,7 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,15 +172,19 @@ def alive(pid: int) -> bool:
     return fields[0] != "Z" and not int(fields[6]) & PF_EXITING
 
 
-def pids_in(cgroup_name: str) -> list[int]:
-    """Live processes in any job cgroup of the tree `cgroup_name`."""
+def pids_in(cgroup_name: str, jobs: Collection[str] | None = None) -> list[int]:
+    """Live processes in any leaf of the tree `cgroup_name` (the jobs', and the spare leaves
+    of the server's idle shims), or only in the leaves of `jobs` (ids)."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if f"/{cgroup_name}/jobs/" in (entry / "cgroup").read_text() and alive(
-                    int(entry.name)
-                ):
+                text = (entry / "cgroup").read_text()
+                if jobs is None:
+                    inside = f"/{cgroup_name}/jobs/" in text
+                else:
+                    inside = any(f"/{cgroup_name}/jobs/{job}\n" in text for job in jobs)
+                if inside and alive(int(entry.name)):
                     pids.append(int(entry.name))
             except OSError:
                 pass

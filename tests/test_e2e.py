@@ -362,16 +362,23 @@ async def test_sigterm_with_running_jobs_and_open_follows(
 async def test_sigkill_then_restart_reaps(tmp_path: Path, pki_dir: Pki, cgroup_name: str) -> None:
     """After a crash (SIGKILL) the next server kills what the old one's jobs left running."""
     async with running_server(tmp_path, pki_dir, cgroup_name) as first:
-        await first.start_job("sh", "-c", "setsid sleep 1000 & exec sleep 1000")
-        pids = pids_in(cgroup_name)
+        job = await first.start_job("sh", "-c", "setsid sleep 1000 & exec sleep 1000")
+        pids = pids_in(cgroup_name, jobs=[job])
         assert len(pids) >= 2
         first.crashed_on_purpose = True
         first.proc.kill()
         await first.proc.wait()
         assert all(alive(p) for p in pids)  # the crash left them running
+    # The job's leaves, and the spare leaves of the idle shims (the pool was full when the
+    # server began serving; the job took one of them).
+    left = [p for tree in jobd_cgroups() if tree.name == cgroup_name
+            for p in (tree / "jobs").iterdir() if p.is_dir()]
+    assert job in {p.name for p in left} and len({p.name for p in left}) >= 4
     async with running_server(tmp_path, pki_dir, cgroup_name) as second:
         assert not [p for p in pids if alive(p)]
-        assert b"reaped 1 job cgroup" in second.log
+        assert f"reaped 1 job cgroup(s) left by a previous jobd: {job}".encode() in second.log
+        assert b"idle spare leaf(s) of a previous jobd" in second.log
+        assert not [p for p in left if p.exists()]
         assert (await second.client("list", check=True)).rc == 0
 
 

@@ -6,6 +6,7 @@ import dataclasses
 import errno
 import math
 import os
+import select
 import signal
 import sys
 from pathlib import Path
@@ -29,6 +30,7 @@ from jobd.engine import (
     State,
     Stream,
     Unavailable,
+    _shimpool,
     detect_layout,
     open_job_manager,
 )
@@ -59,6 +61,36 @@ def leaf_dirs(config: EngineConfig, job_id: str) -> list[Path]:
     layout = detect_layout()
     bases = [layout.unified, *layout.v1.values()]
     return [b / config.cgroup_name / "jobs" / job_id for b in bases if b]
+
+
+async def spare_leaves(engine: JobManager) -> set[str]:
+    """The idle shims' spare leaves, once the pool is full again (no refill under way)."""
+    pool = engine._shims
+    assert pool is not None
+    await pool.idle_count.wait_value(_shimpool.POOL_SIZE)
+    return set(pool.spare_leaves())
+
+
+async def job_leaves(engine: JobManager, config: EngineConfig) -> list[Path]:
+    """Leaves in the engine's tree that are not its idle shims' spares."""
+    spares = await spare_leaves(engine)
+    jobs_dirs = [d.parent for d in leaf_dirs(config, "x")]
+    return [p for d in jobs_dirs for p in d.iterdir() if p.is_dir() and p.name not in spares]
+
+
+async def populated(leaf: Path) -> None:
+    """Wait until the v2 `leaf` holds a process, on the kernel's notification (POLLPRI on
+    cgroup.events), not on a timer."""
+
+    def wait() -> None:
+        with open(leaf / "cgroup.events", "rb", buffering=0) as events:
+            poller = select.poll()
+            poller.register(events, select.POLLPRI | select.POLLERR)
+            while b"populated 1" not in events.read():
+                poller.poll()
+                events.seek(0)
+
+    await trio.to_thread.run_sync(wait)
 
 
 def alive(pid: int) -> bool:
@@ -229,13 +261,19 @@ async def test_in_leaf_before_exec(engine: JobManager, engine_config: EngineConf
         assert len(lines) == 2, (controller, out)  # the shell and its child
         assert all(line.endswith(":/") for line in lines), (controller, lines)
     ns = out[out.index("pid:["):].split()[0]
-    pids = in_namespace(ns)
-    assert len(pids) >= 2  # PID 1 and the command
-    for pid in pids:
-        host_view = await trio.Path(f"/proc/{pid}/cgroup").read_text()
+    checked = 0
+    for pid in in_namespace(ns):
+        try:
+            host_view = await trio.Path(f"/proc/{pid}/cgroup").read_text()
+        except FileNotFoundError:
+            continue  # `readlink` may still be exiting when its output arrives
+        if not alive(pid):
+            continue  # an exiting task has left its cgroups (the kernel shows "/")
         for controller in ("memory", "cpu", "pids", "blkio", ""):
             line = next(x for x in host_view.splitlines() if x.split(":")[1] == controller)
             assert line.endswith(suffix), (pid, line)
+        checked += 1
+    assert checked >= 2  # PID 1 and the command
     await engine.stop(job.id, grace=0)
 
 
@@ -455,8 +493,7 @@ async def test_bad_input_creates_nothing(
     with pytest.raises(InvalidArgument, match=message):
         await engine.start("alice", command, env=env, working_dir=working_dir)
     assert engine.list() == []
-    jobs_dirs = [d.parent for d in leaf_dirs(engine_config, "x")]
-    assert not [p for d in jobs_dirs for p in d.iterdir() if p.is_dir()]
+    assert await job_leaves(engine, engine_config) == []  # a spare taken is removed, not kept
     assert not any((engine_config.data_dir / "output").iterdir())
 
 
@@ -572,6 +609,41 @@ async def test_reaps_predecessors_leftovers(engine_config: EngineConfig) -> None
     finally:
         orphan.kill()
         await orphan.wait()
+
+
+async def test_start_takes_a_spare_leaf_joined_ahead(
+    engine: JobManager, engine_config: EngineConfig
+) -> None:
+    """An idle pooled shim waits in a spare leaf of its own, already joined by its PID 1 and
+    with no limits yet; a Start takes it (the job is named after it, its limits written then)
+    and the pool makes a new spare."""
+    before = await spare_leaves(engine)
+    assert len(before) == _shimpool.POOL_SIZE
+    for name in before:
+        dirs = leaf_dirs(engine_config, name)
+        assert all(d.is_dir() for d in dirs)
+        await populated(dirs[0])  # the v2 leaf, which PID 1 joins last
+        # The future job's PID 1 is inside every leaf, idle: nothing of a job runs yet.
+        for d in dirs:
+            [pid] = [int(p) for p in (d / "cgroup.procs").read_text().split()]
+            assert await trio.Path(f"/proc/{pid}/comm").read_text() == "jobd-init\n"
+    job = await engine.start("alice", ["sh", "-c", "echo $$; exec sleep 1000"],
+                             limits=Limits(memory_bytes=64 * MiB, pids=7))
+    assert job.id in before
+    after = await spare_leaves(engine)
+    assert job.id not in after and len(after - before) == 1
+    pid = host_pid(job.id, int(await wait_for_output(engine, job.id, b"\n")))
+    host_view = await trio.Path(f"/proc/{pid}/cgroup").read_text()
+    assert all(line.endswith(f"/jobs/{job.id}") for line in host_view.splitlines()
+               if line.split(":")[1] in ("", "memory", "pids", "cpu"))
+    layout = detect_layout()
+    if layout.mode is Mode.HYBRID:
+        mem = layout.v1["memory"] / engine_config.cgroup_name / "jobs" / job.id
+        assert int((mem / "memory.limit_in_bytes").read_text()) == 64 * MiB
+        pids = layout.v1["pids"] / engine_config.cgroup_name / "jobs" / job.id
+        assert (pids / "pids.max").read_text().strip() == "8"  # 7 + its PID 1
+    await engine.stop(job.id, grace=0)
+    assert not any(d.exists() for d in leaf_dirs(engine_config, job.id))
 
 
 async def test_refuses_without_cgroups_unless_allowed(tmp_path: Path) -> None:

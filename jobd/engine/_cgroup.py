@@ -201,6 +201,11 @@ class JobCgroup:
             self._rmdir_all(made)
             raise
 
+    def apply_limits(self, limits: Limits) -> None:
+        """Write the limits of a leaf that was created empty (a pooled shim's spare leaf,
+        which its future job's PID 1 has already joined)."""
+        self._set_limits(limits)
+
     def _set_limits(self, limits: Limits) -> None:
         tree = self._tree
         if tree.layout.mode is Mode.V2:
@@ -363,6 +368,7 @@ class CgroupTree:
         self._v1_roots = v1_roots
         self._moved_self = False
         self._lock_fd: int | None = None
+        self.reaped: list[str] = []  # leaves a predecessor left, removed by `open()`
 
     @property
     def _all_roots(self) -> list[Path]:
@@ -374,7 +380,7 @@ class CgroupTree:
             return
         try:
             self._lock()
-            self.reap_stale()
+            self.reaped = self.reap_stale()
             for root in self._all_roots:
                 root.mkdir(exist_ok=True)
                 (root / "jobs").mkdir(exist_ok=True)
@@ -449,7 +455,9 @@ class CgroupTree:
                         yield entry.name
 
     def reap_stale(self) -> list[str]:
-        """Kill and remove whatever a predecessor (crashed, SIGKILLed) left in the tree.
+        """Kill and remove whatever a predecessor (crashed, SIGKILLed) left in the tree: its
+        jobs' leaves and its idle shims' spare leaves; returns their names (the caller, which
+        knows the jobs, says which were which).
 
         Synchronous on purpose: it runs once at start-up, before anything is served."""
         reaped = []
@@ -470,9 +478,6 @@ class CgroupTree:
                 raise CgroupError(f"could not empty stale cgroup {name}; remove it by hand")
             leaf.remove()
             reaped.append(name)
-        if reaped:
-            log.warning("reaped %d job cgroup(s) left by a previous jobd: %s",
-                        len(reaped), ", ".join(reaped))
         return reaped
 
     def close(self) -> None:

@@ -2,9 +2,11 @@
 cancel scope, its own cgroup leaf and its own output store. Imports only the standard
 library, trio and trio-util (no gRPC, TLS or CLI).
 
-Life of a job: `start` validates, creates the leaf with its limits, spawns the exec shim
-(which joins the leaf, drops privileges and execs the command) and waits for the shim's
-verdict, so a command that cannot run creates no job. The job's task then pumps output and
+Life of a job: `start` validates, takes a pooled exec shim (`_shimpool.py`: already booted
+and inside a spare leaf named with the id the job then gets) or spawns one, writes the
+leaf's limits (or creates the leaf), hands the shim the job (it joins the leaf if it has
+not, drops privileges and execs the command) and waits for the shim's verdict, so a command
+that cannot run creates no job. The job's task then pumps output and
 waits for the main process; when it exits, whatever it left in the cgroup is killed, the
 output drains to EOF, usage is read and the leaf removed. `stop` sends SIGTERM to every
 process of the job and, after the grace period, cancels the job's scope, whose cleanup
@@ -523,7 +525,7 @@ class JobManager:
         argv, full_env, cwd = self._validate(command, env or {}, working_dir)
         validate_size(argv, cwd)
         record = JobInfo(
-            id=str(uuid.uuid4()),
+            id="",  # below: a pooled shim's spare leaf names the job
             owner=owner,
             command=argv,
             state=State.RUNNING,
@@ -537,17 +539,19 @@ class JobManager:
         )
         self._check_name(record)
         self._quota.admit(owner)  # released when the job ends (_ended)
+        # A pooled shim waits in a spare leaf named with a fresh id (cgroup v2 cannot rename
+        # a leaf): the job takes that id. From here `_start` owns the shim.
+        shim = None if stdin or self._shims is None else self._shims.take()
+        job_id = shim.leaf.name if shim is not None and shim.leaf else str(uuid.uuid4())
         # Recorded before it runs: its output cannot fill the disk before its record is in
         # (a crash in between leaves a record that the next start-up calls SERVER_LOST).
-        record = dataclasses.replace(record, seq=self._records.next_seq(), started_at=time.time())
+        record = dataclasses.replace(
+            record, id=job_id, seq=self._records.next_seq(), started_at=time.time()
+        )
         self._records.add(record)  # takes its name; hidden from queries until it runs
         self._starting.add(record.id)
         try:
-            try:
-                await self._records.write_durably(Put(record))
-            except StoreError as exc:
-                raise ResourceExhausted(f"cannot record the job in the data dir: {exc}") from exc
-            job = await self._start(record, full_env, stdin)
+            job = await self._start(record, full_env, stdin, shim)
         except BaseException:
             self._records.remove(record.id, forgotten=False)
             self._quota.release(owner)
@@ -586,33 +590,47 @@ class JobManager:
             return self._run_as.uid
         return self._records.uid_for(owner)
 
-    async def _start(self, record: JobInfo, full_env: dict[str, str], stdin: bool = False) -> _Job:
+    async def _start(
+        self,
+        record: JobInfo,
+        full_env: dict[str, str],
+        stdin: bool,
+        shim: _shimpool.Shim | None,
+    ) -> _Job:
+        """Run the recorded job with `shim` (a pooled one, in its spare leaf named after the
+        job; or None: a new one, joining a leaf made now). Creates nothing that outlives a
+        failure: the shim is killed, the leaf and the output removed."""
         assert self._nursery is not None
-        cgroup: JobCgroup | ProcessGroup = (
-            self._tree.leaf(record.id) if self._tree else ProcessGroup(record.id)
-        )
-        try:
-            cgroup.create(self._leaf_limits(record.limits))
-        except CgroupError as exc:
-            # The kernel refused a value (e.g. a limit it cannot apply on this host).
-            raise InvalidArgument(f"cannot apply limits {record.limits}: {exc}") from exc
-        except OSError as exc:
-            raise exhausted("create the job's cgroup", exc) from exc
+        cgroup: JobCgroup | ProcessGroup | None = None
         output: OutputStore | None = None
         proc: trio.Process | None = None
         try:
             try:
+                await self._records.write_durably(Put(record))
+            except StoreError as exc:
+                raise ResourceExhausted(f"cannot record the job in the data dir: {exc}") from exc
+            try:
+                if shim is None:
+                    prep = self._sandbox.prep if self._sandbox else None
+                    shim = await _shimpool.spawn_shim(prep, stdin=stdin)
+                cgroup = self._leaf_for(record, shim)
                 output = self._output.create(record.id)  # ResourceExhausted when it cannot
                 proc = await self._spawn(
-                    record.command, full_env, record.working_dir, cgroup, record.uid,
-                    record.network, stdin,
+                    shim, record.command, full_env, record.working_dir, cgroup, record.uid,
+                    record.network,
                 )
             except OSError as exc:
                 raise exhausted("start the job", exc) from exc
         except BaseException:
-            with trio.CancelScope(shield=True):
-                await self._teardown(cgroup, proc, output, remove_output=True)
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + CLEANUP_TIMEOUT
+                if shim is not None:
+                    await shim.discard()  # the shim first: it may not have joined the leaf
+                if cgroup is not None:
+                    cgroup.signal_all(signal.SIGKILL)  # also a process group's
+                    await self._teardown(cgroup, None, output, remove_output=True)
             raise
+        assert cgroup is not None and output is not None
         job = _Job(record, cgroup, output)
         job.proc = proc
         if proc.stdin is not None:
@@ -624,6 +642,26 @@ class JobManager:
         self._nursery.start_soon(self._supervise, job, name=f"job {record.id}")
         return job
 
+    def _leaf_for(self, record: JobInfo, shim: _shimpool.Shim) -> JobCgroup | ProcessGroup:
+        """The job's leaf with its limits: the shim's spare (already joined), or a new one."""
+        limits = self._leaf_limits(record.limits)
+        try:
+            if shim.leaf is not None:
+                shim.leaf.apply_limits(limits)
+                return shim.leaf
+            if self._tree is None:
+                group = ProcessGroup(record.id)
+                group.pgid = shim.proc.pid
+                return group
+            leaf = self._tree.leaf(record.id)
+            leaf.create(limits)
+            return leaf
+        except CgroupError as exc:
+            # The kernel refused a value (e.g. a limit it cannot apply on this host).
+            raise InvalidArgument(f"cannot apply limits {record.limits}: {exc}") from exc
+        except OSError as exc:
+            raise exhausted("create the job's cgroup", exc) from exc
+
     def _leaf_limits(self, limits: Limits) -> Limits:
         """The leaf's own limits: a sandboxed job's PID 1 is a process of its leaf that is
         not the job's own, so its pids limit counts it on top."""
@@ -633,19 +671,20 @@ class JobManager:
 
     async def _spawn(
         self,
+        shim: _shimpool.Shim,
         argv: tuple[str, ...],
         env: dict[str, str],
         cwd: str,
         cgroup: JobCgroup | ProcessGroup,
         uid: int | None,
         network: Network,
-        stdin: bool = False,
     ) -> trio.Process:
-        """The job's main process, running the command in its leaves and namespaces (see
-        `_shim.py`: with namespaces it is the shim, which ends exactly as the command did)."""
+        """Hand the job to `shim`: its process then runs the command in the job's leaves and
+        namespaces (see `_shim.py`: with namespaces it is the shim, which ends exactly as the
+        command did). On any failure the caller kills the shim."""
         run_as = self._run_as
         spec = {
-            "procs": cgroup.procs_files,
+            "procs": [] if shim.leaf is not None else cgroup.procs_files,  # else joined ahead
             "uid": uid,
             "gid": run_as.gid,
             "cwd": cwd,
@@ -654,27 +693,9 @@ class JobManager:
             "sandbox": self._sandbox.job_plan(network) if self._sandbox else None,
             "nofile": self._config.job_nofile,
         }
-        # A pre-started shim (its interpreter has already booted), or a new one.
-        prep = self._sandbox.prep if self._sandbox else None
-        if stdin:
-            shim = await _shimpool.spawn_shim(prep, stdin=True)
-        else:
-            shim = await (self._shims.take() if self._shims else _shimpool.spawn_shim(prep))
         proc = shim.proc
-        if isinstance(cgroup, ProcessGroup):
-            cgroup.pgid = proc.pid
-        try:
-            await shim.hand(spec)
-            report = await shim.verdict()
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                shim.close_fds()
-                # The shim itself first: it may not have joined the cgroup yet.
-                proc.kill()
-                cgroup.signal_all(signal.SIGKILL)
-                await proc.wait()
-                self._close_streams(proc)
-            raise
+        await shim.hand(spec)
+        report = await shim.verdict()
         if report:
             await proc.wait()
             self._close_streams(proc)
@@ -934,6 +955,19 @@ def _lost(job: JobInfo, output: OutputStore) -> JobInfo:
     )
 
 
+def _log_reaped(reaped: list[str], records: Records) -> None:
+    """Say what the tree's reap removed at start-up: leaves of recorded jobs, and the spare
+    leaves of the predecessor's idle shims (a leaf without a record never ran a job: a job's
+    record is committed before its command may run)."""
+    jobs = [name for name in reaped if records.get(name) is not None]
+    if jobs:
+        log.warning("reaped %d job cgroup(s) left by a previous jobd: %s",
+                    len(jobs), ", ".join(jobs))
+    if len(reaped) > len(jobs):
+        log.info("removed %d idle spare leaf(s) of a previous jobd's shim pool",
+                 len(reaped) - len(jobs))
+
+
 def _prune_output(space: OutputSpace, kept: set[str]) -> None:
     """Delete the output of jobs the store does not keep (a predecessor's, reaped with its
     tree: no client can ask for it and nothing else would ever remove it)."""
@@ -988,6 +1022,8 @@ async def open_job_manager(config: EngineConfig) -> AsyncIterator[JobManager]:
         manager._sandbox = await _open_sandbox(config, tree)
         stack.callback(manager._output.close)  # every descriptor released; the files stay
         _prune_output(manager._output, kept={job.id for job in records})
+        if tree is not None:
+            _log_reaped(tree.reaped, records)
         for job in records:
             output = manager._output.open(job.id)
             if job.state is State.RUNNING:
@@ -1001,7 +1037,10 @@ async def open_job_manager(config: EngineConfig) -> AsyncIterator[JobManager]:
                 async with trio.open_nursery() as nursery:
                     manager._nursery = nursery
                     await nursery.start(manager._output.run)
-                    manager._shims = _shimpool.ShimPool(manager._sandbox.prep)
+                    manager._shims = _shimpool.ShimPool(
+                        manager._sandbox.prep,
+                        leaf=partial(_spare_leaf, tree) if tree is not None else None,
+                    )
                     await nursery.start(manager._shims.run)
                     try:
                         yield manager
@@ -1012,6 +1051,11 @@ async def open_job_manager(config: EngineConfig) -> AsyncIterator[JobManager]:
                         nursery.cancel_scope.cancel()
             finally:
                 upkeep.cancel_scope.cancel()
+
+
+def _spare_leaf(tree: CgroupTree) -> JobCgroup:
+    """A pooled shim's spare leaf, named with the id of the job that will take it."""
+    return tree.leaf(str(uuid.uuid4()))
 
 
 async def _open_sandbox(config: EngineConfig, tree: CgroupTree | None) -> _sandbox.Sandbox:

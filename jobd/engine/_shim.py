@@ -1,7 +1,8 @@
 """The exec shim: puts a job into its cgroup leaves and namespaces, drops privileges, changes
 directory and execs the command. Run as `python -I -S _shim.py CONTROL_FD STATUS_FD`; imports
 only the standard library. It reads two marshalled messages from CONTROL_FD: at once its
-*preparation* (length-prefixed: the namespaces and mounts no job decides, `_sandbox.py`), then,
+*preparation* (length-prefixed: the namespaces and mounts no job decides, `_sandbox.py`, and
+the leaves of a pooled shim, joined ahead), then,
 possibly much later (the server keeps a pool of shims, `_shimpool.py`), its job's spec, read
 to EOF: {procs, uid, gid, cwd, argv, env, sandbox}. An empty read means the server has gone
 or shut down, and it exits.
@@ -16,7 +17,8 @@ them (theory of operation):
 - while idle it unshares a PID namespace and forks its PID 1, which unshares a mount and
   IPC namespace and mounts the job's private tmpfs on /tmp, /var/tmp, /dev/shm, /run/lock
   (no job chose anything yet: nothing of it runs), then waits for the spec;
-- given the job, PID 1 joins the leaves, unshares a cgroup namespace (its root is the leaf
+- given the job, PID 1 joins the leaves (a pooled shim's PID 1 joined them while idle, at the
+  end of its preparation), unshares a cgroup namespace (its root is the leaf
   just joined) and, for NETWORK_NONE, a network namespace with loopback up, mounts the
   job's own view of cgroupfs and forks the command (pid 2), which mounts a /proc of its
   namespace, drops privileges, sets no_new_privs and the seccomp filter, and execs;
@@ -127,7 +129,8 @@ def _read_prep(fd: int) -> dict[str, object] | None:
 
 def _prepare(prep: dict[str, object], dirs: dict[str, int]) -> ctypes.Array[ctypes.c_char] | None:
     """What no job decides, done while idle: unshare, open jobd's cgroup dirs (into `dirs`),
-    mounts; returns the built seccomp filter (kept alive until it is installed)."""
+    mounts, join a pooled shim's leaves; returns the built seccomp filter (kept alive until
+    it is installed)."""
     flags = prep.get("unshare", 0)
     assert isinstance(flags, int)
     if flags:
@@ -136,6 +139,9 @@ def _prepare(prep: dict[str, object], dirs: dict[str, int]) -> ctypes.Array[ctyp
         dirs[path] = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     for source, target, fstype, mflags, data in prep.get("mounts", ()):  # type: ignore[attr-defined]
         _mount(source, target, fstype, mflags, data)
+    # A pooled shim's leaves (`_shimpool.py`): joined now, while idle, so that the join's
+    # wait (the kernel's RCU grace period after an idle spell) is not paid by a Start.
+    _join({"procs": prep.get("join", ())}, dirs)
     bpf = prep.get("seccomp")
     if isinstance(bpf, bytes) and bpf:
         return ctypes.create_string_buffer(bpf, len(bpf))
@@ -215,9 +221,15 @@ def main() -> None:
 
 def _in_place(prep: dict[str, object], control_fd: int, status_fd: int) -> None:
     """No namespaces on this host: join the leaves and exec the command in this process."""
-    bpf = _prepare({"seccomp": prep.get("seccomp")}, {})
+    failure: OSError | None = None
+    try:
+        bpf = _prepare({"seccomp": prep.get("seccomp"), "join": prep.get("join", ())}, {})
+    except OSError as exc:
+        failure, bpf = exc, None  # reported once there is a job to report it to
     spec = _read_spec(control_fd)
     try:
+        if failure is not None:
+            raise failure
         _join(spec, {})
     except OSError as exc:
         _report(status_fd, "cgroup", str(exc.filename), exc)
@@ -254,6 +266,8 @@ def _init(
     stage, what = "namespaces", "unshare"
     try:
         if failure is not None:
+            if str(failure.filename).endswith("cgroup.procs"):
+                stage, what = "cgroup", str(failure.filename)  # the join ahead
             raise failure
         stage, what = "cgroup", "cgroup.procs"
         _join(spec, dirs)

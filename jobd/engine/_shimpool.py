@@ -1,17 +1,25 @@
-"""A few exec shims started ahead of need, so that a job's start does not wait ~10 ms for a
-Python interpreter to boot. Imports only the standard library and trio.
+"""A few exec shims started ahead of need, each already inside a spare cgroup leaf, so that
+a job's start waits neither ~10 ms for a Python interpreter to boot nor for its first
+`cgroup.procs` write (after an idle spell the kernel makes that write wait for an RCU grace
+period, 6-15 ms here). Imports only the standard library, trio and the engine's `_cgroup`.
 
 Each idle shim (`_shim.py`) already runs in its own session with fresh stdout/stderr pipes
 and stdin on /dev/null, has done its preparation (the namespaces and mounts no job decides,
-`_sandbox.py`) and blocks reading its spec from a control pipe; it has joined no cgroup,
-dropped nothing and exec'd nothing yet, so until a job is handed to it, it is only an idle
-child of the server. `take()` hands one out (or spawns one at once when the pool is
-empty); `run()`, a task of the job manager's nursery, refills the pool and kills the idle
-shims when it ends. A shim whose server dies reads EOF on its control pipe and exits.
+`_sandbox.py`) and blocks reading its spec from a control pipe. Given a `leaf` factory, each
+pooled shim also has a spare leaf of its own, created empty (no limits) and already joined
+by the process that becomes the job (PID 1 of its namespace, or the shim itself without
+namespaces); cgroup v2 cannot rename a leaf, so a spare is named with the id the job that
+takes it will get. It has dropped nothing and exec'd nothing yet, so until a job is handed
+to it, it is only an idle child of the server. `take()` hands one out (None when the pool is
+empty: the caller spawns one with `spawn_shim`, which joins at once); `run()`, a task of the
+job manager's nursery, refills the pool and, when it ends, kills the idle shims and removes
+their spare leaves. A shim whose server dies reads EOF on its control pipe and exits; its
+spare leaf, like every leaf a dead server left, is reaped at the next start-up.
 
-    pool = ShimPool(sandbox.prep, size=4)
+    pool = ShimPool(sandbox.prep, size=4, leaf=lambda: tree.leaf(str(uuid.uuid4())))
     await nursery.start(pool.run)
-    shim = await pool.take()
+    shim = pool.take() or await spawn_shim(sandbox.prep)
+    # shim.leaf: its spare leaf, joined (set its limits now), or None (create the job's leaf)
     await shim.hand({"procs": [...], "uid": 65534, "gid": 65534, "cwd": "/", "argv": [...],
                      "env": {...}, "sandbox": sandbox.job_plan(network)})
     report = await shim.verdict()      # b"" once the command is executing
@@ -24,19 +32,26 @@ import fcntl
 import logging
 import marshal
 import os
+import signal
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import trio
+from trio_util import AsyncValue
 
 from . import _shim
+from ._cgroup import JobCgroup
+from ._errors import CgroupError
+from ._types import Limits
 
 # How many shims wait for a job. Refilling costs the server one fork+exec (~1 ms); the
 # interpreter then boots in the child, off the server's CPU time.
 POOL_SIZE = 4
 # After a failed refill (out of fds or processes), try again this often.
 REFILL_RETRY = 1.0
+# Bound on killing an idle shim and removing its spare leaf at shutdown.
+DISCARD_TIMEOUT = 10.0
 log = logging.getLogger(__name__)
 # The job's stdout and stderr pipes hold this much before the job blocks (Linux default
 # 64 KiB): fewer wake-ups for the pump, which reads up to as much at a time.
@@ -48,10 +63,13 @@ class Shim:
     """One started shim, waiting for its job: the process (its pid is the job's main pid
     once it execs) and our ends of its control and status pipes."""
 
-    def __init__(self, proc: trio.Process, control: int, status: int) -> None:
+    def __init__(
+        self, proc: trio.Process, control: int, status: int, leaf: JobCgroup | None = None
+    ) -> None:
         self.proc = proc
         self._control: int | None = control
         self._status: int | None = status
+        self.leaf = leaf  # its spare leaf, joined ahead (pooled shims only)
 
     async def hand(self, spec: Mapping[str, object]) -> None:
         """Send the job's spec; the shim joins the cgroup, drops privileges and execs."""
@@ -79,21 +97,43 @@ class Shim:
         self._control = self._status = None
 
     async def discard(self) -> None:
-        """Kill and reap an idle shim (it holds nothing but its pipes). Shield the caller."""
+        """Kill and reap an idle shim (it holds nothing but its pipes and its spare leaf, which
+        is emptied and removed). Shield the caller."""
         self.close_fds()  # EOF on its control pipe: an idle shim exits by itself
         self.proc.kill()
+        if self.leaf is not None:
+            self.leaf.signal_all(signal.SIGKILL)  # its PID 1 too (it would follow by itself)
         await self.proc.wait()
         for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             if pipe is not None:
                 await pipe.aclose()
+        if self.leaf is not None:
+            await self.leaf.wait_empty()
+            self.leaf.remove()
 
 
-async def spawn_shim(prep: Mapping[str, object] | None = None, *, stdin: bool = False) -> Shim:
+async def spawn_shim(
+    prep: Mapping[str, object] | None = None, *, stdin: bool = False, leaf: JobCgroup | None = None
+) -> Shim:
     """A new shim, told its preparation at once (length-prefixed; it fits the pipe). With
     stdin, its stdin (the job's) is a pipe whose write end is `proc.stdin`, else /dev/null.
     Pooled shims have /dev/null: a job with stdin takes a new one (a fd cannot be handed
-    through the spec pipe, and this keeps the pool unchanged)."""
-    message = marshal.dumps(dict(prep or {}))
+    through the spec pipe, and this keeps the pool unchanged). With `leaf` (not yet created),
+    the leaf is created empty and the shim joins it while idle."""
+    prep = dict(prep or {})
+    if leaf is not None:
+        leaf.create(Limits())  # empty: the job's limits are written when a job takes it
+        prep["join"] = leaf.procs_files
+    try:
+        return await _spawn(prep, stdin, leaf)
+    except BaseException:
+        if leaf is not None:
+            leaf.remove()
+        raise
+
+
+async def _spawn(prep: dict[str, object], stdin: bool, leaf: JobCgroup | None) -> Shim:
+    message = marshal.dumps(prep)
     message = len(message).to_bytes(4, "little") + message
     control_r, control_w = os.pipe()
     status_r, status_w = os.pipe()
@@ -121,46 +161,75 @@ async def spawn_shim(prep: Mapping[str, object] | None = None, *, stdin: bool = 
             fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, PIPE_SIZE)  # type: ignore[union-attr]
         except OSError:
             pass  # above /proc/sys/fs/pipe-max-size: the default size works too
-    return Shim(proc, control_w, status_r)
+    return Shim(proc, control_w, status_r, leaf)
 
 
 class ShimPool:
-    """Idle shims ready for `take()`; `run()` keeps `size` of them."""
+    """Idle shims ready for `take()`; `run()` keeps `size` of them, each in a spare leaf of
+    its own when given a `leaf` factory (a new, not yet created leaf per call)."""
 
-    def __init__(self, prep: Mapping[str, object] | None = None, size: int = POOL_SIZE) -> None:
+    def __init__(
+        self,
+        prep: Mapping[str, object] | None = None,
+        size: int = POOL_SIZE,
+        *,
+        leaf: Callable[[], JobCgroup] | None = None,
+    ) -> None:
         self._prep = prep
         self._size = size
+        self._leaf = leaf
         self._idle: collections.deque[Shim] = collections.deque()
         self._taken = trio.Event()
+        self.idle_count = AsyncValue(0)  # len(idle shims), to wait on (`wait_value(size)`)
 
-    async def take(self) -> Shim:
-        if self._idle:
-            shim = self._idle.popleft()
-            self._taken.set()
-            return shim
-        return await spawn_shim(self._prep)
+    def take(self) -> Shim | None:
+        """An idle shim, or None when the pool is empty (spawn one with `spawn_shim`)."""
+        if not self._idle:
+            return None
+        shim = self._idle.popleft()
+        self.idle_count.value = len(self._idle)
+        self._taken.set()
+        return shim
+
+    def spare_leaves(self) -> list[str]:
+        """The names of the idle shims' spare leaves (each a future job's id)."""
+        return [shim.leaf.name for shim in self._idle if shim.leaf is not None]
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Refill until cancelled; then kill every idle shim."""
-        task_status.started()
+        """Fill the pool (started once it is full, or once filling failed), then refill it
+        until cancelled; then kill every idle shim and remove its spare leaf."""
         try:
-            failing = False
+            failing, started = False, False
             while True:
                 try:
                     while len(self._idle) < self._size:
-                        self._idle.append(await spawn_shim(self._prep))
-                except OSError as exc:
-                    # EMFILE, EAGAIN, ENOMEM: a Start meanwhile spawns its own shim and gets
-                    # RESOURCE_EXHAUSTED if that fails too; never end the manager for it.
+                        leaf = self._leaf() if self._leaf else None
+                        self._idle.append(await spawn_shim(self._prep, leaf=leaf))
+                        self.idle_count.value = len(self._idle)
+                except (OSError, CgroupError) as exc:
+                    # EMFILE, EAGAIN, ENOMEM, no room for a leaf: a Start meanwhile spawns its
+                    # own shim and gets RESOURCE_EXHAUSTED if that fails too; never end the
+                    # manager for it.
                     if not failing:
                         log.warning("cannot refill the shim pool (%s); retrying", exc)
                     failing = True
+                    if not started:
+                        started = True
+                        task_status.started()
                     await trio.sleep(REFILL_RETRY)
                     continue
                 failing = False
+                if not started:
+                    started = True
+                    task_status.started()
                 self._taken = trio.Event()
                 await self._taken.wait()
         finally:
-            with trio.CancelScope(shield=True):
+            with trio.move_on_after(DISCARD_TIMEOUT, shield=True) as scope:
                 while self._idle:
-                    await self._idle.popleft().discard()
+                    shim = self._idle.popleft()
+                    self.idle_count.value = len(self._idle)
+                    await shim.discard()
+            if scope.cancelled_caught:
+                log.error("idle shims did not die within %.0f s; their spare leaves are left "
+                          "for the next start-up to reap", DISCARD_TIMEOUT)
