@@ -646,6 +646,45 @@ async def test_start_takes_a_spare_leaf_joined_ahead(
     assert not any(d.exists() for d in leaf_dirs(engine_config, job.id))
 
 
+async def test_a_start_whose_record_fails_to_commit_runs_nothing(
+    engine: JobManager,
+    engine_config: EngineConfig,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Start's record commits while its leaf and output files are readied, and the command
+    may run only once it has: a commit that fails (simulated: a disk that fails only the
+    database cannot be made here) is RESOURCE_EXHAUSTED, the command never ran, and neither
+    a leaf (but the pool's spares) nor an output file is left."""
+    from jobd.engine import _store
+
+    real_apply = _store.Store.apply
+
+    def failing_apply(self: _store.Store, ops: list[_store.Op]) -> None:
+        if any(isinstance(op, _store.Put) for op in ops):
+            raise _store.StoreError("disk I/O error")
+        real_apply(self, ops)
+
+    handed: list[object] = []
+    real_hand = _shimpool.Shim.hand
+
+    async def hand(self: _shimpool.Shim, spec: dict[str, object]) -> None:
+        handed.append(spec["argv"])  # the spec reaches the shim: from here it may run
+        await real_hand(self, spec)
+
+    monkeypatch.setattr(_store.Store, "apply", failing_apply)
+    monkeypatch.setattr(_shimpool.Shim, "hand", hand)
+    with pytest.raises(ResourceExhausted, match="cannot record the job in the data dir"):
+        await engine.start("alice", ["true"])
+    assert handed == []
+    assert engine.list() == []
+    assert await job_leaves(engine, engine_config) == []
+    assert not any((engine_config.data_dir / "output").iterdir())
+    monkeypatch.setattr(_store.Store, "apply", real_apply)
+    job = await engine.start("alice", ["true"])  # the store works again
+    assert handed == [["true"]]
+    assert (await engine.wait(job.id)).state is State.EXITED
+
+
 async def test_refuses_without_cgroups_unless_allowed(tmp_path: Path) -> None:
     config = EngineConfig(data_dir=tmp_path, layout=Layout(Mode.NONE), job_uids=None)
     with pytest.raises(CgroupError, match="--no-cgroups"):
