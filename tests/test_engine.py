@@ -9,6 +9,7 @@ import os
 import select
 import signal
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -644,6 +645,39 @@ async def test_start_takes_a_spare_leaf_joined_ahead(
         assert (pids / "pids.max").read_text().strip() == "8"  # 7 + its PID 1
     await engine.stop(job.id, grace=0)
     assert not any(d.exists() for d in leaf_dirs(engine_config, job.id))
+
+
+async def test_the_pool_refills_once_no_start_is_under_way(
+    engine: JobManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refill (a spawn, an interpreter's boot) would compete with a Start under way: the
+    pool waits until none is, then makes the shim the Start took."""
+    await spare_leaves(engine)  # full
+    spawned: list[object] = []
+    real_spawn = _shimpool.spawn_shim
+
+    async def spawn_shim(*args: object, **kwargs: object) -> _shimpool.Shim:
+        spawned.append(kwargs.get("leaf"))
+        return await real_spawn(*args, **kwargs)  # type: ignore[arg-type]
+
+    hold = trio.Event()
+    real_hand = _shimpool.Shim.hand
+
+    async def hand(self: _shimpool.Shim, spec: dict[str, object]) -> None:
+        await hold.wait()  # the Start stays under way here
+        await real_hand(self, spec)
+
+    monkeypatch.setattr(_shimpool, "spawn_shim", spawn_shim)
+    monkeypatch.setattr(_shimpool.Shim, "hand", hand)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial(engine.start, "alice", ["true"]))
+        await trio.testing.wait_all_tasks_blocked()
+        assert engine._shims is not None
+        assert engine._shims.idle_count.value == _shimpool.POOL_SIZE - 1  # one taken
+        assert spawned == []  # and none made while the Start is under way
+        hold.set()
+    await spare_leaves(engine)
+    assert len(spawned) == 1 and spawned[0] is not None  # a new spare, in a leaf
 
 
 async def test_a_start_whose_record_fails_to_commit_runs_nothing(

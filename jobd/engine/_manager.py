@@ -15,6 +15,7 @@ SIGKILLs the cgroup. Leaving the manager stops every job.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import logging
@@ -539,25 +540,28 @@ class JobManager:
         )
         self._check_name(record)
         self._quota.admit(owner)  # released when the job ends (_ended)
-        # A pooled shim waits in a spare leaf named with a fresh id (cgroup v2 cannot rename
-        # a leaf): the job takes that id. From here `_start` owns the shim.
-        shim = None if stdin or self._shims is None else self._shims.take()
-        job_id = shim.leaf.name if shim is not None and shim.leaf else str(uuid.uuid4())
-        # Recorded before it runs: its output cannot fill the disk before its record is in
-        # (a crash in between leaves a record that the next start-up calls SERVER_LOST).
-        record = dataclasses.replace(
-            record, id=job_id, seq=self._records.next_seq(), started_at=time.time()
-        )
-        self._records.add(record)  # takes its name; hidden from queries until it runs
-        self._starting.add(record.id)
-        try:
-            job = await self._start(record, full_env, stdin, shim)
-        except BaseException:
-            self._records.remove(record.id, forgotten=False)
-            self._quota.release(owner)
-            raise
-        finally:
-            self._starting.discard(record.id)
+        # The pool refills only once no Start is under way: not competing with this one.
+        pool = self._shims
+        with pool.starting() if pool is not None else contextlib.nullcontext():
+            # A pooled shim waits in a spare leaf named with a fresh id (cgroup v2 cannot
+            # rename a leaf): the job takes that id. From here `_start` owns the shim.
+            shim = None if stdin or pool is None else pool.take()
+            job_id = shim.leaf.name if shim is not None and shim.leaf else str(uuid.uuid4())
+            # Recorded before it runs: its output cannot fill the disk before its record is
+            # in (a crash in between leaves a record that the next start-up calls SERVER_LOST).
+            record = dataclasses.replace(
+                record, id=job_id, seq=self._records.next_seq(), started_at=time.time()
+            )
+            self._records.add(record)  # takes its name; hidden from queries until it runs
+            self._starting.add(record.id)
+            try:
+                job = await self._start(record, full_env, stdin, shim)
+            except BaseException:
+                self._records.remove(record.id, forgotten=False)
+                self._quota.release(owner)
+                raise
+            finally:
+                self._starting.discard(record.id)
         return job.start
 
     def _network(self, requested: int) -> Network:
