@@ -43,7 +43,15 @@ from purerpc import (
 )
 
 from jobd.pki import Issued, issue_cert, make_ca
-from jobd.server._grpc_stream import TrioByteStream, goaway_frame, percent_encode_grpc_message
+from jobd.server._grpc_stream import (
+    LARGE_MESSAGE,
+    MESSAGE_FRAMING,
+    SMALL_MESSAGE,
+    TrioByteStream,
+    goaway_frame,
+    message_limit,
+    percent_encode_grpc_message,
+)
 from jobd.server._transport import (
     GrpcServer,
     Identity,
@@ -189,6 +197,13 @@ class Probe:
     async def stream(self, request: StringValue) -> AsyncIterator[StringValue]:
         """Value "COUNT:SIZE" sends COUNT messages of SIZE bytes; ":block" then waits forever."""
         count, size, then = (request.value.split(":") + [""])[:3]
+        if count == "limits":  # "limits:COUNT": each message tells the body limit it was given
+            for i in range(int(size)):  # (after the first, once `release` is set)
+                if i == 1:
+                    await self.release.wait()
+                self.produced += 1
+                yield StringValue(value=str(message_limit.get()))
+            return
         completed = False
         try:
             for _ in range(int(count)):
@@ -896,6 +911,60 @@ async def test_calls_still_open_after_the_grace_period_end_unavailable(
             assert probe.cancelled.is_set()
         with trio.fail_after(10):
             await run.stopped.wait()
+
+
+def grpc_messages(raw: RawClient, stream_id: int) -> list[StringValue]:
+    data = b"".join(
+        e.data
+        for e in raw.events
+        if isinstance(e, h2.events.DataReceived) and e.stream_id == stream_id
+    )
+    messages, at = [], 0
+    while at < len(data):
+        length = int.from_bytes(data[at + 1 : at + 5], "big")
+        messages.append(StringValue.FromString(data[at + 5 : at + 5 + length]))
+        at += 5 + length
+    return messages
+
+
+@pytest.mark.parametrize(
+    ("reads", "share"),
+    [(True, 8 * LARGE_MESSAGE), (False, 8 * LARGE_MESSAGE), (True, LARGE_MESSAGE)],
+    ids=["reads", "never acknowledges", "reads, share too small"],
+)
+async def test_message_size_follows_what_the_peer_reads_and_its_window(
+    pki: Pki, probe: Probe, reads: bool, share: int
+) -> None:
+    """A stream's first message, and every one to a peer that never sent a WINDOW_UPDATE for
+    it, may carry SMALL_MESSAGE; once it has, up to LARGE_MESSAGE if the user's share of the
+    outbound budget has room for it; never more than the window has room for."""
+    window = 8 * LARGE_MESSAGE
+    async with running(pki, probe, TransportLimits(max_outbound_bytes_per_user=share)) as run:
+        settings = {h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window}
+        async with RawClient.open(run.server.port, pki, settings=settings) as raw:
+            raw.h2.increment_flow_control_window(8 * window)  # the connection's window
+            await raw.flush()
+            stream_id = await raw.request("Stream", "limits:3")
+            await raw.until(of(h2.events.DataReceived, stream_id))
+            if reads:  # (h2 itself would only once half the window was read)
+                raw.h2.increment_flow_control_window(1024, stream_id=stream_id)
+                await raw.flush()
+            await trio.testing.wait_all_tasks_blocked()  # the server has read what we sent
+            probe.release.set()
+            assert (await raw.trailers(stream_id))["grpc-status"] == "0"
+            limits = [int(m.value) for m in grpc_messages(raw, stream_id)]
+            # (The second was reserved as soon as the first was queued: before the update.)
+            large = reads and share >= LARGE_MESSAGE + MESSAGE_FRAMING
+            big = LARGE_MESSAGE if large else SMALL_MESSAGE
+            assert limits == [SMALL_MESSAGE, SMALL_MESSAGE, big]
+            # A window of 10,000 bytes: a message that fits it.
+            raw.h2.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 10_000})
+            await raw.flush()
+            stream_id = await raw.request("Stream", "limits:1")
+            assert (await raw.trailers(stream_id))["grpc-status"] == "0"
+            assert [int(m.value) for m in grpc_messages(raw, stream_id)] == [
+                10_000 - MESSAGE_FRAMING
+            ]
 
 
 async def test_streaming_call_cut_by_shutdown_gets_a_status(pki: Pki, probe: Probe) -> None:

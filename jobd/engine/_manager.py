@@ -362,7 +362,7 @@ class JobManager:
         tail_lines: int = 0,
         since: float | None = None,
         stream: Stream | None = None,
-        max_chunk: int = MAX_CHUNK,
+        max_chunk: int | Callable[[], int] = MAX_CHUNK,
     ) -> AsyncIterator[Chunk]:
         """Chunks of the job's combined output from `offset` (or the last `tail_lines` lines,
         or what was written at/after `since`; only `stream` when given; see OutputStore.read);

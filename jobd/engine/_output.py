@@ -44,7 +44,7 @@ import os
 import pathlib
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -549,13 +549,14 @@ class OutputStore:
         tail_lines: int = 0,
         since: float | None = None,
         stream: Stream | None = None,
-        max_chunk: int = MAX_CHUNK,
+        max_chunk: int | Callable[[], int] = MAX_CHUNK,
     ) -> OutputReader:
         """Chunks from `offset` on, as an async iterator (`async for chunk in store.read(...)`).
 
         The first chunk may be cut so that it starts exactly at its offset; every chunk keeps
         the stream and time of the chunk written at its first byte. Adjacent chunks of one
-        stream are merged up to `max_chunk` bytes; stdout and stderr never are.
+        stream are merged up to `max_chunk` bytes; stdout and stderr never are. A callable
+        `max_chunk` is asked before each chunk (a transport whose room changes per message).
 
         Where it starts is the latest of: `offset`; `start` (bytes dropped before it are
         gone); with `since` (Unix time), the first chunk written at or after it; with
@@ -575,7 +576,7 @@ class OutputStore:
             raise InvalidArgument(f"tail_lines must be >= 0, not {tail_lines}")
         if since is not None and not math.isfinite(since):
             raise InvalidArgument(f"since must be a finite time, not {since}")
-        if max_chunk < 1:
+        if not callable(max_chunk) and max_chunk < 1:
             raise ValueError("max_chunk must be >= 1")
         position = offset
         if not self._removed:
@@ -814,7 +815,7 @@ class OutputReader:
         offset: int,
         end: int | None,
         stream: Stream | None,
-        max_chunk: int,
+        max_chunk: int | Callable[[], int],
     ) -> None:
         self._store = store
         self._pos = offset
@@ -831,6 +832,10 @@ class OutputReader:
 
     def __aiter__(self) -> OutputReader:
         return self
+
+    def _chunk_limit(self) -> int:
+        limit = self._max_chunk
+        return max(1, limit() if callable(limit) else limit)
 
     async def __anext__(self) -> Chunk:
         store = self._store
@@ -851,7 +856,7 @@ class OutputReader:
                 if self._pos >= limit:
                     continue
                 chunk, self._pos, self._hint = store._chunk_at(
-                    self._pos, limit, self._max_chunk, self._hint, self._stream
+                    self._pos, limit, self._chunk_limit(), self._hint, self._stream
                 )
                 if chunk is not None:
                     return chunk

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import contextvars
 import enum
 import logging
 import math
@@ -109,11 +110,28 @@ _READER_QUEUE_FACTOR = 4
 # many busy streams of a loaded host take longer than a fixed second), up to _MESSAGE_END_LIMIT.
 _MESSAGE_END_GRACE = 1.0
 _MESSAGE_END_LIMIT = 10.0
-# What a streaming call reserves of the outbound budgets before it produces its next message:
-# one Output chunk (64 KiB) and its framing. (It exists up to three times while it is made and
-# sent: the engine's bytes, the protobuf message, its serialization; measured per unread
-# stream, not reserved three times, so that many quiet follows fit in the budget.)
-PRODUCE_RESERVE = 64 * 1024 + 64
+# How big a streaming call's next message may be (its body: `message_limit` tells the handler),
+# and what it reserves of the outbound budgets and its connection's room before the handler
+# makes it. A stream whose peer has never acknowledged data gets SMALL_MESSAGE: many quiet
+# follows fit in the budget, and one who reads nothing holds little. One whose peer reads gets
+# up to LARGE_MESSAGE (fewer, larger messages cost less per byte: issue 12) while the budgets
+# have room for it, else SMALL_MESSAGE (so a peer that acknowledges once and then plays with
+# its windows holds large messages only within its share); and never more than its
+# flow-control window has room for now, so that a message is never made only to wait for a
+# window that a peer who stopped reading will not open (MIN_MESSAGE when it is tiny).
+SMALL_MESSAGE = 64 * 1024
+LARGE_MESSAGE = 1024 * 1024
+MIN_MESSAGE = 1024
+MESSAGE_FRAMING = 64  # gRPC prefix and the message's own fields besides its body
+PRODUCE_RESERVE = SMALL_MESSAGE + MESSAGE_FRAMING
+message_limit: contextvars.ContextVar[int] = contextvars.ContextVar(
+    "message_limit", default=SMALL_MESSAGE
+)
+
+
+def _message_body_limit(window: int, large: bool) -> int:
+    cap = LARGE_MESSAGE if large else SMALL_MESSAGE
+    return max(MIN_MESSAGE, min(cap, window - MESSAGE_FRAMING))
 
 
 class OutboundBudget:
@@ -132,11 +150,8 @@ class OutboundBudget:
         self._by_user: collections.Counter[str] = collections.Counter()
         self._waiting = trio.lowlevel.ParkingLot()
 
-    def has_room(self, user: str) -> bool:
-        return (
-            self.used + PRODUCE_RESERVE <= self.limit
-            and self._by_user[user] + PRODUCE_RESERVE <= self.per_user
-        )
+    def has_room(self, user: str, size: int = PRODUCE_RESERVE) -> bool:
+        return self.used + size <= self.limit and self._by_user[user] + size <= self.per_user
 
     def take(self, user: str, size: int) -> None:
         self.used += size
@@ -555,42 +570,52 @@ class _BoundedSocket(SocketWrapper):  # type: ignore[misc]
         self._budget.take(self._user, len(data))
         self._flush_event.set()
 
-    async def reserve(self, stream: ServerStream) -> None:
-        """Wait until `stream` may produce its next message, then reserve PRODUCE_RESERVE of
-        the budgets for it until it is sent (`unreserve`): its window is open; this
-        connection's queue has room (or holds nothing at all); and, unless its peer has
-        acknowledged its data before, the server's and the user's budgets have room. So a
-        call whose peer reads nothing holds at most one message, and only within budget."""
+    async def reserve(self, stream: ServerStream) -> int:
+        """Wait until `stream` may produce its next message, then reserve it (its body limit,
+        returned, and MESSAGE_FRAMING) of the budgets until it is sent (`unreserve`): its
+        window is open; this connection's queue has room (or holds nothing at all); and,
+        unless its peer has acknowledged its data before, the server's and the user's budgets
+        have room. So a call whose peer reads nothing holds at most one small message, and
+        only within budget."""
         budget = self._budget
+        body = SMALL_MESSAGE
         while not self.broken:  # broken: the connection's scope is cancelled already
-            if stream.send_window <= 0:
+            window = stream.send_window
+            if window <= 0:
                 await stream._wait_flow_control_update()
                 continue
+            large = stream.peer_acknowledged and budget.has_room(
+                self._user, LARGE_MESSAGE + MESSAGE_FRAMING
+            )
+            body = _message_body_limit(window, large)
+            size = body + MESSAGE_FRAMING
             idle = self.queued == 0 and self.active == 0
-            if not idle and self.queued + self.active + PRODUCE_RESERVE > self._max_queued:
+            if not idle and self.queued + self.active + size > self._max_queued:
                 await self._drained.park()  # woken by each write, and each unreserve
                 continue
-            if not stream.peer_acknowledged and not budget.has_room(self._user):
+            if not stream.peer_acknowledged and not budget.has_room(self._user, size):
                 await budget.wait()
                 continue
             break
-        self.active += PRODUCE_RESERVE
-        budget.take(self._user, PRODUCE_RESERVE)
-        stream.holding = True
+        size = body + MESSAGE_FRAMING
+        self.active += size
+        budget.take(self._user, size)
+        stream.reserved = size
+        return body
 
-    def stalled(self, stalled: bool) -> None:
-        """A stream holding a reservation waits on flow control (or resumes): while it waits,
-        it cannot fill the queue, so it does not count against the connection's room; it
-        still counts against the budgets (it holds the message)."""
-        self.active += -PRODUCE_RESERVE if stalled else PRODUCE_RESERVE
+    def stalled(self, stalled: bool, size: int) -> None:
+        """A stream holding a reservation of `size` waits on flow control (or resumes): while
+        it waits, it cannot fill the queue, so it does not count against the connection's
+        room; it still counts against the budgets (it holds the message)."""
+        self.active += -size if stalled else size
         if stalled:
             self._drained.unpark_all()
 
     def unreserve(self, stream: ServerStream) -> None:
-        if stream.holding:
-            stream.holding = False
-            self.active -= PRODUCE_RESERVE
-            self._budget.give(self._user, PRODUCE_RESERVE)
+        if stream.reserved:
+            size, stream.reserved = stream.reserved, 0
+            self.active -= size
+            self._budget.give(self._user, size)
             self._drained.unpark_all()
 
     async def __aexit__(self, *exc_info: object) -> bool | None:
@@ -686,7 +711,7 @@ class ServerStream(GRPCProtoStream):  # type: ignore[misc]
         self.mid_message = False
         self._abort_at_boundary = False
         self._abort_limit = math.inf
-        self.holding = False  # a reservation of the outbound budgets (`reserve`)
+        self.reserved = 0  # bytes of the outbound budgets reserved (`reserve`), or 0
         # The peer has sent a WINDOW_UPDATE for this stream: it reads what it is sent.
         self.peer_acknowledged = False
 
@@ -741,9 +766,11 @@ class ServerStream(GRPCProtoStream):  # type: ignore[misc]
             return 0  # reset or closed: the call's cancellation is on its way
         return window
 
-    async def reserve(self) -> None:
-        """Wait until this call may produce its next message (see `_BoundedSocket.reserve`)."""
-        await self._socket.reserve(self)
+    async def reserve(self) -> int:
+        """Wait until this call may produce its next message (see `_BoundedSocket.reserve`);
+        returns how many bytes of body it may carry."""
+        body: int = await self._socket.reserve(self)
+        return body
 
     def unreserve(self) -> None:
         self._socket.unreserve(self)
@@ -751,19 +778,20 @@ class ServerStream(GRPCProtoStream):  # type: ignore[misc]
     def set_waiting(self, waiting: bool) -> None:
         """The call waits for its handler's next message (a follow, for new output), holding
         its reservation: it cannot fill the queue meanwhile."""
-        if self.holding:
-            self._socket.stalled(waiting)
+        if self.reserved:
+            self._socket.stalled(waiting, self.reserved)
 
     async def _wait_flow_control_update(self) -> None:
         # purerpc's; a wait in the middle of a message while holding a reservation is a stall.
-        if not self.holding:
+        size = self.reserved
+        if not size:
             await super()._wait_flow_control_update()
             return
-        self._socket.stalled(True)
+        self._socket.stalled(True, size)
         try:
             await super()._wait_flow_control_update()
         finally:
-            self._socket.stalled(False)
+            self._socket.stalled(False, size)
 
     def wake_for_window(self) -> None:
         # purerpc's _set_flow_control_update is async only to set this event.

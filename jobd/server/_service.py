@@ -24,7 +24,7 @@ from jobd.v1 import jobd_grpc
 from jobd.v1 import jobd_pb2 as pb
 
 from ._audit import audit_event
-from ._grpc_stream import FramedMessage
+from ._grpc_stream import FramedMessage, message_limit
 from ._transport import Identity, current_identity
 
 log = logging.getLogger(__name__)
@@ -34,8 +34,6 @@ DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 100, 1000
 # Room left in a List response for its envelope and token, below the message limit.
 PAGE_MARGIN = 64 * 1024
 _TOKEN_PREFIX = "jobs-before:"
-# The most output data in one OutputChunk message (the client's receive limit is 4 MiB).
-OUTPUT_CHUNK = 64 * 1024
 
 
 @contextmanager
@@ -422,7 +420,7 @@ class JobService(jobd_grpc.JobServiceServicer):
                 tail_lines=request.tail_lines,
                 since=request.since.ToNanoseconds() / 1e9 if request.HasField("since") else None,
                 stream=_stream_filter(request.stream),
-                max_chunk=OUTPUT_CHUNK,
+                max_chunk=message_limit.get,  # the transport's room for the next message
             )
             try:
                 async for chunk in chunks:

@@ -51,6 +51,7 @@ from jobd.server._grpc_stream import (
     ServerSocket,
     ServerStream,
     TrioByteStream,
+    message_limit,
 )
 
 __all__ = [
@@ -196,7 +197,7 @@ async def _call_unary_stream(func: Callable[..., Any], stream: ServerStream) -> 
     request = await extract_message_from_singleton_stream(stream)
     async with contextlib.aclosing(func(request)) as responses:
         while True:
-            await stream.reserve()
+            message_limit.set(await stream.reserve())  # the handler's next message's body
             try:
                 # A follow may wait here for long: meanwhile its reservation counts against
                 # the budgets (it will hold a message), not against its connection's room.

@@ -183,6 +183,9 @@ async def open_jobd(workdir: Path, certs: Path, *extra: str) -> AsyncIterator[Jo
         "--cgroup-name", name, "--default-pids", "4096", "--default-memory", "1G",
         # A uid range and registry of its own: parallel benches and servers never collide.
         "--job-uids", f"{uids}-{uids + 999}", "--uid-registry", str(workdir / "uid-ranges"),
+        # The full run's `seq` writes 1038 MiB: past the default 1G cap the oldest output is
+        # dropped, and a follower that is behind skips it (fewer bytes than the baselines).
+        "--max-job-output", "4G",
         *extra,
     ]  # fmt: skip
     log_fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
