@@ -12,8 +12,8 @@ namespaces); cgroup v2 cannot rename a leaf, so a spare is named with the id the
 takes it will get. It has dropped nothing and exec'd nothing yet, so until a job is handed
 to it, it is only an idle child of the server. `take()` hands one out (None when the pool is
 empty: the caller spawns one with `spawn_shim`, which joins at once); `run()`, a task of the
-job manager's nursery, refills the pool whenever no Start is under way (`starting()`) and,
-when it ends, kills the idle shims and removes
+job manager's nursery, refills the pool whenever no Start is under way (`starting()`; at
+once when it is empty) and, when it ends, kills the idle shims and removes
 their spare leaves. A shim whose server dies reads EOF on its control pipe and exits; its
 spare leaf, like every leaf a dead server left, is reaped at the next start-up.
 
@@ -183,19 +183,31 @@ class ShimPool:
         self._idle: collections.deque[Shim] = collections.deque()
         self._taken = trio.Event()
         self.idle_count = AsyncValue(0)  # len(idle shims), to wait on (`wait_value(size)`)
-        self._starts = AsyncValue(0)  # Starts under way (`starting()`): refills wait for none
+        self._starts = 0  # Starts under way (`starting()`)
+        self._stirred = trio.Event()  # set (and replaced) when a Start ends or takes a shim
 
     @contextlib.contextmanager
     def starting(self) -> Iterator[None]:
-        """Around a Start: the pool refills only while no Start is under way. A refill's
-        spawn (a thread for the fork, the GIL) and its interpreter's boot (~16 ms of CPU)
-        would otherwise compete with the Start itself (150 ms apart through the server,
-        alternated: p50 26.2/26.4/25.8 ms refilling at once, 22.2/19.7/21.4 after)."""
-        self._starts.value += 1
+        """Around a Start: while an idle shim is left, the pool refills only once no Start is
+        under way. A refill's spawn (a thread for the fork, the GIL) and its interpreter's
+        boot (~16 ms of CPU) would otherwise compete with the Start itself (150 ms apart
+        through the server, alternated: p50 26.2/26.4/25.8 ms refilling at once,
+        22.2/19.7/21.4 after). An empty pool refills at once: the next Start would
+        otherwise spawn a shim of its own, later."""
+        self._starts += 1
         try:
             yield
         finally:
-            self._starts.value -= 1
+            self._starts -= 1
+            self._stir()
+
+    def _stir(self) -> None:
+        self._stirred.set()
+        self._stirred = trio.Event()
+
+    async def _wait_to_refill(self) -> None:
+        while self._idle and self._starts:
+            await self._stirred.wait()
 
     def take(self) -> Shim | None:
         """An idle shim, or None when the pool is empty (spawn one with `spawn_shim`)."""
@@ -204,6 +216,7 @@ class ShimPool:
         shim = self._idle.popleft()
         self.idle_count.value = len(self._idle)
         self._taken.set()
+        self._stir()
         return shim
 
     def spare_leaves(self) -> list[str]:
@@ -218,7 +231,7 @@ class ShimPool:
             while True:
                 try:
                     while len(self._idle) < self._size:
-                        await self._starts.wait_value(0)
+                        await self._wait_to_refill()
                         leaf = self._leaf() if self._leaf else None
                         self._idle.append(await spawn_shim(self._prep, leaf=leaf))
                         self.idle_count.value = len(self._idle)
