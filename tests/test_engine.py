@@ -651,8 +651,8 @@ async def test_the_pool_refills_once_no_start_is_under_way(
     engine: JobManager, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A refill (a spawn, an interpreter's boot) would compete with a Start under way: the
-    pool waits until none is, then makes the shim the Start took; but an empty pool refills
-    at once (the next Start would otherwise spawn a shim of its own)."""
+    pool waits until none is, then makes the shim the Start took; but a pool down to its
+    last shim refills at once (under a stream of Starts it would otherwise run dry)."""
     await spare_leaves(engine)  # full
     spawned: list[object] = []
     real_spawn = _shimpool.spawn_shim
@@ -676,13 +676,17 @@ async def test_the_pool_refills_once_no_start_is_under_way(
         assert engine._shims is not None
         assert engine._shims.idle_count.value == _shimpool.POOL_SIZE - 1  # one taken
         assert spawned == []  # and none made while the Start is under way
-        for _ in range(_shimpool.POOL_SIZE - 1):
+        for _ in range(_shimpool.POOL_SIZE - 3):
             nursery.start_soon(partial(engine.start, "alice", ["true"]))
         await trio.testing.wait_all_tasks_blocked()
-        assert spawned != []  # empty: refilling although Starts are under way
+        assert engine._shims.idle_count.value == 2
+        assert spawned == []  # two left: still waiting
+        nursery.start_soon(partial(engine.start, "alice", ["true"]))
+        await trio.testing.wait_all_tasks_blocked()
+        assert spawned != []  # the last one left: refilling although Starts are under way
         hold.set()
     await spare_leaves(engine)
-    assert len(spawned) == _shimpool.POOL_SIZE and all(spawned)  # new spares, in leaves
+    assert len(spawned) == _shimpool.POOL_SIZE - 1 and all(spawned)  # new spares, in leaves
 
 
 async def test_a_start_whose_record_fails_to_commit_runs_nothing(

@@ -13,7 +13,7 @@ takes it will get. It has dropped nothing and exec'd nothing yet, so until a job
 to it, it is only an idle child of the server. `take()` hands one out (None when the pool is
 empty: the caller spawns one with `spawn_shim`, which joins at once); `run()`, a task of the
 job manager's nursery, refills the pool whenever no Start is under way (`starting()`; at
-once when it is empty) and, when it ends, kills the idle shims and removes
+once when it is down to its last shim) and, when it ends, kills the idle shims and removes
 their spare leaves. A shim whose server dies reads EOF on its control pipe and exits; its
 spare leaf, like every leaf a dead server left, is reaped at the next start-up.
 
@@ -188,12 +188,13 @@ class ShimPool:
 
     @contextlib.contextmanager
     def starting(self) -> Iterator[None]:
-        """Around a Start: while an idle shim is left, the pool refills only once no Start is
-        under way. A refill's spawn (a thread for the fork, the GIL) and its interpreter's
-        boot (~16 ms of CPU) would otherwise compete with the Start itself (150 ms apart
-        through the server, alternated: p50 26.2/26.4/25.8 ms refilling at once,
-        22.2/19.7/21.4 after). An empty pool refills at once: the next Start would
-        otherwise spawn a shim of its own, later."""
+        """Around a Start: while more than one idle shim is left, the pool refills only once
+        no Start is under way. A refill's spawn (a thread for the fork, the GIL) and its
+        interpreter's boot (~16 ms of CPU) would otherwise compete with the Start itself
+        (150 ms apart through the server, alternated: p50 26.2/26.4/25.8 ms refilling at
+        once, 22.2/19.7/21.4 after). A pool down to its last shim refills at once: under a
+        stream of Starts it would otherwise run dry, and each Start then waits for a whole
+        interpreter boot of its own."""
         self._starts += 1
         try:
             yield
@@ -206,7 +207,7 @@ class ShimPool:
         self._stirred = trio.Event()
 
     async def _wait_to_refill(self) -> None:
-        while self._idle and self._starts:
+        while len(self._idle) > 1 and self._starts:
             await self._stirred.wait()
 
     def take(self) -> Shim | None:
