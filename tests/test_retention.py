@@ -262,7 +262,7 @@ async def test_a_flood_in_pipe_sized_writes_drops_its_own_oldest_instead_of_bloc
     assert flood.size == len(written) and flood.start > 0
     assert flood.size - flood.start >= KEEP_NEWEST
     assert await read_all(flood) == (flood.start, bytes(written[flood.start :]))
-    # No segment (of data and index) is larger than its size plus one record.
+    # No segment's data file is larger than the segment size.
     for path in (tmp_path / "flood").glob("*.out"):
         assert path.stat().st_size <= 256 * KiB
 

@@ -332,7 +332,8 @@ async def _latencies(ctx: Ctx, jobd: Jobd, method: str, job_id: str, n: int) -> 
 async def scale(ctx: Ctx) -> list[Row]:
     z = ctx.sizes
     command = ["sleep", "3600"]
-    async with open_jobd(ctx.workdir, ctx.certs) as jobd:
+    # One user's 1000 jobs: past the default --max-jobs-per-user 100.
+    async with open_jobd(ctx.workdir, ctx.certs, "--max-jobs-per-user", "0") as jobd:
         first = await start_job(ctx, jobd.target, command)
         idle_status = await _latencies(ctx, jobd, "Status", first, z.status_calls)
         idle_list = await _latencies(ctx, jobd, "List", first, z.list_calls)
