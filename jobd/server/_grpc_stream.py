@@ -150,7 +150,7 @@ class OutboundBudget:
         self._by_user: collections.Counter[str] = collections.Counter()
         self._waiting = trio.lowlevel.ParkingLot()
 
-    def has_room(self, user: str, size: int = PRODUCE_RESERVE) -> bool:
+    def has_room(self, user: str, size: int) -> bool:
         return self.used + size <= self.limit and self._by_user[user] + size <= self.per_user
 
     def take(self, user: str, size: int) -> None:
@@ -579,6 +579,7 @@ class _BoundedSocket(SocketWrapper):  # type: ignore[misc]
         only within budget."""
         budget = self._budget
         body = SMALL_MESSAGE
+        size = body + MESSAGE_FRAMING
         while not self.broken:  # broken: the connection's scope is cancelled already
             window = stream.send_window
             if window <= 0:
@@ -597,7 +598,6 @@ class _BoundedSocket(SocketWrapper):  # type: ignore[misc]
                 await budget.wait()
                 continue
             break
-        size = body + MESSAGE_FRAMING
         self.active += size
         budget.take(self._user, size)
         stream.reserved = size
