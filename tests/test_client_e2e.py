@@ -298,6 +298,7 @@ async def test_names_and_id_prefixes(server: Server) -> None:
     )
     refused = await server.client("rm", "web")
     assert refused.rc == 1 and "FAILED_PRECONDITION" in refused.err
+    assert "(`jobd-client rm -f web` stops it first)" in refused.err
     removed = await server.client("rm", "-f", "web", check=True)
     assert removed.stdout == f"{job}\n".encode()
     gone = await server.client("status", job)

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from typing import Any
 
 import asyncclick as click
+import purerpc
 import trio
 
 from jobd.v1 import jobd_pb2 as pb
@@ -165,7 +167,15 @@ async def rm(
         else:
 
             async def one(ref: str) -> pb.Job:
-                return await api.remove(await api.resolve(ref), force=force)
+                try:
+                    return await api.remove(await api.resolve(ref), force=force)
+                except purerpc.RpcFailedError as exc:
+                    if exc.status.status_code != purerpc.StatusCode.FAILED_PRECONDITION:
+                        raise
+                    raise ClientError(
+                        f"FAILED_PRECONDITION: {exc.status.status_message} "
+                        f"(`jobd-client rm -f {shlex.quote(ref)}` stops it first)"
+                    ) from exc
 
             results = await for_each(refs, one)
     done = report(refs, results, lambda job: "")
