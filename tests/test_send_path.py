@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 
+import h2.config
+import h2.connection
 import hpack  # type: ignore[import-untyped]  # h2's own HPACK library
 import pytest
+from purerpc.grpclib.connection import GRPCConfiguration
+from purerpc.grpclib.status import Status, StatusCode
 
 from jobd import engine
 from jobd.server import _grpc_stream
@@ -33,10 +37,54 @@ def test_constant_header_blocks_decode_to_our_headers_and_leave_hpack_state_alon
     assert decoder.decode(_grpc_stream._RESPONSE_START_BLOCK) == [
         (":status", "200"),
         ("content-type", "application/grpc+proto"),
+        ("grpc-accept-encoding", _grpc_stream.ACCEPT_ENCODING),
     ]
     assert decoder.decode(_grpc_stream._OK_TRAILERS_BLOCK) == [("grpc-status", "0")]
     # Nothing was added to the peer's dynamic table: the blocks can be sent on every call.
     assert len(decoder.header_table.dynamic_entries) == 0
+
+
+def _server_with_open_stream() -> tuple[_grpc_stream._ServerConnection, int]:
+    """jobd's server connection, configured as the transport configures it, with one call
+    opened by an h2 client."""
+    config = GRPCConfiguration(
+        client_side=False,
+        max_message_length=4 * 1024 * 1024,
+        message_accept_encoding=[_grpc_stream.ACCEPT_ENCODING],
+    )
+    server = _grpc_stream._ServerConnection(
+        config, max_concurrent_streams=10, connection_window=16 * 1024 * 1024
+    )
+    server.initiate_connection()
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    client.send_headers(1, [
+        (":method", "POST"), (":scheme", "https"), (":path", "/jobd.v1.JobService/Status"),
+        (":authority", "localhost"), ("content-type", "application/grpc"), ("te", "trailers"),
+    ])  # fmt: skip
+    server.receive_data(client.data_to_send())
+    server.data_to_send()
+    return server, 1
+
+
+def test_responses_use_the_constant_header_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the configuration the server runs with (it advertises grpc-accept-encoding), a
+    protobuf response's headers and OK trailers are the blocks encoded once, never h2's
+    encoder (the fast path was once skipped because the block lacked that header)."""
+    server, stream_id = _server_with_open_stream()
+
+    def encoded_by_h2(*args: object, **kwargs: object) -> None:
+        raise AssertionError("h2 encoded our constant headers")
+
+    monkeypatch.setattr(server.h2_connection, "send_headers", encoded_by_h2)
+    server.start_response(stream_id, "+proto")
+    server.end_response(stream_id, Status(StatusCode.OK))
+    block = _grpc_stream._RESPONSE_START_BLOCK
+    trailers = _grpc_stream._OK_TRAILERS_BLOCK
+    assert server.data_to_send() == (
+        _grpc_stream._FRAME_HEADER.pack(0, len(block), 0x1, 0x4, stream_id) + block
+        + _grpc_stream._FRAME_HEADER.pack(0, len(trailers), 0x1, 0x5, stream_id) + trailers
+    )  # fmt: skip
 
 
 def _ended(job_id: str = "j1", **changes: object) -> engine.JobInfo:

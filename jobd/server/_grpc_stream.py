@@ -98,8 +98,13 @@ def _literal_never_indexed(name: bytes | int, value: bytes) -> bytes:
 
 # Our own response headers for a call answered with protobuf, and its OK trailers, HPACK-encoded
 # once: ":status: 200" (static index 8), "content-type: application/grpc+proto" (name: static
-# index 31), "grpc-status: 0". h2 would encode and validate them on every call.
-_RESPONSE_START_BLOCK = bytes([0x88]) + _literal_never_indexed(31, b"application/grpc+proto")
+# index 31), "grpc-accept-encoding: identity" (what the server's configuration advertises: see
+# ACCEPT_ENCODING), "grpc-status: 0". h2 would encode and validate them on every call.
+_RESPONSE_START_BLOCK = (
+    bytes([0x88])
+    + _literal_never_indexed(31, b"application/grpc+proto")
+    + _literal_never_indexed(b"grpc-accept-encoding", b"identity")
+)
 _OK_TRAILERS_BLOCK = _literal_never_indexed(b"grpc-status", b"0")
 # The reader stops reading once this many times the outbound cap is queued: h2 answers PINGs
 # and SETTINGS by itself, so a peer that sends those and reads nothing would grow the queue.
@@ -497,9 +502,10 @@ class _ServerConnection(GRPCConnection):  # type: ignore[misc]
         self.h2_connection.send_headers(stream_id, headers, end_stream=True)
 
     def _plain_responses(self) -> bool:
-        # purerpc adds grpc-encoding headers only when configured with an encoding.
+        # purerpc adds grpc-encoding headers only when configured with an encoding; the block
+        # carries the accept-encoding the server is configured with (`_Dispatcher`).
         return self.config._message_encoding is None and (
-            self.config._message_accept_encoding is None
+            self.config._message_accept_encoding == ACCEPT_ENCODING
         )
 
     def _send_constant_headers(self, stream_id: int, block: bytes, *, end_stream: bool) -> None:
