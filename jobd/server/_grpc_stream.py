@@ -42,6 +42,8 @@ from purerpc.grpclib.exceptions import MessageTooLargeError
 from purerpc.grpclib.headers import sanitize_headers
 from purerpc.grpclib.status import Status, StatusCode
 
+from jobd.server._audit import write_deferred
+
 __all__ = [
     "FramedMessage",
     "ACCEPT_ENCODING",
@@ -673,7 +675,11 @@ class _BoundedSocket(SocketWrapper):  # type: ignore[misc]
                     self.broken = True
                     self._drained.unpark_all()
                     self._on_broken()
+                    write_deferred()
                     return
+                # The audit lines of the calls just answered: after their response, not
+                # before it (their call tasks queued them).
+                write_deferred()
                 self.queued -= size
                 self._budget.give(self._user, size)
                 if self.queued <= self._max_queued:
@@ -999,6 +1005,9 @@ class ServerSocket(GRPCProtoSocket):  # type: ignore[misc]
                 data = await self._socket.recv(self._receive_buffer_size)
             except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
                 return ReaderEnd.PEER_GONE
+            # Calls answered so far have their audit lines written before the next is read,
+            # whether or not their responses could be written yet.
+            write_deferred()
             try:
                 events = self._grpc_connection.receive_data(data)
             except Exception as exc:  # h2's or purerpc's ProtocolError, a malformed header
