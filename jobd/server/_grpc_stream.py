@@ -714,8 +714,27 @@ class ServerStream(GRPCProtoStream):  # type: ignore[misc]
     _start_stream_event: Event | None  # purerpc's: the call's RequestReceived
     _end_stream_event: Event | None  # purerpc's: its RequestEnded
 
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
+    def __init__(
+        self,
+        grpc_connection: _ServerConnection,
+        stream_id: int,
+        socket: _BoundedSocket,
+        grpc_socket: ServerSocket,
+    ) -> None:
+        # purerpc's GRPCStream.__init__ without its per-call anyio objects (an Event, which
+        # looks the backend up, and a memory channel pair): the reader's events wait in a
+        # deque, and a waiter or a window wait makes its trio.Event only when it must wait.
+        self._stream_id = stream_id
+        self._grpc_connection = grpc_connection
+        self._grpc_socket = grpc_socket
+        self._socket = socket
+        self._response_started = False
+        self._state = GRPCStreamState.OPEN
+        self._start_stream_event = None
+        self._end_stream_event = None
+        self._incoming: collections.deque[Event] = collections.deque()
+        self._incoming_waiter: trio.Event | None = None
+        self._window_waiter: trio.Event | None = None
         self.cancel_scope = trio.CancelScope()
         # What to answer once cancelled; None when nothing can be (the peer reset the stream).
         self.abort_status: Status | None = None
@@ -794,23 +813,29 @@ class ServerStream(GRPCProtoStream):  # type: ignore[misc]
             self._socket.stalled(waiting, self.reserved)
 
     async def _wait_flow_control_update(self) -> None:
-        # purerpc's; a wait in the middle of a message while holding a reservation is a stall.
+        """Until the peer's next WINDOW_UPDATE for this stream or the connection. Its callers
+        look at the window first, with no yield in between: an update can never come between
+        that look and this wait. A wait in the middle of a message while holding a
+        reservation is a stall."""
         size = self.reserved
-        if not size:
-            await super()._wait_flow_control_update()
-            return
-        self._socket.stalled(True, size)
+        if size:
+            self._socket.stalled(True, size)
         try:
-            await super()._wait_flow_control_update()
+            self._window_waiter = waiter = trio.Event()
+            await waiter.wait()
         finally:
-            self._socket.stalled(False, size)
+            self._window_waiter = None
+            if size:
+                self._socket.stalled(False, size)
 
     def wake_for_window(self) -> None:
-        # purerpc's _set_flow_control_update is async only to set this event.
-        self._flow_control_update_event.set()
+        if self._window_waiter is not None:
+            self._window_waiter.set()
 
     def deliver(self, event: Event) -> None:
-        self._incoming_events[0].send_nowait(event)
+        self._incoming.append(event)
+        if self._incoming_waiter is not None:
+            self._incoming_waiter.set()
 
     async def receive_event(self) -> Event:
         """purerpc's (GRPCProtoStream's, which calls GRPCStream._receive by name), without its
@@ -828,13 +853,16 @@ class ServerStream(GRPCProtoStream):  # type: ignore[misc]
         return event
 
     async def _receive_queued(self) -> Event:
-        receiver = self._incoming_events[1]
-        try:
-            event = receiver.receive_nowait()
-        except anyio.WouldBlock:
-            event = await receiver.receive()
-        else:
+        incoming = self._incoming
+        if incoming:
             await trio.lowlevel.checkpoint_if_cancelled()
+        while not incoming:
+            self._incoming_waiter = waiter = trio.Event()
+            try:
+                await waiter.wait()
+            finally:
+                self._incoming_waiter = None
+        event = incoming.popleft()
         if isinstance(event, MessageReceived):
             self._grpc_connection.acknowledge_received_data(
                 self._stream_id, event.flow_controlled_length
@@ -932,9 +960,8 @@ class ServerStream(GRPCProtoStream):  # type: ignore[misc]
                 await self._socket.flush()
 
     def close_channels(self) -> None:
-        # purerpc never closes the memory channel it makes per stream; anyio warns on collection.
-        for channel in self._incoming_events:
-            channel.close()
+        """Drop what the reader queued and nobody read (the call has ended)."""
+        self._incoming.clear()
 
 
 class ReaderEnd(enum.Enum):
