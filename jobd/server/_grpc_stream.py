@@ -8,9 +8,11 @@ from __future__ import annotations
 import collections
 import contextlib
 import contextvars
+import datetime
 import enum
 import logging
 import math
+import re
 import ssl
 import struct
 from collections.abc import Callable, Iterator, Mapping
@@ -26,6 +28,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import h2.stream
+import hpack  # type: ignore[import-untyped]  # h2's HPACK library: its header tuples
 import trio
 from purerpc.grpc_proto import GRPCProtoSocket, GRPCProtoStream
 from purerpc.grpc_socket import GRPCStreamState, SocketWrapper
@@ -350,11 +353,112 @@ class PeerGoAway(Event):  # type: ignore[misc]
         self.error_code = error_code
 
 
+# A gRPC deadline as the spec writes it (at most 8 digits and a unit): such a value passes every
+# check h2 and purerpc make, whatever its digits, so header lists that differ only there are
+# checked once.
+_GRPC_TIMEOUT = re.compile(rb"[0-9]{1,8}[HMSmun]")
+_TIMEOUT_UNITS = {"H": "hours", "M": "minutes", "S": "seconds", "m": "milliseconds"}
+
+
+def _grpc_timeout(value: str) -> datetime.timedelta:
+    """A grpc-timeout value of _GRPC_TIMEOUT's form, as purerpc's RequestReceived has it."""
+    number, unit = int(value[:-1]), value[-1]
+    if unit == "u":
+        return datetime.timedelta(microseconds=number)
+    if unit == "n":
+        return datetime.timedelta(microseconds=number / 1000)
+    return datetime.timedelta(**{_TIMEOUT_UNITS[unit]: number})
+# Header lists larger than this (names and values) are always checked in full, never kept.
+_MEMO_MAX_LIST_BYTES = 2048
+
+
+class _MemoFull(Exception):
+    pass
+
+
+class _Memo:
+    """A bounded map from a header list already seen to what processing it gave (inbound
+    header lists repeat call after call: a client sends the same headers but for its
+    deadline). Server-wide: at most `size` entries of at most _MEMO_MAX_LIST_BYTES each; when
+    full it starts again empty. Only lists that passed every check are kept."""
+
+    def __init__(self, size: int = 512) -> None:
+        self.size = size
+        self.entries: dict[Any, Any] = {}
+
+    def put(self, key: Any, value: Any) -> None:
+        if len(self.entries) >= self.size:
+            self.entries.clear()
+        self.entries[key] = value
+
+
+def _memo_key(headers: list[Any], decoded: bool = False) -> tuple[tuple[Any, ...], int] | None:
+    """The header list (h2's raw one, or `decoded`) as a key, its grpc-timeout value blanked,
+    and where that header is (-1: none); None if it may not be kept (too large, a
+    never-indexed header, a cookie, a deadline not in the spec's form, or two of them)."""
+    cookie, timeout, pattern = _DECODED_NAMES if decoded else _RAW_NAMES
+    key = []
+    timeout_at = -1
+    size = 0
+    for i, header in enumerate(headers):
+        if type(header) is not hpack.HeaderTuple:  # NeverIndexedHeaderTuple: as it comes
+            return None
+        name, value = header
+        size += len(name) + len(value)
+        if name == cookie:  # h2 moves and joins these: positions would change
+            return None
+        if name == timeout:
+            if timeout_at >= 0 or not pattern.fullmatch(value):
+                return None
+            timeout_at = i
+            value = value[:0]
+        key.append((name, value))
+    if size > _MEMO_MAX_LIST_BYTES:
+        return None
+    return tuple(key), timeout_at
+
+
+_RAW_NAMES = (b"cookie", b"grpc-timeout", _GRPC_TIMEOUT)
+_DECODED_NAMES = ("cookie", "grpc-timeout", re.compile(_GRPC_TIMEOUT.pattern.decode()))
+
+
+# What h2 made of inbound header lists (normalized, validated, decoded), by list and the
+# flags h2 checked them with; and the calls purerpc parsed from the decoded lists.
+_H2_HEADERS = _Memo()
+_REQUESTS = _Memo()
+
+
 class _H2Connection(h2.connection.H2Connection):  # type: ignore[misc]  # h2 is untyped
     """h2 3.2's connection, ignoring a WINDOW_UPDATE on a stream it has closed and already
     forgotten. RFC 7540 §5.1 says such frames MUST be ignored; h2 3.2 made them a connection
     error, so a busy grpcio connection (which acknowledges data after the trailers arrive)
-    lost every call on it. purerpc's monkeypatch covers only streams h2 still remembers."""
+    lost every call on it. purerpc's monkeypatch covers only streams h2 still remembers.
+
+    Its streams check an inbound header list they have seen before (but for the deadline's
+    digits) once: h2's own pipeline ran on it the first time and passed (`_H2_HEADERS`)."""
+
+    def _begin_new_stream(self, stream_id: int, allowed_ids: Any) -> Any:
+        stream = super()._begin_new_stream(stream_id, allowed_ids)
+        full = stream._process_received_headers
+
+        def process_received_headers(headers: Any, flags: Any, encoding: Any) -> list[Any]:
+            found = _memo_key(headers) if encoding == "utf-8" else None
+            if found is None:
+                result: list[Any] = full(headers, flags, encoding)
+                return result
+            key, timeout_at = found
+            memo_key = (flags, key)
+            done = _H2_HEADERS.entries.get(memo_key)
+            if done is None:
+                done = full(headers, flags, encoding)
+                _H2_HEADERS.put(memo_key, done)
+            out = list(done)
+            if timeout_at >= 0:  # the one value that may differ, and passes what it passed
+                out[timeout_at] = hpack.HeaderTuple("grpc-timeout", headers[timeout_at][1].decode())
+            return out
+
+        stream._process_received_headers = process_received_headers
+        return stream
 
     def _receive_window_update_frame(self, frame: Any) -> tuple[list[Any], list[Any]]:
         try:
@@ -412,6 +516,19 @@ class _ServerConnection(GRPCConnection):  # type: ignore[misc]
         """purerpc's, but a malformed request (bad path, content type, grpc-timeout, END_STREAM
         on the headers) resets that stream only: purerpc's ProtocolError closed the caller's
         whole connection, with every other call on it."""
+        found = None if event.stream_ended else _memo_key(event.headers, decoded=True)
+        if found is not None:
+            request = _REQUESTS.entries.get(found[0])
+            if request is not None:  # parsed before, and accepted: a copy for this stream
+                copy = RequestReceived.__new__(RequestReceived)
+                copy.__dict__.update(request.__dict__)
+                copy.stream_id = event.stream_id
+                if found[1] >= 0:
+                    copy.timeout = _grpc_timeout(event.headers[found[1]][1])
+                self.message_read_buffers[event.stream_id] = _UncompressedReadBuffer(
+                    None, self.config.max_message_length
+                )
+                return [copy]
         try:
             events: list[Event] = super()._request_received(event)
         except Exception as exc:  # purerpc's ProtocolError, or e.g. int() of a bad grpc-timeout
@@ -426,6 +543,10 @@ class _ServerConnection(GRPCConnection):  # type: ignore[misc]
         self.message_read_buffers[event.stream_id] = _UncompressedReadBuffer(
             None, self.config.max_message_length
         )
+        if found is not None and len(events) == 1:
+            kept = RequestReceived.__new__(RequestReceived)
+            kept.__dict__.update(events[0].__dict__)
+            _REQUESTS.put(found[0], kept)
         return events
 
     def _data_received(self, event: h2.events.DataReceived) -> list[Event]:
