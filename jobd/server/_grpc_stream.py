@@ -780,6 +780,15 @@ class _BoundedSocket(SocketWrapper):  # type: ignore[misc]
         await trio.lowlevel.checkpoint()  # a cancellation point, and fairness for a busy handler
         await self.wait_queued_at_most(self._max_queued)
 
+    async def flush_at_end(self) -> None:
+        """`flush` for a call's last bytes (its status): a cancellation point, but no yield
+        while the queue has room. The call's task ends next, so a yield for fairness would only
+        cost a task switch per call."""
+        self.kick()
+        if self.queued > self._max_queued:
+            await self.wait_queued_at_most(self._max_queued)
+        await trio.lowlevel.checkpoint_if_cancelled()
+
     async def wait_queued_at_most(self, limit: int) -> None:
         while self.queued > limit and not self.broken:
             await self._drained.park()
@@ -996,6 +1005,22 @@ class ServerStream(GRPCProtoStream):  # type: ignore[misc]
             assert self._start_stream_event is None
             self._start_stream_event = event
         return event
+
+    async def close(
+        self, status: Status, content_type_suffix: str = "", custom_metadata: Any = ()
+    ) -> None:
+        """purerpc's GRPCStream.close (server side): the trailers, or the status alone if no
+        response was started; its flush yields only when the queue is full (`flush_at_end`)."""
+        if self._state in (GRPCStreamState.HALF_CLOSED_LOCAL, GRPCStreamState.CLOSED):
+            raise TypeError("Closing already closed stream")
+        self._close_local()
+        if self._response_started:
+            self._grpc_connection.end_response(self._stream_id, status, custom_metadata)
+        else:
+            self._grpc_connection.respond_status(
+                self._stream_id, status, content_type_suffix, custom_metadata
+            )
+        await self._socket.flush_at_end()
 
     def queue_response_start(self) -> None:
         """`start_response` without its flush: the headers leave with the first message (or the
