@@ -696,6 +696,35 @@ async def test_audit_line_of_a_call_cut_by_a_vanished_peer_is_written(
         assert _audit_messages(caplog) == ["probe value=block"]
 
 
+class _CallSteps(trio.abc.Instrument):
+    """Counts the steps of the server's call tasks (each start or resume after a yield)."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task.name.endswith("request_received"):
+            self.steps += 1
+
+
+async def test_a_quick_unary_call_runs_in_one_step_of_its_task(pki: Pki, probe: Probe) -> None:
+    """Issue 12: a call whose request arrived whole and whose handler does not wait is
+    answered without a yield (its status is queued without the fairness checkpoint that
+    cost a task switch per call)."""
+    async with running(pki, probe) as run:
+        async with RawClient.open(run.server.port, pki) as raw:
+            first = await raw.request("Size", "warm")  # the SETTINGS exchange is over after it
+            assert (await raw.trailers(first))["grpc-status"] == "0"
+            steps = _CallSteps()
+            trio.lowlevel.add_instrument(steps)
+            try:
+                stream_id = await raw.request("Size", "abc")
+                assert (await raw.trailers(stream_id))["grpc-status"] == "0"
+            finally:
+                trio.lowlevel.remove_instrument(steps)
+            assert steps.steps == 1
+
+
 async def test_audit_line_of_a_call_ended_by_shutdown_is_written(
     pki: Pki, probe: Probe, caplog: pytest.LogCaptureFixture
 ) -> None:
