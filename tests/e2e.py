@@ -167,7 +167,7 @@ def alive(pid: int) -> bool:
     the kernel has released the rest of its namespace (PF_EXITING, /proc/PID/stat field 9)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, IndexError):
+    except (FileNotFoundError, ProcessLookupError, IndexError):  # gone (ESRCH: while read)
         return False
     return fields[0] != "Z" and not int(fields[6]) & PF_EXITING
 

@@ -1,13 +1,17 @@
 """The audit log's formatting (jobd/server/_audit.py): no value can end a line or pass for
-another field, long values are cut with a marker, timestamps are UTC ISO 8601, and the
-rate limit counts what it drops."""
+another field, long values are cut with a marker, timestamps are UTC ISO 8601, the rate
+limit counts what it drops, and deferred lines keep their order and their events' times."""
 
 from __future__ import annotations
 
+import contextvars
+import datetime as dt
 import io
 import logging
 
 import pytest
+import trio
+import trio.testing
 
 from jobd.server._audit import (
     MAX_VALUE_CHARS,
@@ -15,9 +19,12 @@ from jobd.server._audit import (
     UtcFormatter,
     audit_event,
     configure_logging,
+    defer_audit,
     format_fields,
     quote,
+    write_deferred,
 )
+from jobd.server._transport import _write_deferred_audit_lines
 
 
 @pytest.mark.parametrize(
@@ -87,3 +94,60 @@ def test_rate_limit_counts_what_it_drops(caplog: pytest.LogCaptureFixture) -> No
     assert limited.event("tls-refused", peer="p5")
     messages = [r.getMessage() for r in caplog.records]
     assert messages[-1] == "tls-refused peer=p5 suppressed=3"
+
+
+def _deferred(event: str, **fields: object) -> None:
+    """audit_event as a call task of the server makes it (the transport sets defer_audit)."""
+    context = contextvars.copy_context()
+    context.run(defer_audit.set, True)
+    context.run(audit_event, event, **fields)
+
+
+def test_timestamps_are_the_records_own(caplog: pytest.LogCaptureFixture) -> None:
+    formatter = UtcFormatter()
+    record = logging.LogRecord("jobd.audit", logging.INFO, "", 0, "x", (), None)
+    for created in (1764582000.0, 1764582000.999, 1764582001.5, 1764582000.25):
+        record.created = created
+        expected = dt.datetime.fromtimestamp(created, dt.UTC).isoformat(timespec="milliseconds")
+        assert formatter.formatTime(record) == expected.replace("+00:00", "Z")
+
+
+def test_deferred_lines_wait_keep_their_time_and_their_order(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue 12: an RPC's line is queued and written after its response. It keeps the time
+    of its event, and an event logged at once first writes what is queued: the log's order is
+    always the events' order."""
+    caplog.set_level(logging.INFO, "jobd.audit")
+    write_deferred()
+    _deferred("rpc", method="Status", n=1)
+    _deferred("rpc", method="Status", n=2)
+    assert [r.getMessage() for r in caplog.records] == []  # not yet written
+    audit_event("job-end", job="j")  # logged at once: the queued lines go first
+    _deferred("rpc", method="Stop")
+    write_deferred()
+    write_deferred()  # nothing left: writes nothing twice
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == [
+        "rpc method=Status n=1", "rpc method=Status n=2", "job-end job=j", "rpc method=Stop"
+    ]
+    first, second, end, _ = caplog.records
+    assert first.created <= second.created <= end.created
+    assert first.audit_fields == {"method": "Status", "n": 1}  # type: ignore[attr-defined]
+    assert first.audit_event == "rpc"  # type: ignore[attr-defined]
+
+
+async def test_deferred_lines_are_written_within_a_second_by_the_servers_timer(
+    caplog: pytest.LogCaptureFixture, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A line whose connection neither writes nor reads any more (a peer that stopped
+    reading) is written by the server's timer. Only time is waited on here."""
+    caplog.set_level(logging.INFO, "jobd.audit")
+    _deferred("rpc", method="Status")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_write_deferred_audit_lines)
+        await trio.sleep(0.5)
+        assert [r.getMessage() for r in caplog.records] == []
+        await trio.sleep(0.6)
+        assert [r.getMessage() for r in caplog.records] == ["rpc method=Status"]
+        nursery.cancel_scope.cancel()

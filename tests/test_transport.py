@@ -43,6 +43,7 @@ from purerpc import (
 )
 
 from jobd.pki import Issued, issue_cert, make_ca
+from jobd.server._audit import audit_event
 from jobd.server._grpc_stream import (
     LARGE_MESSAGE,
     MESSAGE_FRAMING,
@@ -166,6 +167,20 @@ class Probe:
                 self.errors.append("identity changed within a call")
         return StringValue(value=f"{identity.user}|{','.join(sorted(identity.roles))}")
 
+    async def audited(self, request: StringValue) -> StringValue:
+        """Logs an audit line as the service's handlers do, at the call's end however it ends;
+        value "block" waits for `release` first."""
+        try:
+            if request.value == "block":
+                self.started.set()
+                await self.release.wait()
+            return StringValue(value=f"answer-{request.value}")
+        except trio.Cancelled:
+            self.cancelled.set()
+            raise
+        finally:
+            audit_event("probe", value=request.value)
+
     async def size(self, request: StringValue) -> StringValue:
         return StringValue(value=str(len(request.value)))
 
@@ -225,6 +240,7 @@ class Probe:
             ("Size", self.size),
             ("Block", self.block),
             ("Fail", self.fail),
+            ("Audited", self.audited),
         ]:
             service.add_method(name, method, unary)
         service.add_method(
@@ -587,6 +603,141 @@ async def test_abrupt_disconnect_cancels_its_calls_and_logs_nothing(
         assert server_side_sockets(run.server.port) == ["0A"]  # only the listener (LISTEN)
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
     assert "Got exception in main dispatch loop" not in caplog.text
+
+
+# --------------------------------------------------------------------------------------------
+# Audit lines: written after the response (issue 12), never lost
+# --------------------------------------------------------------------------------------------
+
+
+def _audit_messages(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "jobd.audit"]
+
+
+async def test_audit_line_is_written_after_the_socket_write_of_its_response(
+    pki: Pki, probe: Probe, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The line is not on the call's path: it is written once the response's bytes have been
+    handed to the socket (before this change it was written before they were even queued)."""
+    caplog.set_level(logging.INFO, "jobd.audit")
+    order: list[str] = []
+    send = TrioByteStream.send
+
+    async def recording_send(self: TrioByteStream, item: bytes | memoryview) -> None:
+        if b"answer-one" in bytes(item):
+            order.append("response handed to the socket")
+        await send(self, item)
+
+    class Seen(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            order.append(record.getMessage())
+
+    monkeypatch.setattr(TrioByteStream, "send", recording_send)
+    seen = Seen()
+    logging.getLogger("jobd.audit").addHandler(seen)
+    try:
+        async with running(pki, probe) as run:
+            async with RawClient.open(run.server.port, pki) as raw:
+                # First a call without a line: the SETTINGS exchange is over, so the client
+                # sends nothing more until it has read the response.
+                stream_id = await raw.request("Whoami")
+                assert (await raw.trailers(stream_id))["grpc-status"] == "0"
+                stream_id = await raw.request("Audited", "one")
+                assert (await raw.trailers(stream_id))["grpc-status"] == "0"
+                stream_id = await raw.request("Whoami")
+                assert (await raw.trailers(stream_id))["grpc-status"] == "0"
+    finally:
+        logging.getLogger("jobd.audit").removeHandler(seen)
+    assert order == ["response handed to the socket", "probe value=one"]
+
+
+async def test_audit_line_is_written_before_the_connection_reads_on(
+    pki: Pki, probe: Probe, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A response that cannot be written (the peer does not read) does not hold its line back
+    past the connection's next read: the next request on the connection is read only after
+    the line is written."""
+    caplog.set_level(logging.INFO, "jobd.audit")
+    send = TrioByteStream.send
+    unblock = trio.Event()
+
+    async def stuck_send(self: TrioByteStream, item: bytes | memoryview) -> None:
+        if b"answer-one" in bytes(item):
+            await unblock.wait()  # as a socket whose peer reads nothing
+        await send(self, item)
+
+    monkeypatch.setattr(TrioByteStream, "send", stuck_send)
+    async with running(pki, probe) as run:
+        async with RawClient.open(run.server.port, pki) as raw:
+            first = await raw.request("Audited", "one")
+            await trio.testing.wait_all_tasks_blocked()  # answered; its send is stuck
+            await raw.request("Whoami")
+            await trio.testing.wait_all_tasks_blocked()  # the server has read it
+            assert _audit_messages(caplog) == ["probe value=one"]
+            unblock.set()
+            assert (await raw.trailers(first))["grpc-status"] == "0"
+
+
+async def test_audit_line_of_a_call_cut_by_a_vanished_peer_is_written(
+    pki: Pki, probe: Probe, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No line is lost when the connection breaks: the connection's end writes what is
+    queued (not left to the server's timer)."""
+    caplog.set_level(logging.INFO, "jobd.audit")
+    async with running(pki, probe) as run:
+        async with RawClient.open(run.server.port, pki) as raw:
+            await raw.request("Audited", "block")
+            await probe.started.wait()
+            await trio.aclose_forcefully(raw.stream)  # no close_notify, no RST_STREAM
+        with trio.fail_after(10):
+            await probe.cancelled.wait()
+        await trio.testing.wait_all_tasks_blocked()
+        assert run.server.connection_count == 0
+        assert _audit_messages(caplog) == ["probe value=block"]
+
+
+class _CallSteps(trio.abc.Instrument):
+    """Counts the steps of the server's call tasks (each start or resume after a yield)."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task.name.endswith("request_received"):
+            self.steps += 1
+
+
+async def test_a_quick_unary_call_runs_in_one_step_of_its_task(pki: Pki, probe: Probe) -> None:
+    """Issue 12: a call whose request arrived whole and whose handler does not wait is
+    answered without a yield (its status is queued without the fairness checkpoint that
+    cost a task switch per call)."""
+    async with running(pki, probe) as run:
+        async with RawClient.open(run.server.port, pki) as raw:
+            first = await raw.request("Size", "warm")  # the SETTINGS exchange is over after it
+            assert (await raw.trailers(first))["grpc-status"] == "0"
+            steps = _CallSteps()
+            trio.lowlevel.add_instrument(steps)
+            try:
+                stream_id = await raw.request("Size", "abc")
+                assert (await raw.trailers(stream_id))["grpc-status"] == "0"
+            finally:
+                trio.lowlevel.remove_instrument(steps)
+            assert steps.steps == 1
+
+
+async def test_audit_line_of_a_call_ended_by_shutdown_is_written(
+    pki: Pki, probe: Probe, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "jobd.audit")
+    async with running(pki, probe) as run:
+        with grpc_client(run.server.port, pki) as client:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client.status, "Audited", "block")
+                await probe.started.wait()
+                run.server.shutdown(grace=0)
+                with trio.fail_after(30):
+                    await run.stopped.wait()
+            assert _audit_messages(caplog) == ["probe value=block"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ so that another formatter (JSON) writes the same facts without parsing the line.
 
 from __future__ import annotations
 
+import atexit
+import collections
 import datetime as dt
 import logging
 import re
@@ -19,6 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from contextvars import ContextVar
 from typing import TextIO
 
 __all__ = [
@@ -28,8 +31,10 @@ __all__ = [
     "UtcFormatter",
     "audit_event",
     "configure_logging",
+    "defer_audit",
     "format_fields",
     "quote",
+    "write_deferred",
 ]
 
 audit = logging.getLogger("jobd.audit")
@@ -115,15 +120,56 @@ class AuditLine:
         return format_fields(self.event, self.fields)
 
 
+# Where audit_event is called with this set (the transport sets it for its connections' tasks:
+# an RPC's own line), the event is queued, stamped with its time, and written by the next
+# `write_deferred()`: after the response's socket write, not before it (issue 12: formatting
+# and writing the line was 8% of a unary call). Lines are written in the order of their events
+# whatever the mix: an event logged at once first writes every queued one.
+defer_audit: ContextVar[bool] = ContextVar("jobd_defer_audit", default=False)
+_deferred: collections.deque[tuple[float, str, Mapping[str, object]]] = collections.deque()
+
+
 def audit_event(event: str, /, **fields: object) -> None:
     """Log one audit event at INFO on "jobd.audit": the line, and the fields as
-    `record.audit_event` / `record.audit_fields` for structured formatters."""
+    `record.audit_event` / `record.audit_fields` for structured formatters. Under
+    `defer_audit` the line is queued for `write_deferred`, with the time of this call."""
     if audit.isEnabledFor(logging.INFO):
+        if defer_audit.get():
+            _deferred.append((time.time(), event, fields))
+            return
+        if _deferred:
+            write_deferred()
         audit.info(
             "%s",
             AuditLine(event, fields),
             extra={"audit_event": event, "audit_fields": fields},
         )
+
+
+def write_deferred() -> None:
+    """Write every queued audit line, oldest first, each with the time of its event. Cheap when
+    none is queued; safe to call from anywhere, any number of times."""
+    while _deferred:
+        try:
+            created, event, fields = _deferred.popleft()
+        except IndexError:  # another thread took the last one
+            return
+        record = audit.makeRecord(
+            audit.name,
+            logging.INFO,
+            __file__,
+            0,
+            "%s",
+            (AuditLine(event, fields),),
+            None,
+            extra={"audit_event": event, "audit_fields": fields},
+        )
+        record.created = created
+        record.msecs = (created - int(created)) * 1000
+        audit.handle(record)
+
+
+atexit.register(write_deferred)  # before logging's own atexit flush (handlers run LIFO)
 
 
 class RateLimitedLog:
@@ -163,10 +209,16 @@ class UtcFormatter(logging.Formatter):
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self._second = -1  # the whole second `_prefix` is for: strftime once a second
+        self._prefix = ""
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
-        stamp = dt.datetime.fromtimestamp(record.created, dt.UTC)
-        return stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z"
+        millis = int(record.created * 1000)
+        second, milli = divmod(millis, 1000)
+        if second != self._second:
+            stamp = dt.datetime.fromtimestamp(second, dt.UTC)
+            self._prefix, self._second = stamp.strftime("%Y-%m-%dT%H:%M:%S."), second
+        return f"{self._prefix}{milli:03d}Z"
 
 
 # Chatty libraries: at DEBUG, h2 and hpack log every frame and header. They stay at WARNING

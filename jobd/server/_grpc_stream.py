@@ -8,12 +8,14 @@ from __future__ import annotations
 import collections
 import contextlib
 import contextvars
+import datetime
 import enum
 import logging
 import math
+import re
 import ssl
 import struct
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import anyio
@@ -26,6 +28,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import h2.stream
+import hpack  # type: ignore[import-untyped]  # h2's HPACK library: its header tuples
 import trio
 from purerpc.grpc_proto import GRPCProtoSocket, GRPCProtoStream
 from purerpc.grpc_socket import GRPCStreamState, SocketWrapper
@@ -41,6 +44,8 @@ from purerpc.grpclib.events import (
 from purerpc.grpclib.exceptions import MessageTooLargeError
 from purerpc.grpclib.headers import sanitize_headers
 from purerpc.grpclib.status import Status, StatusCode
+
+from jobd.server._audit import write_deferred
 
 __all__ = [
     "FramedMessage",
@@ -98,8 +103,13 @@ def _literal_never_indexed(name: bytes | int, value: bytes) -> bytes:
 
 # Our own response headers for a call answered with protobuf, and its OK trailers, HPACK-encoded
 # once: ":status: 200" (static index 8), "content-type: application/grpc+proto" (name: static
-# index 31), "grpc-status: 0". h2 would encode and validate them on every call.
-_RESPONSE_START_BLOCK = bytes([0x88]) + _literal_never_indexed(31, b"application/grpc+proto")
+# index 31), "grpc-accept-encoding: identity" (what the server's configuration advertises: see
+# ACCEPT_ENCODING), "grpc-status: 0". h2 would encode and validate them on every call.
+_RESPONSE_START_BLOCK = (
+    bytes([0x88])
+    + _literal_never_indexed(31, b"application/grpc+proto")
+    + _literal_never_indexed(b"grpc-accept-encoding", b"identity")
+)
 _OK_TRAILERS_BLOCK = _literal_never_indexed(b"grpc-status", b"0")
 # The reader stops reading once this many times the outbound cap is queued: h2 answers PINGs
 # and SETTINGS by itself, so a peer that sends those and reads nothing would grow the queue.
@@ -179,19 +189,18 @@ class OutboundBudget:
 # --------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _as_anyio_errors() -> Iterator[None]:
+def _as_anyio_error(exc: BaseException) -> BaseException:
     """Translate trio's stream errors into anyio's, the only ones purerpc treats as a normal
     end of connection (row 2: a client that drops TCP without close_notify made trio raise its
-    own BrokenResourceError and purerpc log "Got exception in main dispatch loop")."""
-    try:
-        yield
-    except trio.BrokenResourceError as exc:
-        raise anyio.BrokenResourceError from exc
-    except trio.ClosedResourceError as exc:
-        raise anyio.ClosedResourceError from exc
-    except (ssl.SSLError, OSError) as exc:  # trio wraps these, but a raw one is the same thing
-        raise anyio.BrokenResourceError from exc
+    own BrokenResourceError and purerpc log "Got exception in main dispatch loop"). A plain
+    try/except at each use: a generator context manager per read and write cost more."""
+    if isinstance(exc, trio.ClosedResourceError):
+        return anyio.ClosedResourceError()
+    return anyio.BrokenResourceError()
+
+
+# trio's, and the raw ones it wraps (the same thing if one ever comes through).
+_STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError)
 
 
 class TrioByteStream(anyio.abc.ByteStream):
@@ -203,22 +212,28 @@ class TrioByteStream(anyio.abc.ByteStream):
         self._stream = stream
 
     async def receive(self, max_bytes: int = _RECEIVE_SIZE) -> bytes:
-        with _as_anyio_errors():
+        try:
             data = await self._stream.receive_some(max_bytes)
+        except _STREAM_ERRORS as exc:
+            raise _as_anyio_error(exc) from exc
         if not data:
             raise anyio.EndOfStream
         return bytes(data)
 
     async def send(self, item: bytes | memoryview) -> None:
-        with _as_anyio_errors():
+        try:
             await self._stream.send_all(item)
+        except _STREAM_ERRORS as exc:
+            raise _as_anyio_error(exc) from exc
 
     async def send_eof(self) -> None:
         raise NotImplementedError("a TLS stream cannot be half-closed")
 
     async def aclose(self) -> None:
-        with _as_anyio_errors():
+        try:
             await self._stream.aclose()
+        except _STREAM_ERRORS as exc:
+            raise _as_anyio_error(exc) from exc
 
     @property
     def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
@@ -343,11 +358,112 @@ class PeerGoAway(Event):  # type: ignore[misc]
         self.error_code = error_code
 
 
+# A gRPC deadline as the spec writes it (at most 8 digits and a unit): such a value passes every
+# check h2 and purerpc make, whatever its digits, so header lists that differ only there are
+# checked once.
+_GRPC_TIMEOUT = re.compile(rb"[0-9]{1,8}[HMSmun]")
+_TIMEOUT_UNITS = {"H": "hours", "M": "minutes", "S": "seconds", "m": "milliseconds"}
+
+
+def _grpc_timeout(value: str) -> datetime.timedelta:
+    """A grpc-timeout value of _GRPC_TIMEOUT's form, as purerpc's RequestReceived has it."""
+    number, unit = int(value[:-1]), value[-1]
+    if unit == "u":
+        return datetime.timedelta(microseconds=number)
+    if unit == "n":
+        return datetime.timedelta(microseconds=number / 1000)
+    return datetime.timedelta(**{_TIMEOUT_UNITS[unit]: number})
+# Header lists larger than this (names and values) are always checked in full, never kept.
+_MEMO_MAX_LIST_BYTES = 2048
+
+
+class _MemoFull(Exception):
+    pass
+
+
+class _Memo:
+    """A bounded map from a header list already seen to what processing it gave (inbound
+    header lists repeat call after call: a client sends the same headers but for its
+    deadline). Server-wide: at most `size` entries of at most _MEMO_MAX_LIST_BYTES each; when
+    full it starts again empty. Only lists that passed every check are kept."""
+
+    def __init__(self, size: int = 512) -> None:
+        self.size = size
+        self.entries: dict[Any, Any] = {}
+
+    def put(self, key: Any, value: Any) -> None:
+        if len(self.entries) >= self.size:
+            self.entries.clear()
+        self.entries[key] = value
+
+
+def _memo_key(headers: list[Any], decoded: bool = False) -> tuple[tuple[Any, ...], int] | None:
+    """The header list (h2's raw one, or `decoded`) as a key, its grpc-timeout value blanked,
+    and where that header is (-1: none); None if it may not be kept (too large, a
+    never-indexed header, a cookie, a deadline not in the spec's form, or two of them)."""
+    cookie, timeout, pattern = _DECODED_NAMES if decoded else _RAW_NAMES
+    key = []
+    timeout_at = -1
+    size = 0
+    for i, header in enumerate(headers):
+        if type(header) is not hpack.HeaderTuple:  # NeverIndexedHeaderTuple: as it comes
+            return None
+        name, value = header
+        size += len(name) + len(value)
+        if name == cookie:  # h2 moves and joins these: positions would change
+            return None
+        if name == timeout:
+            if timeout_at >= 0 or not pattern.fullmatch(value):
+                return None
+            timeout_at = i
+            value = value[:0]
+        key.append((name, value))
+    if size > _MEMO_MAX_LIST_BYTES:
+        return None
+    return tuple(key), timeout_at
+
+
+_RAW_NAMES = (b"cookie", b"grpc-timeout", _GRPC_TIMEOUT)
+_DECODED_NAMES = ("cookie", "grpc-timeout", re.compile(_GRPC_TIMEOUT.pattern.decode()))
+
+
+# What h2 made of inbound header lists (normalized, validated, decoded), by list and the
+# flags h2 checked them with; and the calls purerpc parsed from the decoded lists.
+_H2_HEADERS = _Memo()
+_REQUESTS = _Memo()
+
+
 class _H2Connection(h2.connection.H2Connection):  # type: ignore[misc]  # h2 is untyped
     """h2 3.2's connection, ignoring a WINDOW_UPDATE on a stream it has closed and already
     forgotten. RFC 7540 §5.1 says such frames MUST be ignored; h2 3.2 made them a connection
     error, so a busy grpcio connection (which acknowledges data after the trailers arrive)
-    lost every call on it. purerpc's monkeypatch covers only streams h2 still remembers."""
+    lost every call on it. purerpc's monkeypatch covers only streams h2 still remembers.
+
+    Its streams check an inbound header list they have seen before (but for the deadline's
+    digits) once: h2's own pipeline ran on it the first time and passed (`_H2_HEADERS`)."""
+
+    def _begin_new_stream(self, stream_id: int, allowed_ids: Any) -> Any:
+        stream = super()._begin_new_stream(stream_id, allowed_ids)
+        full = stream._process_received_headers
+
+        def process_received_headers(headers: Any, flags: Any, encoding: Any) -> list[Any]:
+            found = _memo_key(headers) if encoding == "utf-8" else None
+            if found is None:
+                result: list[Any] = full(headers, flags, encoding)
+                return result
+            key, timeout_at = found
+            memo_key = (flags, key)
+            done = _H2_HEADERS.entries.get(memo_key)
+            if done is None:
+                done = full(headers, flags, encoding)
+                _H2_HEADERS.put(memo_key, done)
+            out = list(done)
+            if timeout_at >= 0:  # the one value that may differ, and passes what it passed
+                out[timeout_at] = hpack.HeaderTuple("grpc-timeout", headers[timeout_at][1].decode())
+            return out
+
+        stream._process_received_headers = process_received_headers
+        return stream
 
     def _receive_window_update_frame(self, frame: Any) -> tuple[list[Any], list[Any]]:
         try:
@@ -405,6 +521,19 @@ class _ServerConnection(GRPCConnection):  # type: ignore[misc]
         """purerpc's, but a malformed request (bad path, content type, grpc-timeout, END_STREAM
         on the headers) resets that stream only: purerpc's ProtocolError closed the caller's
         whole connection, with every other call on it."""
+        found = None if event.stream_ended else _memo_key(event.headers, decoded=True)
+        if found is not None:
+            request = _REQUESTS.entries.get(found[0])
+            if request is not None:  # parsed before, and accepted: a copy for this stream
+                copy = RequestReceived.__new__(RequestReceived)
+                copy.__dict__.update(request.__dict__)
+                copy.stream_id = event.stream_id
+                if found[1] >= 0:
+                    copy.timeout = _grpc_timeout(event.headers[found[1]][1])
+                self.message_read_buffers[event.stream_id] = _UncompressedReadBuffer(
+                    None, self.config.max_message_length
+                )
+                return [copy]
         try:
             events: list[Event] = super()._request_received(event)
         except Exception as exc:  # purerpc's ProtocolError, or e.g. int() of a bad grpc-timeout
@@ -419,6 +548,10 @@ class _ServerConnection(GRPCConnection):  # type: ignore[misc]
         self.message_read_buffers[event.stream_id] = _UncompressedReadBuffer(
             None, self.config.max_message_length
         )
+        if found is not None and len(events) == 1:
+            kept = RequestReceived.__new__(RequestReceived)
+            kept.__dict__.update(events[0].__dict__)
+            _REQUESTS.put(found[0], kept)
         return events
 
     def _data_received(self, event: h2.events.DataReceived) -> list[Event]:
@@ -497,9 +630,10 @@ class _ServerConnection(GRPCConnection):  # type: ignore[misc]
         self.h2_connection.send_headers(stream_id, headers, end_stream=True)
 
     def _plain_responses(self) -> bool:
-        # purerpc adds grpc-encoding headers only when configured with an encoding.
+        # purerpc adds grpc-encoding headers only when configured with an encoding; the block
+        # carries the accept-encoding the server is configured with (`_Dispatcher`).
         return self.config._message_encoding is None and (
-            self.config._message_accept_encoding is None
+            self.config._message_accept_encoding == ACCEPT_ENCODING
         )
 
     def _send_constant_headers(self, stream_id: int, block: bytes, *, end_stream: bool) -> None:
@@ -651,6 +785,15 @@ class _BoundedSocket(SocketWrapper):  # type: ignore[misc]
         await trio.lowlevel.checkpoint()  # a cancellation point, and fairness for a busy handler
         await self.wait_queued_at_most(self._max_queued)
 
+    async def flush_at_end(self) -> None:
+        """`flush` for a call's last bytes (its status): a cancellation point, but no yield
+        while the queue has room. The call's task ends next, so a yield for fairness would only
+        cost a task switch per call."""
+        self.kick()
+        if self.queued > self._max_queued:
+            await self.wait_queued_at_most(self._max_queued)
+        await trio.lowlevel.checkpoint_if_cancelled()
+
     async def wait_queued_at_most(self, limit: int) -> None:
         while self.queued > limit and not self.broken:
             await self._drained.park()
@@ -667,7 +810,11 @@ class _BoundedSocket(SocketWrapper):  # type: ignore[misc]
                     self.broken = True
                     self._drained.unpark_all()
                     self._on_broken()
+                    write_deferred()
                     return
+                # The audit lines of the calls just answered: after their response, not
+                # before it (their call tasks queued them).
+                write_deferred()
                 self.queued -= size
                 self._budget.give(self._user, size)
                 if self.queued <= self._max_queued:
@@ -702,8 +849,27 @@ class ServerStream(GRPCProtoStream):  # type: ignore[misc]
     _start_stream_event: Event | None  # purerpc's: the call's RequestReceived
     _end_stream_event: Event | None  # purerpc's: its RequestEnded
 
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
+    def __init__(
+        self,
+        grpc_connection: _ServerConnection,
+        stream_id: int,
+        socket: _BoundedSocket,
+        grpc_socket: ServerSocket,
+    ) -> None:
+        # purerpc's GRPCStream.__init__ without its per-call anyio objects (an Event, which
+        # looks the backend up, and a memory channel pair): the reader's events wait in a
+        # deque, and a waiter or a window wait makes its trio.Event only when it must wait.
+        self._stream_id = stream_id
+        self._grpc_connection = grpc_connection
+        self._grpc_socket = grpc_socket
+        self._socket = socket
+        self._response_started = False
+        self._state = GRPCStreamState.OPEN
+        self._start_stream_event = None
+        self._end_stream_event = None
+        self._incoming: collections.deque[Event] = collections.deque()
+        self._incoming_waiter: trio.Event | None = None
+        self._window_waiter: trio.Event | None = None
         self.cancel_scope = trio.CancelScope()
         # What to answer once cancelled; None when nothing can be (the peer reset the stream).
         self.abort_status: Status | None = None
@@ -782,23 +948,29 @@ class ServerStream(GRPCProtoStream):  # type: ignore[misc]
             self._socket.stalled(waiting, self.reserved)
 
     async def _wait_flow_control_update(self) -> None:
-        # purerpc's; a wait in the middle of a message while holding a reservation is a stall.
+        """Until the peer's next WINDOW_UPDATE for this stream or the connection. Its callers
+        look at the window first, with no yield in between: an update can never come between
+        that look and this wait. A wait in the middle of a message while holding a
+        reservation is a stall."""
         size = self.reserved
-        if not size:
-            await super()._wait_flow_control_update()
-            return
-        self._socket.stalled(True, size)
+        if size:
+            self._socket.stalled(True, size)
         try:
-            await super()._wait_flow_control_update()
+            self._window_waiter = waiter = trio.Event()
+            await waiter.wait()
         finally:
-            self._socket.stalled(False, size)
+            self._window_waiter = None
+            if size:
+                self._socket.stalled(False, size)
 
     def wake_for_window(self) -> None:
-        # purerpc's _set_flow_control_update is async only to set this event.
-        self._flow_control_update_event.set()
+        if self._window_waiter is not None:
+            self._window_waiter.set()
 
     def deliver(self, event: Event) -> None:
-        self._incoming_events[0].send_nowait(event)
+        self._incoming.append(event)
+        if self._incoming_waiter is not None:
+            self._incoming_waiter.set()
 
     async def receive_event(self) -> Event:
         """purerpc's (GRPCProtoStream's, which calls GRPCStream._receive by name), without its
@@ -816,13 +988,16 @@ class ServerStream(GRPCProtoStream):  # type: ignore[misc]
         return event
 
     async def _receive_queued(self) -> Event:
-        receiver = self._incoming_events[1]
-        try:
-            event = receiver.receive_nowait()
-        except anyio.WouldBlock:
-            event = await receiver.receive()
-        else:
+        incoming = self._incoming
+        if incoming:
             await trio.lowlevel.checkpoint_if_cancelled()
+        while not incoming:
+            self._incoming_waiter = waiter = trio.Event()
+            try:
+                await waiter.wait()
+            finally:
+                self._incoming_waiter = None
+        event = incoming.popleft()
         if isinstance(event, MessageReceived):
             self._grpc_connection.acknowledge_received_data(
                 self._stream_id, event.flow_controlled_length
@@ -835,6 +1010,22 @@ class ServerStream(GRPCProtoStream):  # type: ignore[misc]
             assert self._start_stream_event is None
             self._start_stream_event = event
         return event
+
+    async def close(
+        self, status: Status, content_type_suffix: str = "", custom_metadata: Any = ()
+    ) -> None:
+        """purerpc's GRPCStream.close (server side): the trailers, or the status alone if no
+        response was started; its flush yields only when the queue is full (`flush_at_end`)."""
+        if self._state in (GRPCStreamState.HALF_CLOSED_LOCAL, GRPCStreamState.CLOSED):
+            raise TypeError("Closing already closed stream")
+        self._close_local()
+        if self._response_started:
+            self._grpc_connection.end_response(self._stream_id, status, custom_metadata)
+        else:
+            self._grpc_connection.respond_status(
+                self._stream_id, status, content_type_suffix, custom_metadata
+            )
+        await self._socket.flush_at_end()
 
     def queue_response_start(self) -> None:
         """`start_response` without its flush: the headers leave with the first message (or the
@@ -920,9 +1111,8 @@ class ServerStream(GRPCProtoStream):  # type: ignore[misc]
                 await self._socket.flush()
 
     def close_channels(self) -> None:
-        # purerpc never closes the memory channel it makes per stream; anyio warns on collection.
-        for channel in self._incoming_events:
-            channel.close()
+        """Drop what the reader queued and nobody read (the call has ended)."""
+        self._incoming.clear()
 
 
 class ReaderEnd(enum.Enum):
@@ -993,6 +1183,9 @@ class ServerSocket(GRPCProtoSocket):  # type: ignore[misc]
                 data = await self._socket.recv(self._receive_buffer_size)
             except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
                 return ReaderEnd.PEER_GONE
+            # Calls answered so far have their audit lines written before the next is read,
+            # whether or not their responses could be written yet.
+            write_deferred()
             try:
                 events = self._grpc_connection.receive_data(data)
             except Exception as exc:  # h2's or purerpc's ProtocolError, a malformed header

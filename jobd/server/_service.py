@@ -36,27 +36,37 @@ PAGE_MARGIN = 64 * 1024
 _TOKEN_PREFIX = "jobs-before:"
 
 
+def _status_error(exc: BaseException) -> purerpc.RpcFailedError | None:
+    """The gRPC status error for one of the engine's errors, None for anything else: the one
+    place this translation is made."""
+    if not isinstance(exc, engine.JobdError):
+        return None
+    if isinstance(exc, engine.InvalidArgument):
+        return purerpc.InvalidArgumentError(str(exc))
+    if isinstance(exc, engine.NotFound):
+        return purerpc.NotFoundError(str(exc))
+    if isinstance(exc, engine.Unavailable):
+        return purerpc.UnavailableError(str(exc))
+    if isinstance(exc, engine.ResourceExhausted):
+        return purerpc.ResourceExhaustedError(str(exc))
+    if isinstance(exc, engine.FailedPrecondition):
+        return purerpc.FailedPreconditionError(str(exc))
+    if isinstance(exc, engine.AlreadyExists):
+        return purerpc.AlreadyExistsError(str(exc))
+    # Not caused by the client (cgroups, setup): say what failed, log it for the operator.
+    log.error("engine failure: %s", exc)
+    return purerpc.InternalError(f"server failure: {exc}")
+
+
 @contextmanager
 def map_errors() -> Iterator[None]:
-    """Translate the engine's errors into gRPC statuses: the one place this happens."""
+    """Translate the engine's errors into gRPC statuses (`_status_error`)."""
     try:
         yield
-    except engine.InvalidArgument as exc:
-        raise purerpc.InvalidArgumentError(str(exc)) from exc
-    except engine.NotFound as exc:
-        raise purerpc.NotFoundError(str(exc)) from exc
-    except engine.Unavailable as exc:
-        raise purerpc.UnavailableError(str(exc)) from exc
-    except engine.ResourceExhausted as exc:
-        raise purerpc.ResourceExhaustedError(str(exc)) from exc
-    except engine.FailedPrecondition as exc:
-        raise purerpc.FailedPreconditionError(str(exc)) from exc
-    except engine.AlreadyExists as exc:
-        raise purerpc.AlreadyExistsError(str(exc)) from exc
     except engine.JobdError as exc:
-        # Not caused by the client (cgroups, setup): say what failed, log it for the operator.
-        log.error("engine failure: %s", exc)
-        raise purerpc.InternalError(f"server failure: {exc}") from exc
+        status_error = _status_error(exc)
+        assert status_error is not None
+        raise status_error from exc
 
 
 def _timestamp(t: float) -> Timestamp | None:
@@ -224,6 +234,48 @@ class _Call:
     details: dict[str, object] = field(default_factory=dict)  # more fields for its line
 
 
+class _Audited:
+    """The context of `JobService._call`. A class: a generator context manager per call cost
+    more (issue 12)."""
+
+    __slots__ = ("_call", "_start")
+
+    def __init__(self, call: _Call) -> None:
+        self._call = call
+        self._start = time.perf_counter()
+
+    def __enter__(self) -> _Call:
+        if self._call.identity is None:
+            error = purerpc.UnauthenticatedError(
+                "client certificate has no usable identity (subject CN)"
+            )
+            self._end(error)
+            raise error
+        return self._call
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        status_error = None if exc is None else _status_error(exc)
+        self._end(status_error or exc)
+        if status_error is not None:
+            raise status_error from exc
+
+    def _end(self, exc: BaseException | None) -> None:
+        call = self._call
+        if isinstance(exc, purerpc.RpcFailedError):
+            call.code = exc.status.status_code.name
+        elif exc is not None:
+            call.code = "CANCELLED" if isinstance(exc, trio.Cancelled) else "UNKNOWN"
+        audit_event(
+            "rpc",
+            user=call.identity.user if call.identity else None,
+            method=call.method,
+            job=call.job_id or None,
+            code=call.code,
+            duration_ms=round((time.perf_counter() - self._start) * 1000, 1),
+            **call.details,
+        )
+
+
 class _EndedJobMessages:
     """Serialized `Job` messages of ended jobs, which Status is asked for again and again
     (a client polling for the result). An entry is served only for a `JobInfo` equal to the
@@ -260,33 +312,10 @@ class JobService(jobd_grpc.JobServiceServicer):
         self._ended = _EndedJobMessages()
         self._page_bytes = max(max_message_bytes - PAGE_MARGIN, 1)
 
-    @contextmanager
-    def _call(self, method: str, job_id: str = "") -> Iterator[_Call]:
-        call = _Call(method, current_identity.get(None), job_id)
-        start = time.perf_counter()
-        try:
-            if call.identity is None:
-                raise purerpc.UnauthenticatedError(
-                    "client certificate has no usable identity (subject CN)"
-                )
-            with map_errors():
-                yield call
-        except purerpc.RpcFailedError as exc:
-            call.code = exc.status.status_code.name
-            raise
-        except BaseException as exc:
-            call.code = "CANCELLED" if isinstance(exc, trio.Cancelled) else "UNKNOWN"
-            raise
-        finally:
-            audit_event(
-                "rpc",
-                user=call.identity.user if call.identity else None,
-                method=method,
-                job=call.job_id or None,
-                code=call.code,
-                duration_ms=round((time.perf_counter() - start) * 1000, 1),
-                **call.details,
-            )
+    def _call(self, method: str, job_id: str = "") -> _Audited:
+        """`with self._call(method) as call:` authenticates, maps engine errors
+        (`map_errors`) and writes the call's audit line however it ends."""
+        return _Audited(_Call(method, current_identity.get(None), job_id))
 
     def _authorized(self, call: _Call, job_id: str) -> engine.JobInfo:
         """The job, if the caller may act on it (its owner, or an admin)."""

@@ -42,7 +42,7 @@ from purerpc.wrappers import (
     extract_message_from_singleton_stream,
 )
 
-from jobd.server._audit import RateLimitedLog, audit_event
+from jobd.server._audit import RateLimitedLog, audit_event, defer_audit, write_deferred
 from jobd.server._callstats import TransportStatistics
 from jobd.server._grpc_stream import (
     ACCEPT_ENCODING,
@@ -270,6 +270,16 @@ class _Dispatcher(ConnectionHandler):  # type: ignore[misc]  # purerpc is untype
         return 0 if self._socket is None else self._socket.queued_bytes
 
     async def __call__(self, stream_: anyio.abc.ByteStream) -> None:
+        # The calls' audit lines are written after their responses (`_audit.defer_audit`): by
+        # the writer after its next socket write, the reader before it reads on, and here at
+        # the end, whichever comes first; and by the server's timer (`GrpcServer._serve`).
+        defer_audit.set(True)  # this task's context: the reader and call tasks copy it
+        try:
+            await self._serve(stream_)
+        finally:
+            write_deferred()
+
+    async def _serve(self, stream_: anyio.abc.ByteStream) -> None:
         with self._scope:
             socket = ServerSocket(
                 self.config,
@@ -720,6 +730,7 @@ class GrpcServer:
         self, listeners: list[trio.SocketListener], task_status: trio.TaskStatus[GrpcServer]
     ) -> None:
         async with trio.open_nursery() as connections:
+            connections.start_soon(_write_deferred_audit_lines)
             async with trio.open_nursery() as acceptors:
                 for listener in listeners:
                     acceptors.start_soon(self._accept, listener, connections)
@@ -789,6 +800,18 @@ class GrpcServer:
             self._changed.unpark_all()
 
 
+# A call's audit line waits at most this long for its connection's next write or read.
+_AUDIT_WRITE_INTERVAL = 1.0
+
+
+async def _write_deferred_audit_lines() -> None:
+    """The bound on how late an audit line is written, when its connection neither writes nor
+    reads any more (a peer that stopped reading its responses, and sends nothing)."""
+    while True:
+        await trio.sleep(_AUDIT_WRITE_INTERVAL)
+        write_deferred()
+
+
 async def serve_grpc(
     services: Iterable[Service],
     *,
@@ -814,5 +837,6 @@ async def serve_grpc(
         server = GrpcServer(by_name, port=ports.pop(), ssl_context=ssl_context, limits=limits)
         await server._serve(listeners, task_status)
     finally:
+        write_deferred()
         for listener in listeners:
             await trio.aclose_forcefully(listener)
