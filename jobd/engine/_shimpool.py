@@ -60,9 +60,10 @@ POOL_SIZE = 4
 REFILL_RETRY = 1.0
 # Bound on killing an idle shim and removing its spare leaf at shutdown.
 DISCARD_TIMEOUT = 10.0
-# After the zygote died (or could not start), start a new one this much later; meanwhile
-# shims boot an interpreter each.
+# After the zygote died (or could not start), start a new one this much later (doubled
+# after each failure to start, up to ZYGOTE_RESTART_MAX); meanwhile shims boot one each.
 ZYGOTE_RESTART = 1.0
+ZYGOTE_RESTART_MAX = 300.0
 log = logging.getLogger(__name__)
 # The job's stdout and stderr pipes hold this much before the job blocks (Linux default
 # 64 KiB): fewer wake-ups for the pump, which reads up to as much at a time.
@@ -307,6 +308,7 @@ class ShimPool:
         """Keep a zygote running (started once it has booted, or once it could not start):
         when it dies, shims are booted until a new one has started."""
         started, failing = False, False
+        delay = ZYGOTE_RESTART
         while True:
             try:
                 zygote: _zygote.Zygote | None = await _zygote.start_zygote()
@@ -318,7 +320,7 @@ class ShimPool:
             if zygote is not None:
                 if failing:
                     log.info("the zygote started: shims are forked again")
-                failing = False
+                failing, delay = False, ZYGOTE_RESTART
                 self._zygote_lost = trio.Event()
                 self.zygote.value = zygote
             if not started:
@@ -335,7 +337,9 @@ class ShimPool:
                         self.zygote.value = None
                     with trio.CancelScope(shield=True):
                         await zygote.aclose()
-            await trio.sleep(ZYGOTE_RESTART)
+            await trio.sleep(delay if failing else ZYGOTE_RESTART)  # (after a death)
+            if failing:
+                delay = min(delay * 2, ZYGOTE_RESTART_MAX)
 
     async def _zygote_died(self, zygote: _zygote.Zygote, scope: trio.CancelScope) -> None:
         await zygote.proc.wait()

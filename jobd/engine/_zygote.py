@@ -126,7 +126,7 @@ class Zygote:
                         [b"F"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fd_array)]
                     )
                     answer = await self._sock.recv(8)
-                except OSError as exc:
+                except (OSError, trio.ClosedResourceError) as exc:
                     self._lost()
                     raise ZygoteGone(f"the zygote's socket failed: {exc}") from exc
             if scope.cancelled_caught or len(answer) != 4:
@@ -145,8 +145,10 @@ class Zygote:
             self.proc.kill()
 
     async def aclose(self) -> None:
-        """EOF on its socket (it exits by itself), kill, reap. Shield the caller."""
-        self._sock.close()
+        """EOF on its socket (it exits by itself), kill, reap. Shield the caller. Waits for
+        a fork under way (bounded by FORK_TIMEOUT), so that its shim is not lost."""
+        async with self._lock:
+            self._sock.close()
         self._lost()
         await self.proc.wait()
 
@@ -154,6 +156,10 @@ class Zygote:
 async def start_zygote() -> Zygote:
     """Spawn the zygote (trio's process API, in the caller's nursery's lifetime: the caller
     owns it) and wait until it has booted. Raises OSError or ZygoteGone when it cannot."""
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except (AttributeError, OSError) as exc:  # Linux < 5.3: a forked shim could not be waited on
+        raise ZygoteGone(f"no pidfd_open on this host ({exc})") from None
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         proc = await trio.lowlevel.open_process(
