@@ -60,7 +60,7 @@ _libc.ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_char_p)
 
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NAME = 1, 4, 15
 PR_SET_SECCOMP, PR_SET_NO_NEW_PRIVS, SECCOMP_MODE_FILTER = 22, 38, 2
-CLONE_NEWPID = 0x20000000
+CLONE_NEWPID, CLONE_NEWCGROUP = 0x20000000, 0x02000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 SIOCSIFFLAGS, IFF_UP = 0x8914, 1
 # Dispositions the shim changes for itself, and the command must get back as defaults. The
@@ -144,8 +144,18 @@ def _prepare(prep: dict[str, object], dirs: dict[str, int]) -> ctypes.Array[ctyp
     for source, target, fstype, mflags, data in prep.get("mounts", ()):  # type: ignore[attr-defined]
         _mount(source, target, fstype, mflags, data)
     # A pooled shim's leaves (`_shimpool.py`): joined now, while idle, so that the join's
-    # wait (the kernel's RCU grace period after an idle spell) is not paid by a Start.
+    # wait (the kernel's RCU grace period after an idle spell) is not paid by a Start. Then
+    # what a job's PID 1 does once in its leaves, done now too: the cgroup namespace (its
+    # root is the leaf just joined) and the job's view of cgroupfs (`joined`).
     _join({"procs": prep.get("join", ())}, dirs)
+    joined = prep.get("joined")
+    if prep.get("join") and isinstance(joined, dict):
+        if joined["unshare"]:
+            _unshare(joined["unshare"])
+        for source, target, fstype, mflags, data in joined["mounts"]:
+            _mount(source, target, fstype, mflags, data)
+    if prep.get("proc"):  # PID 1 is in the job's PID namespace: /proc shows only the job's
+        _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "")
     bpf = prep.get("seccomp")
     if isinstance(bpf, bytes) and bpf:
         return ctypes.create_string_buffer(bpf, len(bpf))
@@ -283,6 +293,8 @@ def _init(
         sandbox = spec["sandbox"]
         assert isinstance(sandbox, dict)
         stage, what = "namespaces", "unshare"
+        if failure is None and prep.get("join") and prep.get("joined"):  # done while idle
+            sandbox = {**sandbox, "unshare": sandbox["unshare"] & ~CLONE_NEWCGROUP, "mounts": []}
         if sandbox["unshare"]:
             _unshare(sandbox["unshare"])
         for source, target, fstype, mflags, data in sandbox["mounts"]:
@@ -326,9 +338,6 @@ def _child(
     assert isinstance(argv, list) and isinstance(env, dict)
     stage = what = ""
     try:
-        if sandbox is not None:
-            stage, what = "namespaces", "/proc"
-            _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "")
         uid, gid = spec["uid"], spec["gid"]
         if uid is not None:
             assert isinstance(uid, int) and isinstance(gid, int)
