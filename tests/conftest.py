@@ -87,13 +87,31 @@ def job_processes(names: set[str]) -> list[str]:
 SESSION_NAMES: set[str] = {"jobd"}
 
 
+def shim_children() -> list[str]:
+    """Shims and zygotes (`_shim.py`) that are still children of this process (an engine in
+    the test process owns them): every manager that ended must have reaped them."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[-1].split()
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if int(stat[1]) == os.getpid() and "_shim.py" in cmd:
+            out.append(f"{entry.name}: {stat[0]} {cmd}")  # a zombie too: never reaped
+    return out
+
+
 @pytest.fixture(scope="session", autouse=True)
 def nothing_left_behind() -> Iterator[None]:
-    """At the end of the suite: no job process and no jobd cgroup of ours remains."""
+    """At the end of the suite: no job process, no jobd cgroup of ours and no shim or zygote
+    of the engines this process ran remains."""
     before = set(jobd_cgroups())
     yield
     left = [p for p in jobd_cgroups() if p not in before and p.name in SESSION_NAMES]
-    procs = job_processes(SESSION_NAMES)
+    procs = job_processes(SESSION_NAMES) + shim_children()
     assert not left and not procs, f"left behind: cgroups {left}, processes {procs}"
 
 

@@ -655,11 +655,11 @@ async def test_the_pool_refills_once_no_start_is_under_way(
     last shim refills at once (under a stream of Starts it would otherwise run dry)."""
     await spare_leaves(engine)  # full
     spawned: list[object] = []
-    real_spawn = _shimpool.spawn_shim
+    real_fork = _shimpool.fork_shim
 
-    async def spawn_shim(*args: object, **kwargs: object) -> _shimpool.Shim:
+    async def fork_shim(*args: object, **kwargs: object) -> _shimpool.Shim:
         spawned.append(kwargs.get("leaf"))
-        return await real_spawn(*args, **kwargs)  # type: ignore[arg-type]
+        return await real_fork(*args, **kwargs)  # type: ignore[arg-type]
 
     hold = trio.Event()
     real_hand = _shimpool.Shim.hand
@@ -668,7 +668,7 @@ async def test_the_pool_refills_once_no_start_is_under_way(
         await hold.wait()  # the Start stays under way here
         await real_hand(self, spec)
 
-    monkeypatch.setattr(_shimpool, "spawn_shim", spawn_shim)
+    monkeypatch.setattr(_shimpool, "fork_shim", fork_shim)  # refills are forked by the zygote
     monkeypatch.setattr(_shimpool.Shim, "hand", hand)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(partial(engine.start, "alice", ["true"]))

@@ -72,17 +72,18 @@ PHASES = (
     (_cgroup.JobCgroup, "create", "leaf created (also the pool's spares)"),
     (_retention.OutputSpace, "create", "output dir and files created"),
     (_shimpool.ShimPool, "take", "pool take"),
+    (_shimpool.ShimPool, "new_shim", "new shim (zygote's fork, or a boot)"),
     (_shimpool.Shim, "hand", "spec handed to the shim"),
     (_shimpool.Shim, "verdict", "shim's verdict (joined, exec'd)"),
 )
 
 
-async def _run(starts: int, gap: float) -> None:
+async def _run(starts: int, gap: float, prefix: str) -> None:
     with tempfile.TemporaryDirectory(prefix="jobd-start-phases-") as tmp:
         first = 3_000_000 + secrets.randbelow(1_000_000) * 1000
         config = EngineConfig(
             data_dir=Path(tmp) / "data",
-            cgroup_name=f"jobd-start-phases-{secrets.token_hex(4)}",
+            cgroup_name=f"{prefix}-{secrets.token_hex(4)}",
             job_uids=(first, first + 999),
             uid_registry=Path(tmp) / "uid-ranges",
         )
@@ -96,11 +97,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--starts", type=int, default=40)
     parser.add_argument("--gap", type=float, default=0.0, help="seconds between Starts")
+    parser.add_argument("--cgroup-prefix", default="jobd-start-phases",
+                        help="the engine's cgroup tree is named PREFIX-<random>")
     args = parser.parse_args(argv)
     for owner, name, label in PHASES:
         if hasattr(owner, name):  # (an older engine may lack a phase)
             _timed(owner, name, label)
-    trio.run(_run, args.starts, args.gap)
+    trio.run(_run, args.starts, args.gap, args.cgroup_prefix)
     for _owner, _name, label in PHASES:
         values = TIMES.get(label, [])[WARM_UP:]
         if values:

@@ -195,7 +195,7 @@ class _Job:
         self.id = start.id
         self.cgroup = cgroup
         self.output = output
-        self.proc: trio.Process | None = None
+        self.proc: _shimpool.ShimProcess | None = None
         self.cancel_scope = trio.CancelScope()
         # When the job must be SIGKILLed (trio time); inf until a stop is requested. A later
         # stop with a shorter grace moves it earlier.
@@ -607,14 +607,16 @@ class JobManager:
         assert self._nursery is not None
         cgroup: JobCgroup | ProcessGroup | None = None
         output: OutputStore | None = None
-        proc: trio.Process | None = None
+        proc: _shimpool.ShimProcess | None = None
         try:
             try:
                 await self._records.write_durably(Put(record))
             except StoreError as exc:
                 raise ResourceExhausted(f"cannot record the job in the data dir: {exc}") from exc
             try:
-                if shim is None:
+                if shim is None and self._shims is not None:
+                    shim = await self._shims.new_shim(stdin=stdin)  # forked, or booted
+                elif shim is None:
                     prep = self._sandbox.prep if self._sandbox else None
                     shim = await _shimpool.spawn_shim(prep, stdin=stdin)
                 cgroup = self._leaf_for(record, shim)
@@ -682,7 +684,7 @@ class JobManager:
         cgroup: JobCgroup | ProcessGroup,
         uid: int | None,
         network: Network,
-    ) -> trio.Process:
+    ) -> _shimpool.ShimProcess:
         """Hand the job to `shim`: its process then runs the command in the job's leaves and
         namespaces (see `_shim.py`: with namespaces it is the shim, which ends exactly as the
         command did). On any failure the caller kills the shim."""
@@ -796,7 +798,7 @@ class JobManager:
     async def _teardown(
         self,
         cgroup: JobCgroup | ProcessGroup,
-        proc: trio.Process | None,
+        proc: _shimpool.ShimProcess | None,
         output: OutputStore | None,
         *,
         job: _Job | None = None,
@@ -834,7 +836,7 @@ class JobManager:
                 self._ended(job, proc.returncode if proc else None, usage)
 
     @staticmethod
-    def _close_streams(proc: trio.Process) -> None:
+    def _close_streams(proc: _shimpool.ShimProcess) -> None:
         for pipe in (proc.stdin, proc.stdout, proc.stderr):
             if pipe is not None:
                 pipe.close()  # type: ignore[union-attr]  # trio's FdStream, typed as its ABC

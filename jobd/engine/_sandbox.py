@@ -295,12 +295,18 @@ async def probe_sandbox(
         problems.append(f"no seccomp filter for {os.uname().machine}")
     if not userns_blocked:
         prep = {**prep, "seccomp": None}
+    cgroup_mounts = plan_cgroup_mounts(mountinfo, layout, cgroupns=cgroupns)
     if not namespaces:
         prep = {**prep, "unshare": 0, "mounts": []}
+    else:
+        # Done by PID 1 while idle: /proc of the job's PID namespace; and, once a pooled
+        # shim has joined its spare leaf, what a job's plan would do right after the join.
+        joined = {"unshare": CLONE_NEWCGROUP if cgroupns else 0, "mounts": cgroup_mounts}
+        prep = {**prep, "proc": True, "joined": joined}
     return Sandbox(
         settings,
         prep,
-        plan_cgroup_mounts(mountinfo, layout, cgroupns=cgroupns),
+        cgroup_mounts,
         namespaces=namespaces,
         cgroupns=cgroupns,
         network_none=namespaces and result["netns"] == 0,

@@ -32,6 +32,10 @@ them (theory of operation):
 The shim ignores SIGTERM, SIGINT and SIGHUP (without cgroups a Stop signals the process
 group, the shim included: the command decides, the shim follows it).
 
+Usually a shim is not booted but forked by the zygote (`_shim.py --zygote SOCK_FD`, see
+`_zygote` below and `_zygote.py`): a copy of this program, booted once, whose clone(2) with
+CLONE_PARENT makes each new shim the server's own child; from there it runs as above.
+
 Failure is reported as one marshalled dict on the status fd (close-on-exec, so a successful
 exec leaves the parent reading a bare EOF).
 """
@@ -56,7 +60,7 @@ _libc.ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_char_p)
 
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NAME = 1, 4, 15
 PR_SET_SECCOMP, PR_SET_NO_NEW_PRIVS, SECCOMP_MODE_FILTER = 22, 38, 2
-CLONE_NEWPID = 0x20000000
+CLONE_NEWPID, CLONE_NEWCGROUP = 0x20000000, 0x02000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 SIOCSIFFLAGS, IFF_UP = 0x8914, 1
 # Dispositions the shim changes for itself, and the command must get back as defaults. The
@@ -140,8 +144,18 @@ def _prepare(prep: dict[str, object], dirs: dict[str, int]) -> ctypes.Array[ctyp
     for source, target, fstype, mflags, data in prep.get("mounts", ()):  # type: ignore[attr-defined]
         _mount(source, target, fstype, mflags, data)
     # A pooled shim's leaves (`_shimpool.py`): joined now, while idle, so that the join's
-    # wait (the kernel's RCU grace period after an idle spell) is not paid by a Start.
+    # wait (the kernel's RCU grace period after an idle spell) is not paid by a Start. Then
+    # what a job's PID 1 does once in its leaves, done now too: the cgroup namespace (its
+    # root is the leaf just joined) and the job's view of cgroupfs (`joined`).
     _join({"procs": prep.get("join", ())}, dirs)
+    joined = prep.get("joined")
+    if prep.get("join") and isinstance(joined, dict):
+        if joined["unshare"]:
+            _unshare(joined["unshare"])
+        for source, target, fstype, mflags, data in joined["mounts"]:
+            _mount(source, target, fstype, mflags, data)
+    if prep.get("proc"):  # PID 1 is in the job's PID namespace: /proc shows only the job's
+        _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "")
     bpf = prep.get("seccomp")
     if isinstance(bpf, bytes) and bpf:
         return ctypes.create_string_buffer(bpf, len(bpf))
@@ -178,7 +192,13 @@ def _join(spec: dict[str, object], dirs: dict[str, int]) -> None:
 def main() -> None:
     if sys.argv[1] == "--probe":
         _probe()
-    control_fd, status_fd = int(sys.argv[1]), int(sys.argv[2])
+    if sys.argv[1] == "--zygote":
+        _zygote(int(sys.argv[2]))
+    _run(int(sys.argv[1]), int(sys.argv[2]))
+
+
+def _run(control_fd: int, status_fd: int) -> None:
+    """The shim's life, from its preparation to the job's exec (or its end); never returns."""
     os.set_inheritable(status_fd, False)
     for sig in _IGNORED:
         _signal.signal(sig, _signal.SIG_IGN)
@@ -253,8 +273,7 @@ def _init(
         os._exit(0)  # EOF: the shim died before PR_SET_PDEATHSIG, so must we
     except BlockingIOError:
         os.close(alive_r)
-    name = ctypes.create_string_buffer(b"jobd-init")
-    _libc.prctl(PR_SET_NAME, ctypes.addressof(name), 0, 0, 0)
+    _set_name(b"jobd-init")
     failure: OSError | None = None
     bpf = None
     dirs: dict[str, int] = {}
@@ -274,6 +293,8 @@ def _init(
         sandbox = spec["sandbox"]
         assert isinstance(sandbox, dict)
         stage, what = "namespaces", "unshare"
+        if failure is None and prep.get("join") and prep.get("joined"):  # done while idle
+            sandbox = {**sandbox, "unshare": sandbox["unshare"] & ~CLONE_NEWCGROUP, "mounts": []}
         if sandbox["unshare"]:
             _unshare(sandbox["unshare"])
         for source, target, fstype, mflags, data in sandbox["mounts"]:
@@ -317,9 +338,6 @@ def _child(
     assert isinstance(argv, list) and isinstance(env, dict)
     stage = what = ""
     try:
-        if sandbox is not None:
-            stage, what = "namespaces", "/proc"
-            _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "")
         uid, gid = spec["uid"], spec["gid"]
         if uid is not None:
             assert isinstance(uid, int) and isinstance(gid, int)
@@ -384,6 +402,104 @@ def _execvpe(argv: list[str], env: dict[str, str]) -> None:
             if exc.errno not in (errno.ENOENT, errno.ENOTDIR) and saved is None:
                 saved = exc
     raise saved or FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
+
+
+# ----------------------------------------------------------------- the zygote
+# `_shim.py --zygote SOCK_FD`: one pre-booted copy of this program that forks new shims on
+# request (`_zygote.py` is the server's side), each in ~1 ms instead of an interpreter boot.
+CLONE_PARENT = 0x00008000
+_SYS_CLONE = {"x86_64": 56, "aarch64": 220}
+# Each request's descriptors: the shim's stdout and stderr (write ends), its control pipe
+# (read end) and its status pipe (write end).
+ZYGOTE_FDS = 4
+
+
+def _zygote(sock_fd: int) -> None:
+    """Serve fork requests on SOCK_FD (a SOCK_SEQPACKET unix socket to the server) until EOF
+    (the server shut down or died). Each request is one byte and the four descriptors of a new
+    shim (SCM_RIGHTS); the answer is the new shim's pid, 4 bytes signed (-errno if the fork
+    failed). The shim is cloned with CLONE_PARENT, so it is the *server's* child, as a booted
+    shim is: the server waits for it, signals it and reads its exact wait status itself, and
+    the zygote's death loses nothing."""
+    import _socket  # (`socket` pulls in enum and selectors)
+
+    for sig in _IGNORED:
+        _signal.signal(sig, _signal.SIG_IGN)
+    sock = _socket.socket(fileno=sock_fd)
+    libc = ctypes.PyDLL(None, use_errno=True)  # PyDLL: the GIL stays held across the clone
+    libc.syscall.restype = ctypes.c_long
+    clone = _SYS_CLONE[os.uname().machine]  # elsewhere: dies before it is ready (no zygote)
+    _set_name(b"jobd-zygote")  # its shims show as jobd-shim (their cmdline is the zygote's)
+    sock.send(b"R")  # booted: ready for requests
+    cmsg_size = _socket.CMSG_SPACE(ZYGOTE_FDS * 4)
+    while True:
+        message, ancdata, _flags, _address = sock.recvmsg(1, cmsg_size, _socket.MSG_CMSG_CLOEXEC)
+        fds: list[int] = []
+        for level, kind, data in ancdata:
+            if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+                fds += [int.from_bytes(data[i:i + 4], sys.byteorder, signed=True)
+                        for i in range(0, len(data) - len(data) % 4, 4)]
+        if not message:
+            os._exit(0)
+        pid = -errno.EINVAL
+        if len(fds) == ZYGOTE_FDS:
+            _set_name(b"jobd-shim")  # the child's name from its first instant
+            try:
+                pid = _clone_parent(libc, clone)
+            except OSError as exc:
+                pid = -(exc.errno or errno.EAGAIN)
+            if pid:
+                _set_name(b"jobd-zygote")
+            if pid == 0:
+                _forked(sock, fds)
+        for fd in fds:
+            os.close(fd)
+        sock.send(pid.to_bytes(4, sys.byteorder, signed=True))
+
+
+def _set_name(name: bytes) -> None:
+    buf = ctypes.create_string_buffer(name)
+    _libc.prctl(PR_SET_NAME, ctypes.addressof(buf), 0, 0, 0)
+
+
+def _clone_parent(libc: ctypes.CDLL, clone: int) -> int:
+    """`os.fork()` with CLONE_PARENT: the same steps around the fork (PyOS_BeforeFork: the
+    import lock, at-fork hooks; in the child PyOS_AfterFork_Child: a new GIL, thread and
+    signal state), then a raw clone(2), made with the GIL held in this single-threaded
+    process. Skipped from glibc's fork(): its at-fork handlers and lock resets (no other
+    thread can hold a lock here) and the child's cached tid in its thread block (glibc
+    asks the kernel for the tid where it signals itself)."""
+    api = ctypes.pythonapi
+    api.PyOS_BeforeFork()
+    zero = ctypes.c_long(0)
+    pid = int(libc.syscall(ctypes.c_long(clone), ctypes.c_long(CLONE_PARENT | _signal.SIGCHLD),
+                           zero, zero, zero, zero))
+    if pid == 0:
+        api.PyOS_AfterFork_Child()
+        return 0
+    err = ctypes.get_errno()
+    api.PyOS_AfterFork_Parent()
+    if pid < 0:
+        raise OSError(err, os.strerror(err), "clone")
+    return pid
+
+
+def _forked(sock: object, fds: list[int]) -> None:
+    """The zygote's child becomes a shim as `_shimpool.spawn_shim` starts one: a session of
+    its own, its pipes as stdout and stderr, stdin /dev/null (the zygote's), none of the
+    zygote's descriptors (the rest are close-on-exec). Never returns."""
+    try:
+        sock.close()  # type: ignore[attr-defined]
+        os.setsid()
+        stdout, stderr, control, status = fds
+        os.dup2(stdout, 1)
+        os.dup2(stderr, 2)
+        os.close(stdout)
+        os.close(stderr)
+        _run(control, status)
+    except BaseException:
+        sys.excepthook(*sys.exc_info())  # on the job's stderr, as a booted shim would
+    os._exit(1)
 
 
 def _probe() -> None:

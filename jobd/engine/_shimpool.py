@@ -11,15 +11,21 @@ by the process that becomes the job (PID 1 of its namespace, or the shim itself 
 namespaces); cgroup v2 cannot rename a leaf, so a spare is named with the id the job that
 takes it will get. It has dropped nothing and exec'd nothing yet, so until a job is handed
 to it, it is only an idle child of the server. `take()` hands one out (None when the pool is
-empty: the caller spawns one with `spawn_shim`, which joins at once); `run()`, a task of the
-job manager's nursery, refills the pool whenever no Start is under way (`starting()`; at
+empty: the caller gets a new one with `new_shim()`, which joins at once); `run()`, a task of
+the job manager's nursery, refills the pool whenever no Start is under way (`starting()`; at
 once when it is down to its last shim) and, when it ends, kills the idle shims and removes
 their spare leaves. A shim whose server dies reads EOF on its control pipe and exits; its
 spare leaf, like every leaf a dead server left, is reaped at the next start-up.
 
+New shims are forked by the zygote (`_zygote.py`: one pre-booted shim, ~1 ms a fork instead
+of an interpreter's boot, ~16 ms of CPU), which `run()` keeps running; a forked shim is the
+server's own child, as a booted one. A job with stdin, and every shim while the zygote is
+down (it died, or cannot start; said once in the log, restarted ZYGOTE_RESTART later), is
+booted by `spawn_shim`.
+
     pool = ShimPool(sandbox.prep, size=4, leaf=lambda: tree.leaf(str(uuid.uuid4())))
     await nursery.start(pool.run)
-    shim = pool.take() or await spawn_shim(sandbox.prep)
+    shim = pool.take() or await pool.new_shim()
     # shim.leaf: its spare leaf, joined (set its limits now), or None (create the job's leaf)
     await shim.hand({"procs": [...], "uid": 65534, "gid": 65534, "cwd": "/", "argv": [...],
                      "env": {...}, "sandbox": sandbox.job_plan(network)})
@@ -42,23 +48,30 @@ from collections.abc import Callable, Iterator, Mapping
 import trio
 from trio_util import AsyncValue
 
-from . import _shim
+from . import _shim, _zygote
 from ._cgroup import JobCgroup
 from ._errors import CgroupError
 from ._types import Limits
 
-# How many shims wait for a job. Refilling costs the server one fork+exec (~1 ms); the
-# interpreter then boots in the child, off the server's CPU time.
+# How many shims wait for a job. A refill costs one fork of the zygote (~1 ms; a boot, when
+# the zygote is down, ~16 ms of CPU on a 2-core host, competing with the server).
 POOL_SIZE = 4
 # After a failed refill (out of fds or processes), try again this often.
 REFILL_RETRY = 1.0
 # Bound on killing an idle shim and removing its spare leaf at shutdown.
 DISCARD_TIMEOUT = 10.0
+# After the zygote died (or could not start), start a new one this much later (doubled
+# after each failure to start, up to ZYGOTE_RESTART_MAX); meanwhile shims boot one each.
+ZYGOTE_RESTART = 1.0
+ZYGOTE_RESTART_MAX = 300.0
 log = logging.getLogger(__name__)
 # The job's stdout and stderr pipes hold this much before the job blocks (Linux default
 # 64 KiB): fewer wake-ups for the pump, which reads up to as much at a time.
 PIPE_SIZE = 1024 * 1024
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+# A shim's process: booted (`spawn_shim`) or forked by the zygote (`fork_shim`); either way
+# the server's own child.
+ShimProcess = trio.Process | _zygote.ForkedProcess
 
 
 class Shim:
@@ -66,7 +79,7 @@ class Shim:
     once it execs) and our ends of its control and status pipes."""
 
     def __init__(
-        self, proc: trio.Process, control: int, status: int, leaf: JobCgroup | None = None
+        self, proc: ShimProcess, control: int, status: int, leaf: JobCgroup | None = None
     ) -> None:
         self.proc = proc
         self._control: int | None = control
@@ -159,11 +172,64 @@ async def _spawn(prep: dict[str, object], stdin: bool, leaf: JobCgroup | None) -
         os.close(status_w)
     os.write(control_w, message)  # a few hundred bytes: fits the empty pipe, never blocks
     for pipe in (proc.stdout, proc.stderr):
-        try:
-            fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, PIPE_SIZE)  # type: ignore[union-attr]
-        except OSError:
-            pass  # above /proc/sys/fs/pipe-max-size: the default size works too
+        _enlarge(pipe.fileno())  # type: ignore[union-attr]
     return Shim(proc, control_w, status_r, leaf)
+
+
+def _enlarge(pipe: int) -> None:
+    try:
+        fcntl.fcntl(pipe, _F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        pass  # above /proc/sys/fs/pipe-max-size: the default size works too
+
+
+async def fork_shim(
+    zygote: _zygote.Zygote, prep: Mapping[str, object] | None = None, *,
+    leaf: JobCgroup | None = None,
+) -> Shim:
+    """`spawn_shim` without stdin, forked by the zygote: the same shim, its stdin /dev/null,
+    its preparation told at once, joining `leaf` (created now) while idle. Raises
+    `_zygote.ZygoteGone` when the zygote is gone (then spawn one)."""
+    prep = dict(prep or {})
+    if leaf is not None:
+        leaf.create(Limits())
+        prep["join"] = leaf.procs_files
+    try:
+        return await _fork(zygote, prep, leaf)
+    except BaseException:
+        if leaf is not None:
+            leaf.remove()
+        raise
+
+
+async def _fork(zygote: _zygote.Zygote, prep: dict[str, object], leaf: JobCgroup | None) -> Shim:
+    message = marshal.dumps(prep)
+    message = len(message).to_bytes(4, "little") + message
+    ours: list[int] = []
+    theirs: list[int] = []
+    try:
+        for _ in range(_shim.ZYGOTE_FDS):  # stdout, stderr, control, status
+            r, w = os.pipe()
+            ours.append(r)
+            theirs.append(w)
+        # The shim writes stdout, stderr, status; it reads control.
+        theirs[2], ours[2] = ours[2], theirs[2]
+        try:
+            pid = await zygote.fork(theirs)
+        finally:
+            for fd in theirs:
+                os.close(fd)
+            theirs = []
+        stdout, stderr, control, status = ours
+        for pipe in (stdout, stderr):
+            _enlarge(pipe)
+        proc = _zygote.ForkedProcess(pid, stdout, stderr)
+    except BaseException:
+        for fd in ours + theirs:
+            os.close(fd)
+        raise
+    os.write(control, message)  # a few hundred bytes: fits the empty pipe, never blocks
+    return Shim(proc, control, status, leaf)
 
 
 class ShimPool:
@@ -185,6 +251,9 @@ class ShimPool:
         self.idle_count = AsyncValue(0)  # len(idle shims), to wait on (`wait_value(size)`)
         self._starts = 0  # Starts under way (`starting()`)
         self._stirred = trio.Event()  # set (and replaced) when a Start ends or takes a shim
+        # The zygote while one runs (`run()` owns it), else None: shims are booted.
+        self.zygote: AsyncValue[_zygote.Zygote | None] = AsyncValue(None)
+        self._zygote_lost = trio.Event()
 
     @contextlib.contextmanager
     def starting(self) -> Iterator[None]:
@@ -220,13 +289,79 @@ class ShimPool:
         self._stir()
         return shim
 
+    async def new_shim(self, *, stdin: bool = False, leaf: JobCgroup | None = None) -> Shim:
+        """A new shim (see `spawn_shim`): forked by the zygote when it runs, else (a job with
+        stdin, no zygote) booted."""
+        zygote = self.zygote.value
+        if zygote is not None and not stdin:
+            try:
+                return await fork_shim(zygote, self._prep, leaf=leaf)
+            except _zygote.ZygoteGone as exc:
+                if self.zygote.value is zygote:
+                    log.warning("%s; shims boot an interpreter each until it is restarted",
+                                exc)
+                    self.zygote.value = None
+                    self._zygote_lost.set()
+        return await spawn_shim(self._prep, stdin=stdin, leaf=leaf)
+
+    async def _run_zygote(self, *, task_status: trio.TaskStatus[None]) -> None:
+        """Keep a zygote running (started once it has booted, or once it could not start):
+        when it dies, shims are booted until a new one has started."""
+        started, failing = False, False
+        delay = ZYGOTE_RESTART
+        while True:
+            try:
+                zygote: _zygote.Zygote | None = await _zygote.start_zygote()
+            except (OSError, _zygote.ZygoteGone) as exc:
+                if not failing:  # said once, not at every retry
+                    log.warning("cannot start the zygote (%s); shims boot an interpreter each "
+                                "until it starts", exc)
+                failing, zygote = True, None
+            if zygote is not None:
+                if failing:
+                    log.info("the zygote started: shims are forked again")
+                failing, delay = False, ZYGOTE_RESTART
+                self._zygote_lost = trio.Event()
+                self.zygote.value = zygote
+            if not started:
+                started = True
+                task_status.started()
+            if zygote is not None:
+                try:
+                    async with trio.open_nursery() as watch:
+                        watch.start_soon(self._zygote_died, zygote, watch.cancel_scope)
+                        await self._zygote_lost.wait()  # it hung or its socket failed
+                        watch.cancel_scope.cancel()
+                finally:
+                    if self.zygote.value is zygote:
+                        self.zygote.value = None
+                    with trio.CancelScope(shield=True):
+                        await zygote.aclose()
+            await trio.sleep(delay if failing else ZYGOTE_RESTART)  # (after a death)
+            if failing:
+                delay = min(delay * 2, ZYGOTE_RESTART_MAX)
+
+    async def _zygote_died(self, zygote: _zygote.Zygote, scope: trio.CancelScope) -> None:
+        await zygote.proc.wait()
+        if self.zygote.value is zygote:
+            log.warning("the zygote died (status %s); shims boot an interpreter each until "
+                        "it is restarted", zygote.proc.returncode)
+            self.zygote.value = None
+        scope.cancel()
+
     def spare_leaves(self) -> list[str]:
         """The names of the idle shims' spare leaves (each a future job's id)."""
         return [shim.leaf.name for shim in self._idle if shim.leaf is not None]
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Fill the pool (started once it is full, or once filling failed), then refill it
-        until cancelled; then kill every idle shim and remove its spare leaf."""
+        """Start the zygote, fill the pool (started once it is full, or once filling failed),
+        then refill it until cancelled; then kill every idle shim and remove its spare leaf,
+        and end the zygote."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self._run_zygote)
+            await self._fill(task_status)
+
+    async def _fill(self, task_status: trio.TaskStatus[None]) -> None:
         try:
             failing, started = False, False
             while True:
@@ -234,7 +369,7 @@ class ShimPool:
                     while len(self._idle) < self._size:
                         await self._wait_to_refill()
                         leaf = self._leaf() if self._leaf else None
-                        self._idle.append(await spawn_shim(self._prep, leaf=leaf))
+                        self._idle.append(await self.new_shim(leaf=leaf))
                         self.idle_count.value = len(self._idle)
                 except (OSError, CgroupError) as exc:
                     # EMFILE, EAGAIN, ENOMEM, no room for a leaf: a Start meanwhile spawns its

@@ -23,6 +23,7 @@ from .harness import (
     follow,
     new_cgroup_name,
     scale,
+    wait_until,
 )
 
 pytestmark = pytest.mark.cgroups
@@ -163,4 +164,51 @@ def test_start_is_recorded_before_it_is_answered(hostile_pki: Pki, tmp_path: Pat
                 assert (job.state, job.reason) == (pb.KILLED, pb.END_REASON_SERVER_LOST)
     finally:
         assert second.terminate() == 0, second.text
+    assert_nothing_left(second)
+
+
+def _children(pid: int) -> list[tuple[int, str, str]]:
+    """(pid, start time, name) of each live child of `pid`."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            cmd = (entry / "comm").read_text().strip()
+        except OSError:
+            continue
+        if int(stat[1]) == pid and stat[0] != "Z":
+            out.append((int(entry.name), stat[19], cmd))
+    return out
+
+
+def _alive(pid: int, started: str) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return stat[19] == started and stat[0] != "Z"
+
+
+def test_a_crashed_servers_zygote_and_idle_shims_exit(hostile_pki: Pki, tmp_path: Path) -> None:
+    """SIGKILL the server: its zygote (EOF on its socket) and the idle shims it forked (EOF
+    on their control pipes) exit by themselves; the next server reaps their spare leaves."""
+    name = new_cgroup_name()
+    server = ServerProcess(hostile_pki, tmp_path / "data", name).start()
+    try:
+        with channel(server) as (_, alice):  # a Start: the pool is full and forked by now
+            job = alice.Start(pb.StartRequest(command=["true"]), timeout=TIMEOUT)
+            alice.Wait(pb.JobRequest(id=job.id), timeout=TIMEOUT)
+        children = _children(server.pid)
+    finally:
+        server.crash()
+    zygotes = [c for c in children if c[2] == "jobd-zygote"]
+    assert len(zygotes) == 1, children
+    shims = [c for c in children if c[2] == "jobd-shim"]
+    assert shims, children  # idle shims, forked: the server's own children
+    wait_until(lambda: not any(_alive(pid, started) for pid, started, _ in children),
+               "the zygote and the idle shims of a dead server to exit")
+    second = ServerProcess(hostile_pki, tmp_path / "data", name, uids=server.uids).start()
+    assert second.terminate() == 0, second.text
     assert_nothing_left(second)
