@@ -221,7 +221,7 @@ class OutputStore:
     # An ended job's store is one of many kept for days: slots keep it to a few hundred bytes.
     __slots__ = (
         "__weakref__", "_blocked", "_blocked_since", "_changed", "_closed", "_complete",
-        "_dir", "_disk", "_last_time", "_lost", "_memory_tail", "_prefix", "_reading",
+        "_dir", "_disk", "_in_flight", "_last_time", "_lost", "_memory_tail", "_prefix", "_reading",
         "_removed", "_segments", "_size", "_space", "_stop_waiting", "_tail", "_tail_bytes",
         "job_id",
     )
@@ -266,6 +266,9 @@ class OutputStore:
         # Created by the first follower that parks, set and dropped by the next write or close:
         # a write costs nothing when nobody waits, and one set() wakes every follower.
         self._changed: trio.Event | None = None
+        # Set and dropped when a `write_from` in a worker thread is done: every write waits
+        # for it, so that writes keep their order and offsets (stdout's and stderr's pumps).
+        self._in_flight: trio.Event | None = None
 
     @property
     def size(self) -> int:
@@ -320,6 +323,8 @@ class OutputStore:
         `stop_waiting()`. Returns without a checkpoint when the bytes were stored at once.
         Any other OSError (an I/O error) propagates; nothing of this chunk is recorded.
         """
+        while self._in_flight is not None:
+            await self._in_flight.wait()
         if self._closed:
             raise RuntimeError("output store is closed; nothing more can be written")
         if not data:
@@ -336,6 +341,88 @@ class OutputStore:
                 self._lost += len(data) - done - length  # the rest too: the output stays a prefix
                 return
             done += length
+
+    async def write_from(self, stream: Stream, fd: int, length: int) -> int:
+        """Read at most `length` bytes from `fd` and append them as `write` does; returns how
+        many were read (0 at end of file). `fd` must be nonblocking and have at least `length`
+        bytes to read right now (a pipe whose FIONREAD said so, with no other reader), so that
+        the read never waits.
+
+        When the bytes fit at once, the read and the two pwrites run in a worker thread (the
+        space's limiter bounds how many at a time), so a large pipe read and its store do not
+        hold the event loop, and the GIL is released for both. A thread cannot be cancelled:
+        this returns once they are done, so nothing read is ever lost. Anything else (no room
+        yet, a failure of the disk, a new segment that cannot be made) reads on the trio
+        thread and goes the way of `write`.
+        """
+        while self._in_flight is not None:
+            await self._in_flight.wait()
+        if self._closed:
+            raise RuntimeError("output store is closed; nothing more can be written")
+        length = self._piece_length(length)
+        need = self._room_needed(length)
+        if self._lost or self._blocked or self._space._make_room(self, need):
+            return await self._read_and_write(stream, fd, length)
+        segment = self._segments[-1]
+        try:
+            if self._rolls(segment):
+                segment = self._roll()
+            # Descriptors of its own: a store removed meanwhile closes its own, and the kernel
+            # may give their numbers to another file before the thread's pwrite.
+            data_fd = os.dup(segment.data_fd)
+        except OSError:
+            return await self._read_and_write(stream, fd, length)
+        try:
+            index_fd = os.dup(segment.index_fd)
+        except OSError:
+            os.close(data_fd)
+            return await self._read_and_write(stream, fd, length)
+        offset = self._size
+        now = max(_now(), self._last_time)
+        data_at, index_at = offset - segment.base, segment.records * _RECORD.size
+        before = segment.disk
+        # Counted before it is written, so that other jobs' writes meanwhile see it.
+        self._grow(need)
+        self._in_flight = done = trio.Event()
+        try:
+            data, error = await trio.to_thread.run_sync(
+                _read_and_append, fd, length, data_fd, data_at, index_fd, index_at, offset,
+                now, stream, limiter=self._space.limiter,
+            )  # fmt: skip
+            if self._closed and data and error is None:
+                _truncate_quietly(index_fd, index_at)  # not part of the output: cut it back
+                _truncate_quietly(data_fd, data_at)
+        finally:
+            if not self._removed:
+                self._grow(-need)  # (a removal took it back with the rest)
+            os.close(data_fd)
+            os.close(index_fd)
+            self._in_flight = None
+            done.set()
+        if self._closed:
+            raise RuntimeError("output store was closed while a write was in flight")
+        if error is not None:
+            if error.errno not in DISK_FULL:
+                raise error
+            await self.write(stream, data)  # no room after all: wait for it as `write` does
+            return len(data)
+        if not data:
+            return 0
+        if not segment.records:
+            segment.first_time = now
+        segment.records += 1
+        segment.end += len(data)
+        self._size += len(data)
+        self._last_time = now
+        self._grow(segment.disk - before)
+        self._remember(Chunk(stream, offset, now, data))
+        self._wake()
+        return len(data)
+
+    async def _read_and_write(self, stream: Stream, fd: int, length: int) -> int:
+        data = os.read(fd, length)
+        await self.write(stream, data)
+        return len(data)
 
     async def _write_piece(self, stream: Stream, data: bytes) -> bool:
         """`write` of at most what the last segment has room for; False when it was lost."""
@@ -883,6 +970,24 @@ def _first_time_of(segment: _Segment) -> float:
 
 def _offset_of(chunk: Chunk) -> int:
     return chunk.offset
+
+
+def _read_and_append(
+    fd: int, length: int, data_fd: int, data_at: int, index_fd: int, index_at: int,
+    offset: int, now: float, stream: Stream,
+) -> tuple[bytes, OSError | None]:
+    """The worker thread's part of `OutputStore.write_from`: touches no state of the store.
+    A failed write is cut back and returned with the bytes read (they are out of the pipe)."""
+    data = os.read(fd, length)
+    if data:
+        try:
+            _pwrite_all(data_fd, data, data_at)
+            _pwrite_all(index_fd, _RECORD.pack(offset, now, len(data), stream), index_at)
+        except OSError as exc:
+            _truncate_quietly(index_fd, index_at)
+            _truncate_quietly(data_fd, data_at)
+            return data, exc
+    return data, None
 
 
 def _truncate_quietly(fd: int, size: int) -> None:
