@@ -10,10 +10,10 @@ import os
 import pathlib
 import random
 import tempfile
-import threading
 import tracemalloc
 import weakref
 from collections.abc import Iterator
+from typing import Any
 from unittest import mock
 
 import pytest
@@ -378,22 +378,24 @@ def pipe_with(data: bytes) -> tuple[int, int]:
     return r, w
 
 
-async def test_write_from_reads_and_stores_in_a_worker_thread_in_order(
+async def test_write_from_splices_a_pipe_into_the_output_in_order(
     tmp_path: pathlib.Path, clock: itertools.count[int]
 ) -> None:
-    """A pipe read stored by `write_from` runs in a worker thread (not the event loop's), is
-    byte-exact with offsets, streams and times, and keeps its place among `write`s."""
+    """`write_from` moves a pipe's bytes into the data file by splice(2); they are byte-exact
+    with offsets, streams and times among `write`s (which the memory tail keeps, so the tail
+    stays contiguous), and a follower parked at the end gets them."""
     store = make_store(tmp_path)
-    threads: list[int] = []
-    real = _output._read_and_append
+    spliced: list[int] = []
+    real = os.splice
 
-    def spy(*args: object) -> object:
-        threads.append(threading.get_ident())
-        return real(*args)  # type: ignore[arg-type]
+    def spy(*args: Any, **kw: Any) -> int:
+        spliced.append(moved := real(*args, **kw))
+        return moved
 
     model = Model()
     rng = random.Random(5)
-    with mock.patch.object(_output, "_read_and_append", spy):
+    follower = store.read(0, follow=True, max_chunk=1 << 20)
+    with mock.patch.object(_output.os, "splice", spy):
         for i in range(6):
             data = rng.randbytes(300_000 + i)
             r, w = pipe_with(data)
@@ -405,101 +407,45 @@ async def test_write_from_reads_and_stores_in_a_worker_thread_in_order(
             model.data += data
             model.streams += [OUT] * len(data)
             model.times += [float(store.statistics().chunks - 1)] * len(data)
+            assert (await follower.__anext__()).data == data  # from the file
             await model.write(store, ERR, b"err %d\n" % i)
-    assert len(threads) == 6 and threading.get_ident() not in threads
+            assert (await follower.__anext__()).data == b"err %d\n" % i  # from the tail
+    assert spliced == [300_000 + i for i in range(6)]
     model.check(await collect(store.read(0, follow=False)), 0)
     assert store.statistics().disk_bytes == store._space.stored_bytes
     remove(store)
 
 
-async def test_a_write_waits_for_a_write_from_in_flight(tmp_path: pathlib.Path) -> None:
-    """stdout's and stderr's pumps share a store: a `write` while a `write_from` is in its
-    thread waits for it, so offsets never collide and the order is the order of the reads."""
-    store = make_store(tmp_path)
-    store._space.limiter.total_tokens = 1
-    r, w = pipe_with(b"o" * 200_000)
-    try:
-        async with trio.open_nursery() as nursery:
-            async with store._space.limiter:  # the one thread is busy: write_from waits
-                nursery.start_soon(store.write_from, OUT, r, 200_000)
-                await trio.testing.wait_all_tasks_blocked()
-                nursery.start_soon(store.write, ERR, b"e" * 10)
-                await trio.testing.wait_all_tasks_blocked()
-                assert store.size == 0  # neither has stored anything yet
-    finally:
-        os.close(r)
-        os.close(w)
-    chunks = await collect(store.read(0, follow=False, max_chunk=1 << 20))
-    assert [(c.stream, c.offset, len(c.data)) for c in chunks] == [
-        (OUT, 0, 200_000), (ERR, 200_000, 10),
-    ]  # fmt: skip
-    remove(store)
-
-
-@pytest.mark.parametrize("how", ["remove", "close"])
-async def test_a_store_removed_or_closed_while_a_write_from_is_in_flight(
-    tmp_path: pathlib.Path, how: str
-) -> None:
-    """The write fails (as a write waiting for room does), the space's count is what the
-    files hold, and nothing of it stays in the files."""
-    store = make_store(tmp_path)
-    space = store._space
-    await store.write(OUT, b"before")
-    stored = space.stored_bytes
-    space.limiter.total_tokens = 1
-    r, w = pipe_with(b"x" * 200_000)
-    try:
-        with pytest.RaisesGroup(pytest.RaisesExc(RuntimeError, match="closed while a write")):
-            async with trio.open_nursery() as nursery:
-                async with space.limiter:
-                    nursery.start_soon(store.write_from, OUT, r, 200_000)
-                    await trio.testing.wait_all_tasks_blocked()
-                    assert space.stored_bytes > stored  # counted before it is written
-                    if how == "remove":
-                        space.remove("job")
-                    else:
-                        store.close()
-    finally:
-        os.close(r)
-        os.close(w)
-    if how == "remove":
-        assert space.stored_bytes == 0 and files(tmp_path) == []
-    else:
-        assert space.stored_bytes == store.statistics().disk_bytes == stored
-        assert segment_file(tmp_path).read_bytes() == b"before"
-        assert segment_file(tmp_path, suffix="idx").stat().st_size == 32  # one record
-        assert [c.data for c in await collect(store.read(0, follow=False))] == [b"before"]
-        remove(store)
-
-
-async def test_the_pump_stores_a_full_pipe_in_a_thread_and_small_reads_on_the_loop(
+async def test_the_pump_splices_a_full_pipe_and_reads_small_ones(
     tmp_path: pathlib.Path,
 ) -> None:
-    """The job's pipe pump: what a pipe holds past THREAD_READ goes through `write_from` (a
-    worker thread); a small read stays on the event loop; the output is whole and counted."""
+    """The job's pipe pump: a pipe holding SPLICE_READ or more goes through `write_from`
+    (splice); a small read is read (and kept in the memory tail); the output is whole and
+    counted."""
     from jobd.engine import _manager
 
     store = make_store(tmp_path)
     data = random.Random(6).randbytes(900 * 1024)
     r, w = pipe_with(data)
     pipe = trio.lowlevel.FdStream(r)
-    threads: list[int] = []
-    real = _output._read_and_append
+    spliced: list[int] = []
+    real = os.splice
 
-    def spy(*args: object) -> object:
-        threads.append(threading.get_ident())
-        return real(*args)  # type: ignore[arg-type]
+    def spy(*args: Any, **kw: Any) -> int:
+        spliced.append(moved := real(*args, **kw))
+        return moved
 
     manager = mock.Mock(_counters=mock.Mock(output_written=0))
     job = mock.Mock(output=store)
-    with mock.patch.object(_output, "_read_and_append", spy):
+    with mock.patch.object(_output.os, "splice", spy):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_manager.JobManager._pump, manager, job, pipe, OUT)
             await wait_for_size(store, len(data))
-            assert len(threads) == 1 and threads[0] != threading.get_ident()
+            assert spliced == [len(data)]
             os.write(w, b"small")
             await wait_for_size(store, len(data) + 5)
-            assert len(threads) == 1  # not worth a thread
+            assert spliced == [len(data)]  # read, not spliced
+            assert store.statistics().memory_bytes > 0
             os.close(w)
     await pipe.aclose()
     assert b"".join(c.data for c in await collect(store.read(0, follow=False))) == data + b"small"

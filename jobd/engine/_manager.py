@@ -69,8 +69,8 @@ from ._validate import validate_labels, validate_name, validate_size, validate_t
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Up to one pipe-full (_shimpool.PIPE_SIZE) per read: fewer, larger reads and output chunks.
 READ_SIZE = _shimpool.PIPE_SIZE
-# Pipe reads at least this large are done with their store in a worker thread (`_pump`).
-THREAD_READ = 128 * 1024
+# A pipe holding at least this much is spliced into the output (`_pump`).
+SPLICE_READ = 128 * 1024
 # Bound on shielded cleanup: killing and reaping a cgroup takes milliseconds; if the kernel
 # takes longer than this something is badly wrong and we stop waiting rather than hang.
 CLEANUP_TIMEOUT = 30.0
@@ -793,12 +793,13 @@ class JobManager:
         job.cancel_scope.cancel()
 
     async def _pump(self, job: _Job, pipe: trio.abc.ReceiveStream, stream: Stream) -> None:
-        # A pipe holding much is read and stored in a worker thread (the GIL is released for
-        # both; a thread hand-off costs more than a small read): only once FIONREAD says the
-        # bytes are there, from a nonblocking pipe, so that the read never waits.
+        # A pipe holding much is spliced into the output file (one copy in the kernel, instead
+        # of a read into a new bytes object and a pwrite): only once FIONREAD says the bytes
+        # are there, from a nonblocking pipe, so that nothing waits. Small reads (seq's 4 KiB
+        # writes) are read, and kept in the memory tail for live followers.
         fd = pipe.fileno() if isinstance(pipe, trio.lowlevel.FdStream) else -1
         while True:
-            if fd >= 0 and (ready := _pipe_bytes(fd)) >= THREAD_READ:
+            if fd >= 0 and (ready := _pipe_bytes(fd)) >= SPLICE_READ:
                 got = await job.output.write_from(stream, fd, min(ready, READ_SIZE))
                 self._counters.output_written += got
                 continue

@@ -87,6 +87,9 @@ BLOCK = 4096
 # errnos that mean "the filesystem cannot take more now": the writer waits for room on these;
 # any other OSError is a failure of the disk and ends the job.
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+# A splice into the output that fails with one of these moved nothing: store it by a read and a
+# write instead (which waits for room): a full disk, or a filesystem that cannot splice.
+_NO_SPLICE = DISK_FULL | {errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS}
 
 # The clock chunks are stamped with (Unix time); a module global so that tests can replace it.
 _now = time.time
@@ -221,7 +224,7 @@ class OutputStore:
     # An ended job's store is one of many kept for days: slots keep it to a few hundred bytes.
     __slots__ = (
         "__weakref__", "_blocked", "_blocked_since", "_changed", "_closed", "_complete",
-        "_dir", "_disk", "_in_flight", "_last_time", "_lost", "_memory_tail", "_prefix", "_reading",
+        "_dir", "_disk", "_last_time", "_lost", "_memory_tail", "_prefix", "_reading",
         "_removed", "_segments", "_size", "_space", "_stop_waiting", "_tail", "_tail_bytes",
         "job_id",
     )
@@ -266,9 +269,6 @@ class OutputStore:
         # Created by the first follower that parks, set and dropped by the next write or close:
         # a write costs nothing when nobody waits, and one set() wakes every follower.
         self._changed: trio.Event | None = None
-        # Set and dropped when a `write_from` in a worker thread is done: every write waits
-        # for it, so that writes keep their order and offsets (stdout's and stderr's pumps).
-        self._in_flight: trio.Event | None = None
 
     @property
     def size(self) -> int:
@@ -323,8 +323,6 @@ class OutputStore:
         `stop_waiting()`. Returns without a checkpoint when the bytes were stored at once.
         Any other OSError (an I/O error) propagates; nothing of this chunk is recorded.
         """
-        while self._in_flight is not None:
-            await self._in_flight.wait()
         if self._closed:
             raise RuntimeError("output store is closed; nothing more can be written")
         if not data:
@@ -343,81 +341,70 @@ class OutputStore:
             done += length
 
     async def write_from(self, stream: Stream, fd: int, length: int) -> int:
-        """Read at most `length` bytes from `fd` and append them as `write` does; returns how
-        many were read (0 at end of file). `fd` must be nonblocking and have at least `length`
-        bytes to read right now (a pipe whose FIONREAD said so, with no other reader), so that
-        the read never waits.
+        """Move at most `length` bytes from the pipe `fd` into the output as `write` does; returns
+        how many (0 at end of file). `fd` must be nonblocking and hold at least `length` bytes
+        right now (its FIONREAD said so, and nobody else reads it), so that nothing waits.
 
-        When the bytes fit at once, the read and the two pwrites run in a worker thread (the
-        space's limiter bounds how many at a time), so a large pipe read and its store do not
-        hold the event loop, and the GIL is released for both. A thread cannot be cancelled:
-        this returns once they are done, so nothing read is ever lost. Anything else (no room
-        yet, a failure of the disk, a new segment that cannot be made) reads on the trio
-        thread and goes the way of `write`.
+        The bytes go from the pipe to the data file by splice(2): one copy in the kernel instead
+        of a read into a new bytes object and a pwrite of it (what a large pipe read cost). They
+        are not kept in the memory tail (it is emptied: followers read them from the file, as
+        they did when a write was larger than the tail). A splice that stops short (a full disk)
+        leaves the rest in the pipe; anything else (no room yet, a filesystem without splice)
+        reads on and goes the way of `write`, which waits for room.
         """
-        while self._in_flight is not None:
-            await self._in_flight.wait()
         if self._closed:
             raise RuntimeError("output store is closed; nothing more can be written")
         length = self._piece_length(length)
-        need = self._room_needed(length)
-        if self._lost or self._blocked or self._space._make_room(self, need):
+        if self._lost or self._blocked or self._space._make_room(self, self._room_needed(length)):
             return await self._read_and_write(stream, fd, length)
         segment = self._segments[-1]
         try:
             if self._rolls(segment):
                 segment = self._roll()
-            # Descriptors of its own: a store removed meanwhile closes its own, and the kernel
-            # may give their numbers to another file before the thread's pwrite.
-            data_fd = os.dup(segment.data_fd)
         except OSError:
-            return await self._read_and_write(stream, fd, length)
-        try:
-            index_fd = os.dup(segment.index_fd)
-        except OSError:
-            os.close(data_fd)
             return await self._read_and_write(stream, fd, length)
         offset = self._size
         now = max(_now(), self._last_time)
         data_at, index_at = offset - segment.base, segment.records * _RECORD.size
         before = segment.disk
-        # Counted before it is written, so that other jobs' writes meanwhile see it.
-        self._grow(need)
-        self._in_flight = done = trio.Event()
         try:
-            data, error = await trio.to_thread.run_sync(
-                _read_and_append, fd, length, data_fd, data_at, index_fd, index_at, offset,
-                now, stream, limiter=self._space.limiter,
-            )  # fmt: skip
-            if self._closed and data and error is None:
-                _truncate_quietly(index_fd, index_at)  # not part of the output: cut it back
-                _truncate_quietly(data_fd, data_at)
-        finally:
-            if not self._removed:
-                self._grow(-need)  # (a removal took it back with the rest)
-            os.close(data_fd)
-            os.close(index_fd)
-            self._in_flight = None
-            done.set()
-        if self._closed:
-            raise RuntimeError("output store was closed while a write was in flight")
-        if error is not None:
-            if error.errno not in DISK_FULL:
-                raise error
-            await self.write(stream, data)  # no room after all: wait for it as `write` does
-            return len(data)
-        if not data:
+            moved = os.splice(fd, segment.data_fd, length, offset_dst=data_at)
+        except OSError as exc:
+            if exc.errno not in _NO_SPLICE:
+                raise
+            return await self._read_and_write(stream, fd, length)  # nothing left the pipe
+        if not moved:
             return 0
+        if moved < length:
+            # Stopped short: the disk is full. Drop now, as `write` does on ENOSPC, before
+            # anything else needs a block: a disk left full while other tasks run would fail
+            # their writes (the job store's) for nothing. The rest is still in the pipe.
+            self._space._drop_one(for_disk=True)
+        try:
+            _pwrite_all(segment.index_fd, _RECORD.pack(offset, now, moved, stream), index_at)
+        except OSError as exc:
+            # Out of the pipe but not indexed: take the bytes back and store them as `write`.
+            data = _pread_exact(segment.data_fd, moved, data_at)
+            _truncate_quietly(segment.index_fd, index_at)
+            _truncate_quietly(segment.data_fd, data_at)
+            if exc.errno not in DISK_FULL:
+                raise
+            await self.write(stream, data)
+            return moved
         if not segment.records:
             segment.first_time = now
         segment.records += 1
-        segment.end += len(data)
-        self._size += len(data)
+        segment.end += moved
+        self._size += moved
         self._last_time = now
         self._grow(segment.disk - before)
-        self._remember(Chunk(stream, offset, now, data))
+        if self._blocked:
+            self._set_blocked("")
+        self._tail.clear()  # it must end at `size`: these bytes are only in the file
+        self._tail_bytes = 0
         self._wake()
-        return len(data)
+        await trio.lowlevel.checkpoint()
+        return moved
 
     async def _read_and_write(self, stream: Stream, fd: int, length: int) -> int:
         data = os.read(fd, length)
@@ -970,24 +957,6 @@ def _first_time_of(segment: _Segment) -> float:
 
 def _offset_of(chunk: Chunk) -> int:
     return chunk.offset
-
-
-def _read_and_append(
-    fd: int, length: int, data_fd: int, data_at: int, index_fd: int, index_at: int,
-    offset: int, now: float, stream: Stream,
-) -> tuple[bytes, OSError | None]:
-    """The worker thread's part of `OutputStore.write_from`: touches no state of the store.
-    A failed write is cut back and returned with the bytes read (they are out of the pipe)."""
-    data = os.read(fd, length)
-    if data:
-        try:
-            _pwrite_all(data_fd, data, data_at)
-            _pwrite_all(index_fd, _RECORD.pack(offset, now, len(data), stream), index_at)
-        except OSError as exc:
-            _truncate_quietly(index_fd, index_at)
-            _truncate_quietly(data_fd, data_at)
-            return data, exc
-    return data, None
 
 
 def _truncate_quietly(fd: int, size: int) -> None:

@@ -38,10 +38,6 @@ KEEP_NEWEST = 1024 * 1024  # a running job keeps at least this much of its newes
 DEFAULT_SEGMENT_LIMIT = 64 * 1024 * 1024  # largest segment size when the bounds allow it
 MIN_SEGMENT = 16 * 1024
 MEMORY_TAIL = 256 * 1024
-# Worker threads storing large pipe reads at a time (`OutputStore.write_from`), for all jobs:
-# the event loop's thread keeps the rest of the CPU, and many running jobs never mean many
-# threads.
-STORE_THREADS = 2
 
 # A Start whose output files cannot be made for one of these gets RESOURCE_EXHAUSTED.
 _NO_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE})
@@ -118,7 +114,6 @@ class OutputSpace:
         )
         self.memory_tail = memory_tail
         self.poll_interval = poll_interval
-        self.limiter = trio.CapacityLimiter(STORE_THREADS)
         self._stores: dict[str, OutputStore] = {}
         self._running: dict[str, OutputStore] = {}  # the writable ones: scanned for drops
         self._stored = 0  # disk bytes of every store's kept segments
