@@ -3,14 +3,17 @@
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import itertools
+import os
 import pathlib
 import random
 import tempfile
 import tracemalloc
 import weakref
 from collections.abc import Iterator
+from typing import Any
 from unittest import mock
 
 import pytest
@@ -361,3 +364,96 @@ def test_files_are_private_and_never_shared(tmp_path: pathlib.Path) -> None:
     with pytest.raises(ValueError, match="plain file name"):
         store._space.create("../job")
     remove(store)
+
+
+# ----------------------------------------------------------------- write_from (a pipe read)
+
+
+def pipe_with(data: bytes) -> tuple[int, int]:
+    """A nonblocking pipe (as the pump's) already holding `data`: (read end, write end)."""
+    r, w = os.pipe()
+    fcntl.fcntl(w, 1031, 1 << 20)  # F_SETPIPE_SZ, as the shim's pipes
+    os.set_blocking(r, False)
+    assert os.write(w, data) == len(data)
+    return r, w
+
+
+async def test_write_from_splices_a_pipe_into_the_output_in_order(
+    tmp_path: pathlib.Path, clock: itertools.count[int]
+) -> None:
+    """`write_from` moves a pipe's bytes into the data file by splice(2); they are byte-exact
+    with offsets, streams and times among `write`s (which the memory tail keeps, so the tail
+    stays contiguous), and a follower parked at the end gets them."""
+    store = make_store(tmp_path)
+    spliced: list[int] = []
+    real = os.splice
+
+    def spy(*args: Any, **kw: Any) -> int:
+        spliced.append(moved := real(*args, **kw))
+        return moved
+
+    model = Model()
+    rng = random.Random(5)
+    follower = store.read(0, follow=True, max_chunk=1 << 20)
+    with mock.patch.object(_output.os, "splice", spy):
+        for i in range(6):
+            data = rng.randbytes(300_000 + i)
+            r, w = pipe_with(data)
+            try:
+                assert await store.write_from(OUT, r, len(data)) == len(data)
+            finally:
+                os.close(r)
+                os.close(w)
+            model.data += data
+            model.streams += [OUT] * len(data)
+            model.times += [float(store.statistics().chunks - 1)] * len(data)
+            assert (await follower.__anext__()).data == data  # from the file
+            await model.write(store, ERR, b"err %d\n" % i)
+            assert (await follower.__anext__()).data == b"err %d\n" % i  # from the tail
+    assert spliced == [300_000 + i for i in range(6)]
+    model.check(await collect(store.read(0, follow=False)), 0)
+    assert store.statistics().disk_bytes == store._space.stored_bytes
+    remove(store)
+
+
+async def test_the_pump_splices_a_full_pipe_and_reads_small_ones(
+    tmp_path: pathlib.Path,
+) -> None:
+    """The job's pipe pump: a pipe holding SPLICE_READ or more goes through `write_from`
+    (splice); a small read is read (and kept in the memory tail); the output is whole and
+    counted."""
+    from jobd.engine import _manager
+
+    store = make_store(tmp_path)
+    data = random.Random(6).randbytes(900 * 1024)
+    r, w = pipe_with(data)
+    pipe = trio.lowlevel.FdStream(r)
+    spliced: list[int] = []
+    real = os.splice
+
+    def spy(*args: Any, **kw: Any) -> int:
+        spliced.append(moved := real(*args, **kw))
+        return moved
+
+    manager = mock.Mock(_counters=mock.Mock(output_written=0))
+    job = mock.Mock(output=store)
+    with mock.patch.object(_output.os, "splice", spy):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_manager.JobManager._pump, manager, job, pipe, OUT)
+            await wait_for_size(store, len(data))
+            assert spliced == [len(data)]
+            os.write(w, b"small")
+            await wait_for_size(store, len(data) + 5)
+            assert spliced == [len(data)]  # read, not spliced
+            assert store.statistics().memory_bytes > 0
+            os.close(w)
+    await pipe.aclose()
+    assert b"".join(c.data for c in await collect(store.read(0, follow=False))) == data + b"small"
+    assert manager._counters.output_written == len(data) + 5
+    remove(store)
+
+
+async def wait_for_size(store: OutputStore, size: int) -> None:
+    async for _ in store.read(0, follow=True):
+        if store.size >= size:
+            return

@@ -4,6 +4,7 @@ job's end, recovery after a crash, and seeking by lines and time without reading
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import os
 import pathlib
@@ -14,6 +15,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
+from typing import Any
 from unittest import mock
 
 import pytest
@@ -377,6 +379,61 @@ async def test_full_filesystem_blocks_then_resumes_losslessly(tmp_path: pathlib.
         # And after the end (no fd held), the files read back the same from a new space.
         again = OutputSpace(fs / "output", max_job_output=0, max_data=0).open("job")
         assert await read_all(again) == (0, bytes(written))
+
+
+@pytest.mark.parametrize("headroom", [0, None], ids=["splice", "near-full"])
+async def test_a_pipe_spliced_into_a_full_disk_waits_and_loses_nothing(
+    tmp_path: pathlib.Path, headroom: int | None
+) -> None:
+    """`write_from` (the pump's large pipe reads, spliced into the output) meets ENOSPC: the
+    splice stops short or its index record fails, the rest is stored as `write` does once
+    there is room, and nothing is lost. With the default SPLICE_HEADROOM a nearly full disk
+    is never spliced into at all (it goes the way of `write`)."""
+    spliced: list[int] = []
+    real = os.splice
+
+    def spy(*args: Any, **kw: Any) -> int:
+        spliced.append(moved := real(*args, **kw))
+        return moved
+
+    with (
+        tmpfs(tmp_path / "fs", "size=4m") as fs,
+        mock.patch.object(_output.os, "splice", spy),
+        mock.patch.object(
+            _output, "SPLICE_HEADROOM", _output.SPLICE_HEADROOM if headroom is None else headroom
+        ),
+    ):
+        (fs / "output").mkdir()
+        space = OutputSpace(fs / "output", max_job_output=0, max_data=0,
+                            segment_bytes=256 * KiB, poll_interval=0.01)
+        store = space.create("job")
+        foreign = fill(fs, leave=300 * KiB)
+        data = random.Random(3).randbytes(900 * KiB)
+        r, w = os.pipe()
+        fcntl.fcntl(w, 1031, 1 << 20)  # F_SETPIPE_SZ, as the shim's pipes
+        os.set_blocking(r, False)
+        assert os.write(w, data) == len(data)
+        os.close(w)
+        blocked = False
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(space.run)
+                while store.size < len(data):
+                    async with trio.open_nursery() as inner:
+                        inner.start_soon(store.write_from, OUT, r, len(data) - store.size)
+                        await trio.testing.wait_all_tasks_blocked()
+                        if store.blocked:
+                            blocked = True
+                            assert "is full (No space left on device)" in store.blocked
+                            foreign.unlink()  # the operator frees the disk
+                nursery.cancel_scope.cancel()
+        finally:
+            os.close(r)
+        assert blocked
+        assert bool(spliced) == (headroom == 0)
+        assert await read_all(store) == (0, data)
+        assert store.statistics().disk_bytes == space.stored_bytes
+        store.close()
 
 
 @pytest.mark.cgroups  # needs root (mount)

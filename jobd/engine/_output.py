@@ -87,6 +87,13 @@ BLOCK = 4096
 # errnos that mean "the filesystem cannot take more now": the writer waits for room on these;
 # any other OSError is a failure of the disk and ends the job.
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+# A splice into the output that fails with one of these moved nothing: store it by a read and a
+# write instead (which waits for room): a full disk, or a filesystem that cannot splice.
+# `write_from` splices only while the filesystem has this much free besides the bytes: near a
+# full disk a flood goes the way of `write` (each ENOSPC dropped at once, before any other task
+# runs), so that it does not keep the disk full for the job store (sqlite) and others.
+SPLICE_HEADROOM = 8 * 1024 * 1024
+_NO_SPLICE = DISK_FULL | {errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS}
 
 # The clock chunks are stamped with (Unix time); a module global so that tests can replace it.
 _now = time.time
@@ -336,6 +343,81 @@ class OutputStore:
                 self._lost += len(data) - done - length  # the rest too: the output stays a prefix
                 return
             done += length
+
+    async def write_from(self, stream: Stream, fd: int, length: int) -> int:
+        """Move at most `length` bytes from the pipe `fd` into the output as `write` does; returns
+        how many (0 at end of file). `fd` must be nonblocking and hold at least `length` bytes
+        right now (its FIONREAD said so, and nobody else reads it), so that nothing waits.
+
+        The bytes go from the pipe to the data file by splice(2): one copy in the kernel instead
+        of a read into a new bytes object and a pwrite of it (what a large pipe read cost). They
+        are not kept in the memory tail (it is emptied: followers read them from the file, as
+        they did when a write was larger than the tail). Near a full disk (SPLICE_HEADROOM),
+        without room yet, or on a filesystem without splice, it reads and goes the way of
+        `write`, which drops or waits for room; a splice that stops short leaves the rest in
+        the pipe.
+        """
+        if self._closed:
+            raise RuntimeError("output store is closed; nothing more can be written")
+        length = self._piece_length(length)
+        if self._lost or self._blocked or self._space._make_room(self, self._room_needed(length)):
+            return await self._read_and_write(stream, fd, length)
+        segment = self._segments[-1]
+        try:
+            if self._rolls(segment):
+                segment = self._roll()
+        except OSError:
+            return await self._read_and_write(stream, fd, length)
+        st = os.fstatvfs(segment.data_fd)
+        if st.f_bavail * st.f_frsize < length + SPLICE_HEADROOM:
+            return await self._read_and_write(stream, fd, length)
+        offset = self._size
+        now = max(_now(), self._last_time)
+        data_at, index_at = offset - segment.base, segment.records * _RECORD.size
+        before = segment.disk
+        try:
+            moved = os.splice(fd, segment.data_fd, length, offset_dst=data_at)
+        except OSError as exc:
+            if exc.errno not in _NO_SPLICE:
+                raise
+            return await self._read_and_write(stream, fd, length)  # nothing left the pipe
+        if not moved:
+            return 0
+        if moved < length:
+            # Stopped short: the disk is full. Drop now, as `write` does on ENOSPC, before
+            # anything else needs a block: a disk left full while other tasks run would fail
+            # their writes (the job store's) for nothing. The rest is still in the pipe.
+            self._space._drop_one(for_disk=True)
+        try:
+            _pwrite_all(segment.index_fd, _RECORD.pack(offset, now, moved, stream), index_at)
+        except OSError as exc:
+            # Out of the pipe but not indexed: take the bytes back and store them as `write`.
+            data = _pread_exact(segment.data_fd, moved, data_at)
+            _truncate_quietly(segment.index_fd, index_at)
+            _truncate_quietly(segment.data_fd, data_at)
+            if exc.errno not in DISK_FULL:
+                raise
+            await self.write(stream, data)
+            return moved
+        if not segment.records:
+            segment.first_time = now
+        segment.records += 1
+        segment.end += moved
+        self._size += moved
+        self._last_time = now
+        self._grow(segment.disk - before)
+        if self._blocked:
+            self._set_blocked("")
+        self._tail.clear()  # it must end at `size`: these bytes are only in the file
+        self._tail_bytes = 0
+        self._wake()
+        await trio.lowlevel.checkpoint()
+        return moved
+
+    async def _read_and_write(self, stream: Stream, fd: int, length: int) -> int:
+        data = os.read(fd, length)
+        await self.write(stream, data)
+        return len(data)
 
     async def _write_piece(self, stream: Stream, data: bytes) -> bool:
         """`write` of at most what the last segment has room for; False when it was lost."""
