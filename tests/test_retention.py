@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fcntl
 import itertools
+import math
 import os
 import pathlib
 import random
@@ -367,6 +368,7 @@ async def test_full_filesystem_blocks_then_resumes_losslessly(tmp_path: pathlib.
                     await trio.testing.wait_all_tasks_blocked()
                     if store.blocked:
                         assert "is full (No space left on device)" in store.blocked
+                        assert "last 128 KiB are kept for the job records" in store.blocked
                         assert str(fs) in store.blocked
                         assert store.size == len(written)  # nothing half-stored
                         foreign.unlink()  # the operator frees the disk
@@ -463,6 +465,27 @@ async def test_full_filesystem_drops_the_flood_not_the_quiet_job(tmp_path: pathl
         assert kept >= KEEP_NEWEST
         data = (await read_all(flood))[1]
         assert len(data) == kept
+
+
+@pytest.mark.cgroups  # needs root (mount)
+async def test_a_flood_leaves_the_job_records_their_reserve(tmp_path: pathlib.Path) -> None:
+    """Output treats the filesystem as full `reserve` early: a flood through a filesystem
+    with no --max-data never takes the space the job records (jobs.sqlite3, on the same
+    filesystem) need for the next Start's commit. The reserve is at most 1/32 of the disk."""
+    with tmpfs(tmp_path / "fs", "size=8m") as fs:
+        space = OutputSpace(fs, max_job_output=0, max_data=0, segment_bytes=128 * KiB)
+        assert space.reserve == 8 * MiB // 32
+        flood = space.create("flood")
+        least = math.inf
+        for i in range(1000):  # 16 MiB through an 8 MiB filesystem
+            await flood.write(OUT, bytes([i % 251]) * (16 * KiB))
+            st = os.statvfs(fs)
+            least = min(least, st.f_bfree * st.f_frsize)
+            assert not flood.blocked
+        assert flood.start > 0  # the disk filled: its oldest output went
+        assert least >= space.reserve
+        records = fs / "records"  # what the job store would write in the reserve: it fits
+        records.write_bytes(b"r" * (space.reserve - 16 * KiB))
 
 
 @pytest.mark.cgroups  # needs root (mount)

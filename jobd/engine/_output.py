@@ -95,6 +95,11 @@ DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 SPLICE_HEADROOM = 8 * 1024 * 1024
 _NO_SPLICE = DISK_FULL | {errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS}
 
+class _KeptForRecords(OSError):
+    """ENOSPC of our own: the write would eat into the space kept free for the job records
+    (`OutputSpace.reserve`); handled as the filesystem's own ENOSPC."""
+
+
 # The clock chunks are stamped with (Unix time); a module global so that tests can replace it.
 _now = time.time
 
@@ -437,6 +442,9 @@ class OutputStore:
                         f"the data dir {space.directory.parent} is full "
                         f"({os.strerror(exc.errno)})"
                     )
+                    if isinstance(exc, _KeptForRecords):
+                        kept = space.reserve // 1024
+                        problem += f"; its last {kept} KiB are kept for the job records"
             if self._stop_waiting:
                 self._lose(len(data), problem)
                 return False
@@ -508,6 +516,11 @@ class OutputStore:
         segment = self._segments[-1]
         if self._rolls(segment):
             segment = self._roll()
+        if self._space.reserve:
+            st = os.fstatvfs(segment.data_fd)
+            # Whole blocks: the data's last one and the index's next one may be new.
+            if st.f_bfree * st.f_frsize < len(data) + 2 * BLOCK + self._space.reserve:
+                raise _KeptForRecords(errno.ENOSPC, os.strerror(errno.ENOSPC))
         offset = self._size
         now = max(_now(), self._last_time)  # never backwards: `since` bisects on it
         before = segment.disk

@@ -44,6 +44,11 @@ _NO_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE})
 _EXHAUSTED = DISK_FULL | _NO_DESCRIPTORS | {errno.ENOMEM}
 
 log = logging.getLogger("jobd.engine.output")
+# Kept free on the data dir's filesystem for the job records (jobs.sqlite3 shares it): output
+# treats the filesystem as full this much early (at most 1/32 of a small filesystem), so that
+# one job's flood filling the disk cannot fail another's Start (its record's commit) or keep
+# end states from being written.
+RECORDS_RESERVE = 8 * 1024 * 1024
 
 
 def default_max_data(directory: pathlib.Path) -> int:
@@ -112,6 +117,7 @@ class OutputSpace:
         self.segment_bytes = segment_bytes or _segment_size(
             max_job_output, max_data, st.f_blocks * st.f_frsize
         )
+        self.reserve = min(RECORDS_RESERVE, st.f_blocks * st.f_frsize // 32)
         self.memory_tail = memory_tail
         self.poll_interval = poll_interval
         self._stores: dict[str, OutputStore] = {}
