@@ -230,3 +230,18 @@ async def test_the_zygote_exits_when_its_server_goes() -> None:
     zygote = await _zygote.start_zygote()
     zygote._sock.close()
     assert await zygote.proc.wait() == 0
+
+
+async def test_a_zygote_that_never_boots_is_given_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A zygote that never says it has booted (here: a program that only sleeps) is killed
+    after FORK_TIMEOUT and reported as gone, so the pool boots its shims instead of the
+    server waiting for it forever at start-up."""
+    silent = tmp_path / "_shim.py"  # so that shim_children() would see it left behind
+    silent.write_text("import time\ntime.sleep(3600)\n")
+    monkeypatch.setattr(_zygote._shim, "__file__", str(silent))
+    monkeypatch.setattr(_zygote, "FORK_TIMEOUT", 0.5)
+    with pytest.raises(_zygote.ZygoteGone, match="did not boot within"):
+        await _zygote.start_zygote()
+    assert shim_children() == []  # killed and reaped

@@ -177,8 +177,10 @@ async def start_zygote() -> Zygote:
     finally:
         theirs.close()
     zygote = Zygote(proc, trio.socket.from_stdlib_socket(ours))
+    ready = None
     try:
-        ready = await zygote._sock.recv(1)
+        with trio.move_on_after(FORK_TIMEOUT):  # a boot takes 20-200 ms; never wait forever
+            ready = await zygote._sock.recv(1)
     except BaseException:
         with trio.CancelScope(shield=True):
             await zygote.aclose()
@@ -186,5 +188,7 @@ async def start_zygote() -> Zygote:
     if ready != b"R":
         with trio.CancelScope(shield=True):
             await zygote.aclose()
+        if ready is None:
+            raise ZygoteGone(f"the zygote did not boot within {FORK_TIMEOUT:.0f} s")
         raise ZygoteGone(f"the zygote exited as it booted (status {proc.returncode})")
     return zygote

@@ -168,6 +168,37 @@ def _leftover_cgroups(name: str) -> list[str]:
     return glob.glob(f"/sys/fs/cgroup/*/**/{name}", recursive=True)
 
 
+# A server's start-up takes 1-7 s here at load 12; one CI rehearsal saw it pass 30 s (not
+# reproduced in 40 tries): wait longer, and say where it was stuck if it never listens.
+STARTUP_TIMEOUT = 120.0
+
+
+async def _stuck(pid: int) -> str:
+    """Where a server that does not start is: its threads' Python stacks (py-spy), and each
+    child's command and kernel wait channel."""
+    spy = Path(sys.executable).with_name("py-spy")
+    try:
+        dump = await trio.run_process([str(spy), "dump", "--pid", str(pid)], capture_stdout=True,
+                                      capture_stderr=True, check=False)
+        text = dump.stdout.decode(errors="replace") + dump.stderr.decode(errors="replace")
+    except OSError as exc:
+        text = f"(py-spy: {exc})"
+    return text + "\nchildren:\n" + _children(pid)
+
+
+def _children(pid: int) -> str:
+    lines = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        for child in task.read_text().split():
+            try:
+                args = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ")
+                wchan = Path(f"/proc/{child}/wchan").read_text()
+            except OSError:
+                continue
+            lines.append(f"  {child} {args.decode(errors='replace')[:200]} (in {wchan})")
+    return "\n".join(lines)
+
+
 @asynccontextmanager
 async def open_jobd(workdir: Path, certs: Path, *extra: str) -> AsyncIterator[Jobd]:
     """A fresh `jobd serve` on 127.0.0.1 with its own cgroup tree and data dir; at the end
@@ -195,7 +226,7 @@ async def open_jobd(workdir: Path, certs: Path, *extra: str) -> AsyncIterator[Jo
         os.close(log_fd)
     try:
         port = 0
-        with trio.fail_after(30):
+        with trio.move_on_after(STARTUP_TIMEOUT):
             while not port:
                 if proc.returncode is not None:
                     raise BenchError(f"jobd exited: {log.read_text()[-3000:]}")
@@ -204,6 +235,11 @@ async def open_jobd(workdir: Path, certs: Path, *extra: str) -> AsyncIterator[Jo
                     port = int(match.group(1))
                 else:
                     await trio.sleep(0.05)
+        if not port:
+            raise BenchError(
+                f"jobd did not listen within {STARTUP_TIMEOUT:.0f} s; its log:\n"
+                f"{log.read_text(errors='replace')[-3000:]}\n{await _stuck(proc.pid)}"
+            )
         try:
             yield Jobd(proc, port, name, log)
         except BaseException:
