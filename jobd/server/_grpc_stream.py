@@ -64,11 +64,13 @@ log = logging.getLogger(__name__)
 # Bytes asked of the TLS stream per read. purerpc asks for 1 MiB, which makes the ssl module
 # allocate a 1 MiB buffer on every read however little arrived.
 _RECEIVE_SIZE = 65536
-# The writer joins small queued pieces (frame headers, h2's own frames) into one TLS write up to
-# this size (fewer records and syscalls); a piece this big or bigger (a message body) is written
-# as it is, without being copied into a joined buffer.
+# The writer joins queued pieces (frame headers, h2's own frames, small message bodies) into one
+# TLS write up to this size (fewer records and syscalls); a piece this big or bigger (a large
+# message's body) is written as it is, without being copied into a joined buffer. With many
+# streams of 64 KiB messages (fan-out: 100 followers), writing each body alone took two TLS
+# writes and sends per message; joined, the copy costs less than the writes it saves.
 _WRITE_BATCH = 256 * 1024
-_WRITE_ALONE = 16 * 1024
+_WRITE_ALONE = 128 * 1024
 # h2 opens every connection window at the RFC 7540 default.
 _H2_DEFAULT_WINDOW = 65535
 # gRPC frames each message with a 1-byte compressed flag and a 4-byte length.
@@ -828,8 +830,8 @@ class _BoundedSocket(SocketWrapper):  # type: ignore[misc]
                 return
 
     def _next_write(self) -> tuple[int, bytes | memoryview]:
-        """The next TLS write: a big piece (a message body) as it is, or small pieces joined up
-        to _WRITE_BATCH. Never copies a big piece: the TLS layer encrypts straight from it."""
+        """The next TLS write: a big piece (a large message's body) as it is, or smaller pieces
+        joined up to _WRITE_BATCH. Never copies a big piece: TLS encrypts straight from it."""
         chunks = self._chunks
         first = chunks.popleft()
         if len(first) >= _WRITE_ALONE:
@@ -839,7 +841,7 @@ class _BoundedSocket(SocketWrapper):  # type: ignore[misc]
         while chunks and len(chunks[0]) < _WRITE_ALONE and size + len(chunks[0]) <= _WRITE_BATCH:
             batch.append(chunks.popleft())
             size += len(batch[-1])
-        return size, b"".join(batch)
+        return size, first if len(batch) == 1 else b"".join(batch)
 
 
 class ServerStream(GRPCProtoStream):  # type: ignore[misc]

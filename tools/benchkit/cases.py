@@ -15,6 +15,7 @@ import trio
 
 from .env import (
     Jobd,
+    cpu_seconds,
     open_jobd,
     open_peer,
     open_sync_peer,
@@ -168,6 +169,9 @@ async def fanout(ctx: Ctx) -> list[Row]:
     command = ["head", "-c", str(z.fanout_bytes), "/dev/zero"]
     agg: dict[int, list[float]] = {n: [] for n in z.fanouts}
     slow: dict[int, list[float]] = {n: [] for n in z.fanouts}
+    # The server's CPU per MiB sent: its own cost, apart from the ratio, which on a small
+    # machine also measures the followers' client processes sharing its cores.
+    cost: dict[int, list[float]] = {n: [] for n in z.fanouts}
     async with open_jobd(ctx.workdir, ctx.certs) as jobd:
         for i in range(z.repeats):
             for n in z.fanouts:
@@ -178,10 +182,12 @@ async def fanout(ctx: Ctx) -> list[Row]:
                 async def new_job() -> str:
                     return await start_job(ctx, jobd.target, command)
 
+                cpu0 = cpu_seconds(jobd.pid)
                 results = [
                     r for rs in await run_workers("follow", argsets, before_go=new_job) for r in rs
                 ]
                 total = sum(r["bytes"] for r in results)
+                cost[n].append((cpu_seconds(jobd.pid) - cpu0) * 1000 / (total / MiB))
                 if total != n * z.fanout_bytes:
                     raise AssertionError(f"{n} followers got {total} bytes: {results[:3]}")
                 span = max(r["t1"] for r in results) - min(r["t0"] for r in results)
@@ -189,7 +195,7 @@ async def fanout(ctx: Ctx) -> list[Row]:
                 slow[n].append(min(mbps(r) for r in results))
                 ctx.log(
                     f"fan-out {n} #{i}: aggregate {agg[n][-1]:.0f} MB/s, "
-                    f"slowest {slow[n][-1]:.1f} MB/s"
+                    f"slowest {slow[n][-1]:.1f} MB/s, server CPU {cost[n][-1]:.2f} ms/MiB"
                 )
     rows = []
     one = agg[z.fanouts[0]]
@@ -203,6 +209,10 @@ async def fanout(ctx: Ctx) -> list[Row]:
         rows.append(Row(
             "2 fan-out", f"{n} follower(s): slowest reader", median(slow[n]), "MB/s",
             samples=slow[n],
+        ))  # fmt: skip
+        rows.append(Row(
+            "2 fan-out", f"{n} follower(s): server CPU per MiB sent (incl. the job's start)",
+            median(cost[n]), "ms/MiB", samples=cost[n],
         ))  # fmt: skip
     return rows
 

@@ -43,6 +43,13 @@ def proc_status(pid: int, field: str) -> int:
     raise BenchError(f"no {field} for pid {pid}")
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of all of a process's threads so far (/proc/PID/stat), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def reset_peak_rss(pid: int) -> None:
     """Make VmHWM start again from the current RSS (Linux >= 4.0)."""
     with open(f"/proc/{pid}/clear_refs", "w") as f:
