@@ -95,6 +95,7 @@ DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 SPLICE_HEADROOM = 8 * 1024 * 1024
 _NO_SPLICE = DISK_FULL | {errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS}
 
+
 class _KeptForRecords(OSError):
     """ENOSPC of our own: the write would eat into the space kept free for the job records
     (`OutputSpace.reserve`); handled as the filesystem's own ENOSPC."""
