@@ -49,18 +49,25 @@ def test_constant_header_blocks_decode_to_our_headers_and_leave_hpack_state_alon
     assert len(decoder.header_table.dynamic_entries) == 0
 
 
-def _server_with_open_stream() -> tuple[_grpc_stream._ServerConnection, int]:
-    """jobd's server connection, configured as the transport configures it, with one call
-    opened by an h2 client."""
+def _jobd_server(max_concurrent_streams: int) -> _grpc_stream._ServerConnection:
+    """jobd's server connection as the transport configures it, its preamble queued."""
     config = GRPCConfiguration(
         client_side=False,
         max_message_length=4 * 1024 * 1024,
         message_accept_encoding=[_grpc_stream.ACCEPT_ENCODING],
     )
     server = _grpc_stream._ServerConnection(
-        config, max_concurrent_streams=10, connection_window=16 * 1024 * 1024
+        config, max_concurrent_streams=max_concurrent_streams,
+        connection_window=16 * 1024 * 1024,
     )
     server.initiate_connection()
+    return server
+
+
+def _server_with_open_stream() -> tuple[_grpc_stream._ServerConnection, int]:
+    """jobd's server connection, configured as the transport configures it, with one call
+    opened by an h2 client."""
+    server = _jobd_server(max_concurrent_streams=10)
     client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     client.initiate_connection()
     client.send_headers(1, [
@@ -139,15 +146,7 @@ def _request_headers(timeout: str | None, *extra: tuple[str, str]) -> list[tuple
 
 def _new_server() -> tuple[_grpc_stream._ServerConnection, h2.connection.H2Connection]:
     """jobd's server connection and an h2 client that sends whatever headers it is given."""
-    config = GRPCConfiguration(
-        client_side=False,
-        max_message_length=4 * 1024 * 1024,
-        message_accept_encoding=[_grpc_stream.ACCEPT_ENCODING],
-    )
-    server = _grpc_stream._ServerConnection(
-        config, max_concurrent_streams=100, connection_window=16 * 1024 * 1024
-    )
-    server.initiate_connection()
+    server = _jobd_server(max_concurrent_streams=100)
     client = h2.connection.H2Connection(
         h2.config.H2Configuration(
             client_side=True, validate_outbound_headers=False, normalize_outbound_headers=False

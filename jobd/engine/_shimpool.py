@@ -135,12 +135,22 @@ async def spawn_shim(
     Pooled shims have /dev/null: a job with stdin takes a new one (a fd cannot be handed
     through the spec pipe, and this keeps the pool unchanged). With `leaf` (not yet created),
     the leaf is created empty and the shim joins it while idle."""
-    prep = dict(prep or {})
+    with _spare_leaf(prep, leaf) as joining:
+        return await _spawn(joining, stdin, leaf)
+
+
+@contextlib.contextmanager
+def _spare_leaf(
+    prep: Mapping[str, object] | None, leaf: JobCgroup | None
+) -> Iterator[dict[str, object]]:
+    """The shim's preparation, joining `leaf` (created here, empty: the job's limits are
+    written when a job takes it) while idle; the leaf is removed if the shim is not made."""
+    joining = dict(prep or {})
     if leaf is not None:
-        leaf.create(Limits())  # empty: the job's limits are written when a job takes it
-        prep["join"] = leaf.procs_files
+        leaf.create(Limits())
+        joining["join"] = leaf.procs_files
     try:
-        return await _spawn(prep, stdin, leaf)
+        yield joining
     except BaseException:
         if leaf is not None:
             leaf.remove()
@@ -190,16 +200,8 @@ async def fork_shim(
     """`spawn_shim` without stdin, forked by the zygote: the same shim, its stdin /dev/null,
     its preparation told at once, joining `leaf` (created now) while idle. Raises
     `_zygote.ZygoteGone` when the zygote is gone (then spawn one)."""
-    prep = dict(prep or {})
-    if leaf is not None:
-        leaf.create(Limits())
-        prep["join"] = leaf.procs_files
-    try:
-        return await _fork(zygote, prep, leaf)
-    except BaseException:
-        if leaf is not None:
-            leaf.remove()
-        raise
+    with _spare_leaf(prep, leaf) as joining:
+        return await _fork(zygote, joining, leaf)
 
 
 async def _fork(zygote: _zygote.Zygote, prep: dict[str, object], leaf: JobCgroup | None) -> Shim:

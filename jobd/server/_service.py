@@ -36,23 +36,25 @@ PAGE_MARGIN = 64 * 1024
 _TOKEN_PREFIX = "jobs-before:"
 
 
+# The engine's errors a client caused, and their gRPC statuses (first match wins).
+_STATUS_ERRORS: tuple[tuple[type[engine.JobdError], type[purerpc.RpcFailedError]], ...] = (
+    (engine.InvalidArgument, purerpc.InvalidArgumentError),
+    (engine.NotFound, purerpc.NotFoundError),
+    (engine.Unavailable, purerpc.UnavailableError),
+    (engine.ResourceExhausted, purerpc.ResourceExhaustedError),
+    (engine.FailedPrecondition, purerpc.FailedPreconditionError),
+    (engine.AlreadyExists, purerpc.AlreadyExistsError),
+)
+
+
 def _status_error(exc: BaseException) -> purerpc.RpcFailedError | None:
     """The gRPC status error for one of the engine's errors, None for anything else: the one
     place this translation is made."""
     if not isinstance(exc, engine.JobdError):
         return None
-    if isinstance(exc, engine.InvalidArgument):
-        return purerpc.InvalidArgumentError(str(exc))
-    if isinstance(exc, engine.NotFound):
-        return purerpc.NotFoundError(str(exc))
-    if isinstance(exc, engine.Unavailable):
-        return purerpc.UnavailableError(str(exc))
-    if isinstance(exc, engine.ResourceExhausted):
-        return purerpc.ResourceExhaustedError(str(exc))
-    if isinstance(exc, engine.FailedPrecondition):
-        return purerpc.FailedPreconditionError(str(exc))
-    if isinstance(exc, engine.AlreadyExists):
-        return purerpc.AlreadyExistsError(str(exc))
+    for kind, status_error in _STATUS_ERRORS:
+        if isinstance(exc, kind):
+            return status_error(str(exc))
     # Not caused by the client (cgroups, setup): say what failed, log it for the operator.
     log.error("engine failure: %s", exc)
     return purerpc.InternalError(f"server failure: {exc}")
