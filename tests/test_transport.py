@@ -24,6 +24,7 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.settings
+import hpack  # type: ignore[import-untyped]
 import pytest
 import trio
 import trio.testing
@@ -50,6 +51,7 @@ from jobd.server._grpc_stream import (
     SMALL_MESSAGE,
     ServerStream,
     TrioByteStream,
+    _Decoder,
     goaway_frame,
     message_limit,
     percent_encode_grpc_message,
@@ -1558,3 +1560,25 @@ def test_identity_is_a_frozen_value() -> None:
     with pytest.raises(AttributeError):
         identity.user = "bob"  # type: ignore[misc]
     assert identity == Identity("alice", frozenset({"user"}))
+
+
+def test_a_repeated_block_of_indexed_fields_is_decoded_as_the_table_says() -> None:
+    """The decoder remembers blocks of indexed fields only (issue 12), and forgets them as soon
+    as a block may have changed the dynamic table: the same bytes then decode as the table
+    now says."""
+    decoder = _Decoder()
+    reference = hpack.Decoder()
+    encoder = hpack.Encoder()
+    blocks = [
+        encoder.encode([("x-a", "1")]),  # a literal: now dynamic index 62
+        b"\xbe",  # index 62: x-a: 1
+        b"\xbe",  # the same, remembered
+        encoder.encode([("x-b", "2")]),  # now x-b is 62, x-a 63
+        b"\xbe",  # x-b: 2, not what was remembered
+        b"\xbf",
+    ]
+    assert [decoder.decode(b, raw=True) for b in blocks] == [
+        reference.decode(b, raw=True) for b in blocks
+    ]
+    assert decoder.decode(b"\xbe", raw=True) == [(b"x-b", b"2")]
+    assert len(decoder._blocks) == 2

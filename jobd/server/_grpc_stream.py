@@ -440,6 +440,41 @@ _H2_HEADERS = _Memo()
 _REQUESTS = _Memo()
 
 
+# Header blocks of indexed fields only, at most this long, are remembered per connection, at
+# most _DECODED_BLOCKS of them (the issue-9 bounds: a few KiB per connection).
+_DECODED_BLOCK_BYTES = 128
+_DECODED_BLOCKS = 8
+_INDEXED_FIELD_BYTES = bytes(range(0x80, 0x100))  # first bytes of an indexed field (RFC 7541 6.1)
+
+
+class _Decoder(hpack.Decoder):  # type: ignore[misc]
+    """hpack's decoder, remembering what a header block made only of indexed fields (one byte
+    each) decoded to. Such a block changes nothing of the decoder's state, so it decodes to
+    the same list until a block that may change the dynamic table arrives (any other kind of
+    field, or a table size update), which forgets them all. A client sends the same block for
+    each call once its headers are in the table (grpcio does, for calls without a deadline)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._blocks: dict[tuple[bytes, bool, int, int], list[Any]] = {}
+
+    def decode(self, data: bytes | memoryview, raw: bool = False) -> list[Any]:
+        data = bytes(data)
+        key = (data, raw, self.max_header_list_size, self.max_allowed_table_size)
+        blocks = self._blocks
+        headers = blocks.get(key)
+        if headers is not None:
+            return list(headers)
+        headers = super().decode(data, raw)
+        if data.translate(None, _INDEXED_FIELD_BYTES):  # not indexed fields only
+            blocks.clear()
+        elif len(data) <= _DECODED_BLOCK_BYTES:
+            if len(blocks) >= _DECODED_BLOCKS:
+                blocks.clear()
+            blocks[key] = list(headers)
+        return headers
+
+
 class _H2Connection(h2.connection.H2Connection):  # type: ignore[misc]  # h2 is untyped
     """h2 3.2's connection, ignoring a WINDOW_UPDATE on a stream it has closed and already
     forgotten. RFC 7540 §5.1 says such frames MUST be ignored; h2 3.2 made them a connection
@@ -447,7 +482,15 @@ class _H2Connection(h2.connection.H2Connection):  # type: ignore[misc]  # h2 is 
     lost every call on it. purerpc's monkeypatch covers only streams h2 still remembers.
 
     Its streams check an inbound header list they have seen before (but for the deadline's
-    digits) once: h2's own pipeline ran on it the first time and passed (`_H2_HEADERS`)."""
+    digits) once: h2's own pipeline ran on it the first time and passed (`_H2_HEADERS`); and
+    its decoder decodes a repeated block of indexed fields once (`_Decoder`)."""
+
+    def __init__(self, config: h2.config.H2Configuration) -> None:
+        super().__init__(config)
+        decoder = _Decoder()
+        decoder.max_header_list_size = self.decoder.max_header_list_size
+        decoder.max_allowed_table_size = self.decoder.max_allowed_table_size
+        self.decoder = decoder
 
     def _begin_new_stream(self, stream_id: int, allowed_ids: Any) -> Any:
         stream = super()._begin_new_stream(stream_id, allowed_ids)
