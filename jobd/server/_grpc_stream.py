@@ -462,10 +462,10 @@ class _Decoder(hpack.Decoder):  # type: ignore[misc]
         data = bytes(data)
         key = (data, raw, self.max_header_list_size, self.max_allowed_table_size)
         blocks = self._blocks
-        headers = blocks.get(key)
-        if headers is not None:
-            return list(headers)
-        headers = super().decode(data, raw)
+        seen = blocks.get(key)
+        if seen is not None:
+            return list(seen)
+        headers: list[Any] = super().decode(data, raw)
         if data.translate(None, _INDEXED_FIELD_BYTES):  # not indexed fields only
             blocks.clear()
         elif len(data) <= _DECODED_BLOCK_BYTES:
@@ -484,6 +484,8 @@ class _H2Connection(h2.connection.H2Connection):  # type: ignore[misc]  # h2 is 
     Its streams check an inbound header list they have seen before (but for the deadline's
     digits) once: h2's own pipeline ran on it the first time and passed (`_H2_HEADERS`); and
     its decoder decodes a repeated block of indexed fields once (`_Decoder`)."""
+
+    decoder: Any  # h2's, replaced by ours
 
     def __init__(self, config: h2.config.H2Configuration) -> None:
         super().__init__(config)
