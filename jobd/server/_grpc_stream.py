@@ -442,8 +442,8 @@ _REQUESTS = _Memo()
 
 # Header blocks of indexed fields only, at most this long, are remembered per connection, at
 # most _DECODED_BLOCKS of them (the issue-9 bounds: a few KiB per connection).
-_DECODED_BLOCK_BYTES = 128
-_DECODED_BLOCKS = 8
+_DECODED_BLOCK_BYTES = 64
+_DECODED_BLOCKS = 4
 _INDEXED_FIELD_BYTES = bytes(range(0x80, 0x100))  # first bytes of an indexed field (RFC 7541 6.1)
 
 
