@@ -43,8 +43,10 @@ from purerpc import (
     UnauthenticatedError,
 )
 
+from jobd import engine
 from jobd.pki import Issued, issue_cert, make_ca
 from jobd.server._audit import audit_event
+from jobd.server._service import JobService
 from jobd.server._grpc_stream import (
     LARGE_MESSAGE,
     MESSAGE_FRAMING,
@@ -66,6 +68,8 @@ from jobd.server._transport import (
     make_server_ssl_context,
     serve_grpc,
 )
+
+from jobd.v1 import jobd_pb2 as pb
 
 from .e2e import tcp_sockets
 
@@ -299,13 +303,16 @@ class Running:
 
 @asynccontextmanager
 async def running(
-    pki: Pki, probe: Probe, limits: TransportLimits | None = None
+    pki: Pki,
+    probe: Probe,
+    limits: TransportLimits | None = None,
+    services: list[Service] | None = None,
 ) -> AsyncIterator[Running]:
     stopped = trio.Event()
 
     async def serve(task_status: trio.TaskStatus[GrpcServer]) -> None:
         await serve_grpc(
-            [probe.service()],
+            services or [probe.service()],
             host="127.0.0.1",
             port=0,
             ssl_context=pki.server_context(),
@@ -432,7 +439,7 @@ class RawClient:
         headers = [
             (":method", "POST"),
             (":scheme", "https"),
-            (":path", f"/test.Echo/{method}"),
+            (":path", method if method.startswith("/") else f"/test.Echo/{method}"),
             (":authority", "localhost"),
             ("te", "trailers"),
             ("content-type", "application/grpc"),
@@ -1582,3 +1589,70 @@ def test_a_repeated_block_of_indexed_fields_is_decoded_as_the_table_says() -> No
     ]
     assert decoder.decode(b"\xbe", raw=True) == [(b"x-b", b"2")]
     assert len(decoder._blocks) == 2
+
+
+class _EndedJobs:
+    """JobService's engine for Status: one ended job of alice's."""
+
+    def __init__(self) -> None:
+        self.job = engine.JobInfo(
+            id="5e1c2d9a-7c6f-4a3e-9a52-0d3f1b2c4e6a",
+            owner="alice",
+            command=("true",),
+            state=engine.State.EXITED,
+            started_at=1_700_000_000.0,
+            ended_at=1_700_000_001.5,
+            reason=engine.EndReason.EXIT,
+        )
+
+    def status(self, job_id: str) -> engine.JobInfo:
+        if job_id != self.job.id:
+            raise engine.NotFound(f"no job {job_id}")
+        return self.job
+
+
+async def test_status_of_an_ended_job_is_answered_by_the_reader(
+    pki: Pki, probe: Probe, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """JobService.Status is answered without a call task, with its authorization (the owner
+    and an admin see the job, anyone else NOT_FOUND as for a missing job), its cached message
+    and its audit lines."""
+    caplog.set_level(logging.INFO, "jobd.audit")
+    jobs = _EndedJobs()
+    service = JobService(jobs)  # type: ignore[arg-type]  # only status() is called
+    path = "/jobd.v1.JobService/Status"
+    request = pb.JobRequest(id=jobs.job.id).SerializeToString()
+    framed = struct.pack(">?I", False, len(request)) + request
+    answers: dict[str, tuple[dict[str, str], bytes]] = {}
+    async with running(pki, probe, services=[service.service]) as run:
+        for who in ("alice", "bob", "admin"):
+            async with RawClient.open(run.server.port, pki, who) as raw:
+                first = await raw.request(path, payload=framed)  # after it, no more SETTINGS
+                await raw.trailers(first)
+                with counting_calls(monkeypatch) as (tasks, streams):
+                    stream_id = await raw.request(path, payload=framed, like_grpcio=True)
+                    trailers = await raw.trailers(stream_id)
+                assert (tasks.spawned, streams) == (0, []), who
+                data = b"".join(
+                    e.data for e in raw.events if of(h2.events.DataReceived, stream_id)(e)
+                )
+                answers[who] = trailers, data
+    for who in ("alice", "admin"):
+        trailers, data = answers[who]
+        assert trailers["grpc-status"] == "0"
+        job = pb.Job.FromString(data[5:])
+        assert (job.id, job.owner, job.state, job.exit_code) == (
+            jobs.job.id, "alice", pb.State.EXITED, 0
+        )  # fmt: skip
+    trailers, data = answers["bob"]
+    assert data == b""
+    assert trailers["grpc-status"] == str(grpc.StatusCode.NOT_FOUND.value[0])
+    assert trailers["grpc-message"] == f"no job {jobs.job.id}"
+    lines = [line.rsplit(" duration_ms=", 1)[0] for line in _audit_messages(caplog)]
+    ok = f"rpc user=alice method=Status job={jobs.job.id} code=OK"
+    denied = f"rpc user=bob method=Status job={jobs.job.id} code=NOT_FOUND"
+    admin = f"rpc user=root method=Status job={jobs.job.id} code=OK"
+    assert lines == [ok, ok, denied, denied, admin, admin]
+    assert all('denied="not the owner"' in m for m in _audit_messages(caplog) if "bob" in m)
+    assert run.server.stats.calls["jobd.v1.JobService/Status", "OK"] == 4
+    assert run.server.stats.calls["jobd.v1.JobService/Status", "NOT_FOUND"] == 2
