@@ -46,7 +46,6 @@ from purerpc import (
 from jobd import engine
 from jobd.pki import Issued, issue_cert, make_ca
 from jobd.server._audit import audit_event
-from jobd.server._service import JobService
 from jobd.server._grpc_stream import (
     LARGE_MESSAGE,
     MESSAGE_FRAMING,
@@ -58,6 +57,7 @@ from jobd.server._grpc_stream import (
     message_limit,
     percent_encode_grpc_message,
 )
+from jobd.server._service import JobService
 from jobd.server._transport import (
     GrpcServer,
     Identity,
@@ -68,7 +68,6 @@ from jobd.server._transport import (
     make_server_ssl_context,
     serve_grpc,
 )
-
 from jobd.v1 import jobd_pb2 as pb
 
 from .e2e import tcp_sockets
