@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import anyio
 import anyio.abc
@@ -24,6 +24,7 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.settings
+import hpack  # type: ignore[import-untyped]
 import pytest
 import trio
 import trio.testing
@@ -42,26 +43,32 @@ from purerpc import (
     UnauthenticatedError,
 )
 
+from jobd import engine
 from jobd.pki import Issued, issue_cert, make_ca
 from jobd.server._audit import audit_event
 from jobd.server._grpc_stream import (
     LARGE_MESSAGE,
     MESSAGE_FRAMING,
     SMALL_MESSAGE,
+    ServerStream,
     TrioByteStream,
+    _Decoder,
     goaway_frame,
     message_limit,
     percent_encode_grpc_message,
 )
+from jobd.server._service import JobService
 from jobd.server._transport import (
     GrpcServer,
     Identity,
     TransportLimits,
     _identity_from_peer_cert,
+    answer_inline,
     current_identity,
     make_server_ssl_context,
     serve_grpc,
 )
+from jobd.v1 import jobd_pb2 as pb
 
 from .e2e import tcp_sockets
 
@@ -158,6 +165,7 @@ class Probe:
         self.max_active = 0
         self.produced = 0
         self.errors: list[str] = []
+        self.paths: list[str] = []  # "now" (synchronous answer) or "handler", per Now call
 
     async def whoami(self, request: StringValue) -> StringValue:
         identity = current_identity.get()
@@ -184,6 +192,27 @@ class Probe:
     async def size(self, request: StringValue) -> StringValue:
         return StringValue(value=str(len(request.value)))
 
+    def now(self, request: StringValue) -> StringValue | None:
+        """The synchronous answer of "Now" (`answer_inline`): value "later" is not ready now
+        (None); "fail:KIND:TEXT" raises as `fail` does; else an answer and an audit line."""
+        if request.value == "later":
+            return None
+        self.paths.append("now")
+        audit_event("probe-now", value=request.value)
+        if request.value.startswith("fail:"):
+            self._raise(request.value.removeprefix("fail:"))
+        return StringValue(value=f"now-{request.value}")
+
+    async def now_handler(self, request: StringValue) -> StringValue:
+        """The handler of "Now", for calls the reader does not answer itself."""
+        self.paths.append("handler")
+        if request.value == "later":
+            await trio.lowlevel.checkpoint()
+            return StringValue(value="later-answer")
+        answer = self.now(request)
+        assert answer is not None
+        return answer
+
     async def block(self, request: StringValue) -> StringValue:
         self.active += 1
         self.max_active = max(self.max_active, self.active)
@@ -198,7 +227,11 @@ class Probe:
         return StringValue(value="released")
 
     async def fail(self, request: StringValue) -> StringValue:
-        kind, _, text = request.value.partition(":")
+        self._raise(request.value)
+
+    @staticmethod
+    def _raise(value: str) -> NoReturn:
+        kind, _, text = value.partition(":")
         if kind == "notfound":
             raise NotFoundError(text)
         if kind == "invalid":
@@ -246,6 +279,8 @@ class Probe:
         service.add_method(
             "Stream", self.stream, RPCSignature(Cardinality.UNARY_STREAM, StringValue, StringValue)
         )
+        service.add_method("Now", self.now_handler, unary)
+        answer_inline(service, "Now", self.now)
         return service
 
 
@@ -267,13 +302,16 @@ class Running:
 
 @asynccontextmanager
 async def running(
-    pki: Pki, probe: Probe, limits: TransportLimits | None = None
+    pki: Pki,
+    probe: Probe,
+    limits: TransportLimits | None = None,
+    services: list[Service] | None = None,
 ) -> AsyncIterator[Running]:
     stopped = trio.Event()
 
     async def serve(task_status: trio.TaskStatus[GrpcServer]) -> None:
         await serve_grpc(
-            [probe.service()],
+            services or [probe.service()],
             host="127.0.0.1",
             port=0,
             ssl_context=pki.server_context(),
@@ -384,20 +422,37 @@ class RawClient:
             await self.stream.send_all(data)
 
     async def request(
-        self, method: str, value: str = "", extra: list[tuple[str, str]] | None = None
+        self,
+        method: str,
+        value: str = "",
+        extra: list[tuple[str, str]] | None = None,
+        *,
+        like_grpcio: bool = False,
+        payload: bytes | None = None,
+        then_reset: bool = False,
     ) -> int:
+        """Send a unary request in one write. like_grpcio: with WINDOW_UPDATEs for the stream
+        and the connection around its DATA, as grpcio sends them; payload: this message
+        instead of `value`'s; then_reset: an RST_STREAM right behind it, in the same write."""
         stream_id: int = self.h2.get_next_available_stream_id()
         headers = [
             (":method", "POST"),
             (":scheme", "https"),
-            (":path", f"/test.Echo/{method}"),
+            (":path", method if method.startswith("/") else f"/test.Echo/{method}"),
             (":authority", "localhost"),
             ("te", "trailers"),
             ("content-type", "application/grpc"),
             *(extra or []),
         ]
         self.h2.send_headers(stream_id, headers)
-        self.h2.send_data(stream_id, grpc_frame(value), end_stream=True)
+        if like_grpcio:
+            self.h2.increment_flow_control_window(1024, stream_id=stream_id)
+        message = grpc_frame(value) if payload is None else payload
+        self.h2.send_data(stream_id, message, end_stream=True)
+        if like_grpcio:
+            self.h2.increment_flow_control_window(1024)
+        if then_reset:
+            self.h2.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
         await self.flush()
         return stream_id
 
@@ -723,6 +778,209 @@ async def test_a_quick_unary_call_runs_in_one_step_of_its_task(pki: Pki, probe: 
             finally:
                 trio.lowlevel.remove_instrument(steps)
             assert steps.steps == 1
+
+
+class _CallTasks(trio.abc.Instrument):
+    """Counts the server's call tasks started."""
+
+    def __init__(self) -> None:
+        self.spawned = 0
+
+    def task_spawned(self, task: trio.lowlevel.Task) -> None:
+        if task.name.endswith("request_received"):
+            self.spawned += 1
+
+
+@contextmanager
+def counting_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[_CallTasks, list[int]]]:
+    """The call tasks started and the stream objects made (their ids) meanwhile."""
+    tasks = _CallTasks()
+    streams: list[int] = []
+    init = ServerStream.__init__
+
+    def counting_init(self: ServerStream, *args: Any) -> None:
+        init(self, *args)
+        streams.append(self.stream_id)
+
+    monkeypatch.setattr(ServerStream, "__init__", counting_init)
+    trio.lowlevel.add_instrument(tasks)
+    try:
+        yield tasks, streams
+    finally:
+        trio.lowlevel.remove_instrument(tasks)
+        monkeypatch.setattr(ServerStream, "__init__", init)
+
+
+NOW_METHOD = "test.Echo/Now"
+
+
+@pytest.mark.parametrize("like_grpcio", [False, True])
+async def test_a_call_answered_now_runs_in_the_reader_without_task_or_stream(
+    pki: Pki,
+    probe: Probe,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    like_grpcio: bool,
+) -> None:
+    """Issue 12: a unary call with a synchronous answer (`answer_inline`), whose request
+    arrived whole and whose answer fits the windows and the queue, is answered by the
+    connection's reader: no call task, no stream object; same answer, audit line and
+    statistics as a call task's."""
+    caplog.set_level(logging.INFO, "jobd.audit")
+    async with running(pki, probe) as run:
+        async with RawClient.open(run.server.port, pki) as raw:
+            first = await raw.request("Size", "warm")  # the SETTINGS exchange is over after it
+            assert (await raw.trailers(first))["grpc-status"] == "0"
+            with counting_calls(monkeypatch) as (tasks, streams):
+                stream_id = await raw.request("Now", "abc", like_grpcio=like_grpcio)
+                assert (await raw.trailers(stream_id))["grpc-status"] == "0"
+            assert (tasks.spawned, streams) == (0, [])
+            data = b"".join(
+                e.data for e in raw.events if of(h2.events.DataReceived, stream_id)(e)
+            )
+            assert data == grpc_frame("now-abc")
+            headers = next(e for e in raw.events if of(h2.events.ResponseReceived, stream_id)(e))
+            assert dict(headers.headers)["content-type"] == "application/grpc+proto"
+            # the connection goes on: calls that are not answered now, then another that is
+            stream_id = await raw.request("Size", "abcd")
+            assert (await raw.trailers(stream_id))["grpc-status"] == "0"
+            stream_id = await raw.request("Now", "def", like_grpcio=like_grpcio)
+            assert (await raw.trailers(stream_id))["grpc-status"] == "0"
+        assert probe.paths == ["now", "now"]
+        assert run.server.stats.calls[NOW_METHOD, "OK"] == 2
+        assert sum(run.server.stats.latency[NOW_METHOD].counts) == 2
+        assert run.server.open_calls == 0
+        assert run.server.calls_by_user == {}
+    assert _audit_messages(caplog) == ["probe-now value=abc", "probe-now value=def"]
+
+
+async def test_errors_answered_now_are_the_statuses_a_call_task_sends(
+    pki: Pki, probe: Probe, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Status errors, exception groups, a bug (UNKNOWN, logged, no detail) and a request that
+    cannot be parsed, answered by the reader as `_status_for` maps them for call tasks."""
+    async with running(pki, probe) as run:
+        with grpc_client(run.server.port, pki) as client:
+            assert await client.call("Now", "warm") == "now-warm"
+            with counting_calls(monkeypatch) as (tasks, streams):
+                assert await client.status("Now", "fail:notfound:no job 7") == (
+                    grpc.StatusCode.NOT_FOUND,
+                    "no job 7",
+                )
+                assert await client.status("Now", "fail:group:not yours") == (
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    "not yours",
+                )
+                caplog.clear()
+                assert await client.status("Now", "fail:bug:password") == (
+                    grpc.StatusCode.UNKNOWN,
+                    "internal error",
+                )
+        assert "secret detail password" in caplog.text  # logged for the operator only
+        async with RawClient.open(run.server.port, pki) as raw:
+            first = await raw.request("Size", "warm")
+            assert (await raw.trailers(first))["grpc-status"] == "0"
+            with counting_calls(monkeypatch) as (raw_tasks, raw_streams):
+                broken = struct.pack(">?I", False, 2) + b"\x0a\x05"  # a string field cut short
+                stream_id = await raw.request("Now", payload=broken)
+                trailers = await raw.trailers(stream_id)
+            assert trailers["grpc-status"] == str(grpc.StatusCode.INVALID_ARGUMENT.value[0])
+            assert trailers["grpc-message"] == "request message cannot be parsed"
+    # grpcio may split a request over two reads: only the raw client's is sure to be whole
+    assert (raw_tasks.spawned, raw_streams) == (0, [])
+    assert tasks.spawned <= 3
+    assert run.server.stats.calls[NOW_METHOD, "NOT_FOUND"] == 1
+    assert run.server.stats.calls[NOW_METHOD, "UNKNOWN"] == 1
+    assert run.server.stats.calls[NOW_METHOD, "INVALID_ARGUMENT"] == 1
+    assert probe.paths.count("handler") == tasks.spawned
+
+
+@pytest.mark.parametrize(
+    ("settings", "limits", "paths", "tasks"),
+    [
+        # no window at all: the answer is not even made; the call is today's call task
+        ({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0}, None, ["handler", "now"], 1),
+        # a window smaller than the answer: made now, sent by a call task as the window opens
+        ({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 8}, None, ["now"], 1),
+        # a full outbound queue (here: a queue of a few bytes)
+        (None, TransportLimits(max_outbound_queued_bytes=16), ["handler", "now"], 1),
+    ],
+    ids=["no-window", "small-window", "no-queue-room"],
+)
+async def test_an_answer_that_cannot_be_sent_at_once_goes_the_call_tasks_way(
+    pki: Pki,
+    probe: Probe,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    settings: dict[int, int] | None,
+    limits: TransportLimits | None,
+    paths: list[str],
+    tasks: int,
+) -> None:
+    """The reader never waits for flow control or queue room: such a call gets a call task
+    (and the answer, its audit line and its statistics exactly once)."""
+    caplog.set_level(logging.INFO, "jobd.audit")
+    async with running(pki, probe, limits) as run:
+        async with RawClient.open(run.server.port, pki, settings=settings) as raw:
+
+            async def call(method: str, value: str) -> int:
+                stream_id = await raw.request(method, value)
+                await trio.testing.wait_all_tasks_blocked()  # the server waits for a window
+                raw.h2.increment_flow_control_window(1024, stream_id=stream_id)
+                await raw.flush()
+                assert (await raw.trailers(stream_id))["grpc-status"] == "0"
+                return stream_id
+
+            await call("Size", "warm")  # the SETTINGS exchange is over after it
+            with counting_calls(monkeypatch) as (spawned, streams):
+                stream_id = await call("Now", "a-longer-answer")
+            data = b"".join(
+                e.data for e in raw.events if of(h2.events.DataReceived, stream_id)(e)
+            )
+            assert data == grpc_frame("now-a-longer-answer")
+        assert (spawned.spawned, streams) == (tasks, [stream_id])
+        assert probe.paths == paths
+        assert run.server.stats.calls[NOW_METHOD, "OK"] == 1
+        assert run.server.calls_by_user == {}
+    assert _audit_messages(caplog) == ["probe-now value=a-longer-answer"]
+
+
+async def test_calls_not_answered_now_are_todays_calls(
+    pki: Pki, probe: Probe, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An answer not ready now (None), a deadline already past, a request reset in the same
+    read, and the calls of a draining connection: each goes the call task's way (or none)."""
+    caplog.set_level(logging.INFO, "jobd.audit")
+    async with running(pki, probe) as run:
+        async with RawClient.open(run.server.port, pki) as raw:
+            first = await raw.request("Size", "warm")
+            assert (await raw.trailers(first))["grpc-status"] == "0"
+            with counting_calls(monkeypatch) as (tasks, _):
+                later = await raw.request("Now", "later")
+                assert (await raw.trailers(later))["grpc-status"] == "0"
+                assert probe.paths == ["handler"]
+                # a deadline already past: DEADLINE_EXCEEDED, the answer never made
+                late = await raw.request("Now", "late", extra=[("grpc-timeout", "0n")])
+                trailers = await raw.trailers(late)
+                assert trailers["grpc-status"] == str(grpc.StatusCode.DEADLINE_EXCEEDED.value[0])
+                assert probe.paths == ["handler"]
+                # reset by the client in the same read: never answered, the connection lives
+                reset = await raw.request("Now", "reset", then_reset=True)
+                again = await raw.request("Now", "again")
+                assert (await raw.trailers(again))["grpc-status"] == "0"
+                assert not any(
+                    of(h2.events.ResponseReceived, reset)(e) for e in raw.events
+                )
+            assert tasks.spawned == 3  # later, late and reset
+            assert probe.paths == ["handler", "now"]
+            assert run.server.stats.calls[NOW_METHOD, "DEADLINE_EXCEEDED"] == 1
+            # draining: GOAWAY sent, the call already open is served by a call task
+            with counting_calls(monkeypatch) as (tasks, _):
+                last = await raw.request("Now", "last")
+                run.server.shutdown(grace=5)
+                assert (await raw.trailers(last))["grpc-status"] == "0"
+            await run.stopped.wait()
+    assert _audit_messages(caplog) == ["probe-now value=again", "probe-now value=last"]
 
 
 async def test_audit_line_of_a_call_ended_by_shutdown_is_written(
@@ -1308,3 +1566,92 @@ def test_identity_is_a_frozen_value() -> None:
     with pytest.raises(AttributeError):
         identity.user = "bob"  # type: ignore[misc]
     assert identity == Identity("alice", frozenset({"user"}))
+
+
+def test_a_repeated_block_of_indexed_fields_is_decoded_as_the_table_says() -> None:
+    """The decoder remembers blocks of indexed fields only (issue 12), and forgets them as soon
+    as a block may have changed the dynamic table: the same bytes then decode as the table
+    now says."""
+    decoder = _Decoder()
+    reference = hpack.Decoder()
+    encoder = hpack.Encoder()
+    blocks = [
+        encoder.encode([("x-a", "1")]),  # a literal: now dynamic index 62
+        b"\xbe",  # index 62: x-a: 1
+        b"\xbe",  # the same, remembered
+        encoder.encode([("x-b", "2")]),  # now x-b is 62, x-a 63
+        b"\xbe",  # x-b: 2, not what was remembered
+        b"\xbf",
+    ]
+    assert [decoder.decode(b, raw=True) for b in blocks] == [
+        reference.decode(b, raw=True) for b in blocks
+    ]
+    assert decoder.decode(b"\xbe", raw=True) == [(b"x-b", b"2")]
+    assert len(decoder._blocks) == 2
+
+
+class _EndedJobs:
+    """JobService's engine for Status: one ended job of alice's."""
+
+    def __init__(self) -> None:
+        self.job = engine.JobInfo(
+            id="5e1c2d9a-7c6f-4a3e-9a52-0d3f1b2c4e6a",
+            owner="alice",
+            command=("true",),
+            state=engine.State.EXITED,
+            started_at=1_700_000_000.0,
+            ended_at=1_700_000_001.5,
+            reason=engine.EndReason.EXIT,
+        )
+
+    def status(self, job_id: str) -> engine.JobInfo:
+        if job_id != self.job.id:
+            raise engine.NotFound(f"no job {job_id}")
+        return self.job
+
+
+async def test_status_of_an_ended_job_is_answered_by_the_reader(
+    pki: Pki, probe: Probe, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """JobService.Status is answered without a call task, with its authorization (the owner
+    and an admin see the job, anyone else NOT_FOUND as for a missing job), its cached message
+    and its audit lines."""
+    caplog.set_level(logging.INFO, "jobd.audit")
+    jobs = _EndedJobs()
+    service = JobService(jobs)  # type: ignore[arg-type]  # only status() is called
+    path = "/jobd.v1.JobService/Status"
+    request = pb.JobRequest(id=jobs.job.id).SerializeToString()
+    framed = struct.pack(">?I", False, len(request)) + request
+    answers: dict[str, tuple[dict[str, str], bytes]] = {}
+    async with running(pki, probe, services=[service.service]) as run:
+        for who in ("alice", "bob", "admin"):
+            async with RawClient.open(run.server.port, pki, who) as raw:
+                first = await raw.request(path, payload=framed)  # after it, no more SETTINGS
+                await raw.trailers(first)
+                with counting_calls(monkeypatch) as (tasks, streams):
+                    stream_id = await raw.request(path, payload=framed, like_grpcio=True)
+                    trailers = await raw.trailers(stream_id)
+                assert (tasks.spawned, streams) == (0, []), who
+                data = b"".join(
+                    e.data for e in raw.events if of(h2.events.DataReceived, stream_id)(e)
+                )
+                answers[who] = trailers, data
+    for who in ("alice", "admin"):
+        trailers, data = answers[who]
+        assert trailers["grpc-status"] == "0"
+        job = pb.Job.FromString(data[5:])
+        assert (job.id, job.owner, job.state, job.exit_code) == (
+            jobs.job.id, "alice", pb.State.EXITED, 0
+        )  # fmt: skip
+    trailers, data = answers["bob"]
+    assert data == b""
+    assert trailers["grpc-status"] == str(grpc.StatusCode.NOT_FOUND.value[0])
+    assert trailers["grpc-message"] == f"no job {jobs.job.id}"
+    lines = [line.rsplit(" duration_ms=", 1)[0] for line in _audit_messages(caplog)]
+    ok = f"rpc user=alice method=Status job={jobs.job.id} code=OK"
+    denied = f"rpc user=bob method=Status job={jobs.job.id} code=NOT_FOUND"
+    admin = f"rpc user=root method=Status job={jobs.job.id} code=OK"
+    assert lines == [ok, ok, denied, denied, admin, admin]
+    assert all('denied="not the owner"' in m for m in _audit_messages(caplog) if "bob" in m)
+    assert run.server.stats.calls["jobd.v1.JobService/Status", "OK"] == 4
+    assert run.server.stats.calls["jobd.v1.JobService/Status", "NOT_FOUND"] == 2

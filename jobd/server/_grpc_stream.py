@@ -113,6 +113,11 @@ _RESPONSE_START_BLOCK = (
     + _literal_never_indexed(b"grpc-accept-encoding", b"identity")
 )
 _OK_TRAILERS_BLOCK = _literal_never_indexed(b"grpc-status", b"0")
+# Room an answer made by the reader (`ServerSocket.answer_unary`) needs in the outbound queue
+# besides its message: its header and trailer frames.
+_ANSWER_HEADROOM = 1024
+_H2_CLOSED = h2.connection.ConnectionState.CLOSED
+_HALF_CLOSED_REMOTE = h2.stream.StreamState.HALF_CLOSED_REMOTE
 # The reader stops reading once this many times the outbound cap is queued: h2 answers PINGs
 # and SETTINGS by itself, so a peer that sends those and reads nothing would grow the queue.
 _READER_QUEUE_FACTOR = 4
@@ -435,6 +440,41 @@ _H2_HEADERS = _Memo()
 _REQUESTS = _Memo()
 
 
+# Header blocks of indexed fields only, at most this long, are remembered per connection, at
+# most _DECODED_BLOCKS of them (the issue-9 bounds: a few KiB per connection).
+_DECODED_BLOCK_BYTES = 64
+_DECODED_BLOCKS = 4
+_INDEXED_FIELD_BYTES = bytes(range(0x80, 0x100))  # first bytes of an indexed field (RFC 7541 6.1)
+
+
+class _Decoder(hpack.Decoder):  # type: ignore[misc]
+    """hpack's decoder, remembering what a header block made only of indexed fields (one byte
+    each) decoded to. Such a block changes nothing of the decoder's state, so it decodes to
+    the same list until a block that may change the dynamic table arrives (any other kind of
+    field, or a table size update), which forgets them all. A client sends the same block for
+    each call once its headers are in the table (grpcio does, for calls without a deadline)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._blocks: dict[tuple[bytes, bool, int, int], list[Any]] = {}
+
+    def decode(self, data: bytes | memoryview, raw: bool = False) -> list[Any]:
+        data = bytes(data)
+        key = (data, raw, self.max_header_list_size, self.max_allowed_table_size)
+        blocks = self._blocks
+        seen = blocks.get(key)
+        if seen is not None:
+            return list(seen)
+        headers: list[Any] = super().decode(data, raw)
+        if data.translate(None, _INDEXED_FIELD_BYTES):  # not indexed fields only
+            blocks.clear()
+        elif len(data) <= _DECODED_BLOCK_BYTES:
+            if len(blocks) >= _DECODED_BLOCKS:
+                blocks.clear()
+            blocks[key] = list(headers)
+        return headers
+
+
 class _H2Connection(h2.connection.H2Connection):  # type: ignore[misc]  # h2 is untyped
     """h2 3.2's connection, ignoring a WINDOW_UPDATE on a stream it has closed and already
     forgotten. RFC 7540 §5.1 says such frames MUST be ignored; h2 3.2 made them a connection
@@ -442,7 +482,17 @@ class _H2Connection(h2.connection.H2Connection):  # type: ignore[misc]  # h2 is 
     lost every call on it. purerpc's monkeypatch covers only streams h2 still remembers.
 
     Its streams check an inbound header list they have seen before (but for the deadline's
-    digits) once: h2's own pipeline ran on it the first time and passed (`_H2_HEADERS`)."""
+    digits) once: h2's own pipeline ran on it the first time and passed (`_H2_HEADERS`); and
+    its decoder decodes a repeated block of indexed fields once (`_Decoder`)."""
+
+    decoder: Any  # h2's, replaced by ours
+
+    def __init__(self, config: h2.config.H2Configuration) -> None:
+        super().__init__(config)
+        decoder = _Decoder()
+        decoder.max_header_list_size = self.decoder.max_header_list_size
+        decoder.max_allowed_table_size = self.decoder.max_allowed_table_size
+        self.decoder = decoder
 
     def _begin_new_stream(self, stream_id: int, allowed_ids: Any) -> Any:
         stream = super()._begin_new_stream(stream_id, allowed_ids)
@@ -1117,6 +1167,23 @@ class ServerStream(GRPCProtoStream):  # type: ignore[misc]
         self._incoming.clear()
 
 
+def _whole_request(events: list[Event], i: int) -> tuple[int, int] | None:
+    """Where the message and the end of the request that events[i] starts are, if they follow
+    it in `events` with nothing but window updates in between (grpcio sends WINDOW_UPDATEs
+    between a request's HEADERS and DATA): a unary request that arrived whole."""
+    stream_id = events[i].stream_id
+    found = []
+    count = len(events)
+    for kind in (MessageReceived, RequestEnded):
+        i += 1
+        while i < count and type(events[i]) is WindowUpdated:
+            i += 1
+        if i == count or type(events[i]) is not kind or events[i].stream_id != stream_id:
+            return None
+        found.append(i)
+    return found[0], found[1]
+
+
 class ReaderEnd(enum.Enum):
     """Why `ServerSocket.run_reader` returned."""
 
@@ -1176,9 +1243,17 @@ class ServerSocket(GRPCProtoSocket):  # type: ignore[misc]
     def h2(self) -> Any:
         return self._grpc_connection.h2_connection
 
-    async def run_reader(self, start_call: Callable[[ServerStream], None]) -> ReaderEnd:
+    async def run_reader(
+        self,
+        start_call: Callable[[ServerStream], None],
+        answer_now: Callable[[RequestReceived, MessageReceived], bool] | None = None,
+    ) -> ReaderEnd:
         """Read and route frames until the peer is gone, leaves, or breaks the protocol.
-        `start_call(stream)` must start the call's handler; it is called synchronously."""
+        `start_call(stream)` must start the call's handler; it is called synchronously. A
+        request that arrived whole in one read (its headers, one message and its end, with
+        only window updates in between) is first offered to `answer_now(request, message)`,
+        also synchronous: True if it has taken the call (answered it, or started it), False
+        to have it routed as any other."""
         while True:
             await self._socket.wait_queued_at_most(_READER_QUEUE_FACTOR * self._max_queued)
             try:
@@ -1198,11 +1273,23 @@ class ServerSocket(GRPCProtoSocket):  # type: ignore[misc]
                 self._socket.kick()
                 return ReaderEnd.PROTOCOL_ERROR
             self._socket.kick()  # SETTINGS/PING acks, window updates
-            for event in events:
+            taken: set[int] = set()  # a message and end `answer_now` has dealt with
+            for i, event in enumerate(events):
                 if isinstance(event, PeerGoAway):
                     return ReaderEnd.PEER_GOAWAY
+                if i in taken:
+                    continue
+                if (
+                    answer_now is not None
+                    and type(event) is RequestReceived
+                    and self._goaway_last_stream_id is None
+                ):
+                    found = _whole_request(events, i)
+                    if found is not None and answer_now(event, events[found[0]]):
+                        taken.update(found)
+                        continue
                 self._route(event, start_call)
-            self._socket.kick()  # refusals and resets _route produced
+            self._socket.kick()  # refusals and resets _route produced, answers made here
 
     def _route(self, event: Event, start_call: Callable[[ServerStream], None]) -> None:
         stream = self._streams.get(getattr(event, "stream_id", 0))
@@ -1252,6 +1339,65 @@ class ServerSocket(GRPCProtoSocket):  # type: ignore[misc]
                         f"request message is larger than the server's limit of {limit} bytes",
                     )
                 )
+
+    def can_answer(self, stream_id: int) -> bool:
+        """Whether a unary call on `stream_id`, whose request has arrived whole, may be
+        answered at once (`answer_unary`) if its answer is small: the connection and the
+        stream are open for sending (not reset, no GOAWAY either way), the windows are open
+        and the outbound queue has room. Cheap; `answer_unary` checks the exact sizes."""
+        h2c = self.h2
+        if h2c.state_machine.state is _H2_CLOSED:
+            return False
+        stream = h2c.streams.get(stream_id)
+        return (
+            stream is not None
+            and stream.state_machine.state is _HALF_CLOSED_REMOTE
+            and h2c.local_flow_control_window(stream_id) > _GRPC_FRAME_HEADER
+            and self._socket.queued + _ANSWER_HEADROOM <= self._max_queued
+        )
+
+    def answer_unary(self, stream_id: int, body: bytes | None, status: Status) -> bool:
+        """Queue the whole answer of a unary call whose request has arrived whole, without a
+        stream object and without waiting: the response headers, the message `body` (if not
+        None) in one DATA frame, the trailers with `status`, as the call's task would send
+        them. False, with nothing done, when that cannot be done without waiting (or not at
+        all): the stream or the connection is no longer open for sending, the message does
+        not fit the flow-control windows, the peer's frame size or the message limit, or the
+        outbound queue has no room for it (the memory bound: this never passes it)."""
+        if not self.can_answer(stream_id):
+            return False
+        conn = self._grpc_connection
+        h2c = conn.h2_connection
+        size = 0
+        if body is not None:
+            size = _GRPC_FRAME_HEADER + len(body)
+            if (
+                len(body) > conn.config.max_message_length
+                or size > h2c.local_flow_control_window(stream_id)
+                or size > h2c.max_outbound_frame_size
+                or self._socket.queued + size + _ANSWER_HEADROOM > self._max_queued
+            ):
+                return False
+        conn.start_response(stream_id, "+proto")
+        if body is not None:
+            self._socket.kick()  # the headers first
+            _debit_data_frame(h2c, stream_id, size)
+            self._socket.append_frame(
+                _data_frame_header(stream_id, size), _GRPC_PREFIX.pack(False, len(body)) + body
+            )
+        conn.end_response(stream_id, status)
+        # Both sides have ended the stream: forget it, give back the request's window.
+        conn.release_stream(stream_id)
+        self._socket.kick()
+        return True
+
+    def open_stream(self, request: RequestReceived) -> ServerStream:
+        """The stream object of a call whose request has arrived whole, as the reader makes it
+        for a call it routes; its message is not delivered (the caller has read it)."""
+        stream: ServerStream = self._allocate_stream(request.stream_id)
+        stream.deliver(request)
+        stream._close_remote()
+        return stream
 
     def send_goaway(self) -> None:
         """Announce a graceful close: GOAWAY(NO_ERROR) naming the last stream we will serve.

@@ -25,7 +25,7 @@ from jobd.v1 import jobd_pb2 as pb
 
 from ._audit import audit_event
 from ._grpc_stream import FramedMessage, message_limit
-from ._transport import Identity, current_identity
+from ._transport import Identity, answer_inline, current_identity
 
 log = logging.getLogger(__name__)
 
@@ -372,9 +372,20 @@ class JobService(jobd_grpc.JobServiceServicer):
             return job_to_pb(await self._jobs.stop(request.id, _grace(request)))
 
     async def Status(self, request: pb.JobRequest) -> pb.Job:
+        return self._status_now(request)  # type: ignore[return-value]  # framed: same bytes
+
+    def _status_now(self, request: pb.JobRequest) -> pb.Job | FramedMessage:
+        """Status, which never waits: the transport's reader may answer it itself
+        (`answer_inline`)."""
         with self._call("Status", request.id) as call:
             job = self._authorized(call, request.id)
-            return self._ended.message(job)  # type: ignore[return-value]  # framed: same bytes
+            return self._ended.message(job)
+
+    @property
+    def service(self) -> purerpc.Service:
+        service = super().service
+        answer_inline(service, "Status", self._status_now)
+        return service
 
     async def Wait(self, request: pb.JobRequest) -> pb.Job:
         """Until the job ends; the client's deadline (grpc-timeout, enforced by the

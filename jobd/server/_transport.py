@@ -24,14 +24,14 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio.abc
 import trio
 from google.protobuf.message import DecodeError
-from purerpc import Cardinality, Service
+from purerpc import Cardinality, RPCSignature, Service
 from purerpc.grpclib.connection import GRPCConfiguration
-from purerpc.grpclib.events import RequestReceived
+from purerpc.grpclib.events import MessageReceived, RequestReceived
 from purerpc.grpclib.exceptions import MessageTooLargeError, RpcFailedError, UnauthenticatedError
 from purerpc.grpclib.exceptions import ProtocolError as GrpcProtocolError
 from purerpc.grpclib.status import Status, StatusCode
@@ -59,6 +59,7 @@ __all__ = [
     "Identity",
     "TransportLimits",
     "current_identity",
+    "answer_inline",
     "make_server_ssl_context",
     "serve_grpc",
 ]
@@ -214,6 +215,51 @@ async def _call_unary_stream(func: Callable[..., Any], stream: ServerStream) -> 
     await stream.close(Status(StatusCode.OK))
 
 
+AnswerNow = Callable[[Any], Any]
+
+
+class _InlineMethod(NamedTuple):
+    """purerpc's BoundRPCMethod (its two fields: the handler, the signature), and the
+    method's synchronous answer (`answer_inline`)."""
+
+    method_fn: Callable[..., Any]
+    signature: RPCSignature
+    answer_now: AnswerNow
+
+
+def answer_inline(service: Service, method: str, answer_now: AnswerNow) -> None:
+    """Let the connection's reader answer unary `method` of `service` itself, with no task
+    and no stream object, by calling `answer_now(request)` when the request has arrived whole
+    and the answer can be sent at once (see `_Dispatcher._answer_now`). `answer_now` is a
+    plain function, so it can never wait; it returns the response message, or None to have
+    the call run as any other (having done nothing), and raises what the method's handler
+    would. The handler itself serves every call that is not answered so."""
+    bound = service.methods[method]
+    if bound.signature.cardinality is not Cardinality.UNARY_UNARY:
+        raise ValueError(f"{service.name}/{method} is not a unary call")
+    service.methods[method] = _InlineMethod(bound.method_fn, bound.signature, answer_now)
+
+
+@dataclass(frozen=True, slots=True)
+class _Ready:
+    """A call answered by `answer_now` whose answer could not be sent at once: its call task
+    sends it as any handler's answer, within the call's deadline."""
+
+    response: Any  # the message, or None when the answer is `status` alone
+    status: Status
+    deadline: float
+
+
+async def _send_answer(ready: _Ready, stream: ServerStream) -> Status | None:
+    if ready.response is None:
+        return ready.status
+    await stream.send_message(ready.response, flush=False)
+    await stream.close(ready.status)
+    return None
+
+
+_OK = Status(StatusCode.OK)
+
 _RUNNERS: dict[Cardinality, _Runner] = {
     Cardinality.UNARY_UNARY: _call_unary_unary,
     Cardinality.UNARY_STREAM: _call_unary_stream,
@@ -310,7 +356,7 @@ class _Dispatcher(ConnectionHandler):  # type: ignore[misc]  # purerpc is untype
         self._scope.cancel()
 
     async def _read(self, socket: ServerSocket) -> None:
-        end = await socket.run_reader(self._start_call)
+        end = await socket.run_reader(self._start_call, self._answer_now)
         log.debug("connection ends: %s", end.value)
         if end is ReaderEnd.PEER_GONE:
             self._lose_peer()
@@ -321,12 +367,60 @@ class _Dispatcher(ConnectionHandler):  # type: ignore[misc]  # purerpc is untype
             assert self._calls_nursery is not None
             self._calls_nursery.cancel_scope.cancel()
 
-    def _start_call(self, stream: ServerStream) -> None:
+    def _start_call(self, stream: ServerStream, ready: _Ready | None = None) -> None:
         # Called by the reader task, so the call task copies the reader's context: the
         # connection's current_identity.
         assert self._calls_nursery is not None
         self._calls.add(stream)
-        self._calls_nursery.start_soon(self.request_received, stream)
+        self._calls_nursery.start_soon(self.request_received, stream, ready)
+
+    def _answer_now(self, event: RequestReceived, message: MessageReceived) -> bool:
+        """Answer a unary call in the reader (issue 12: a task, a stream object and their
+        scheduling per call cost more than a quick handler), when that is sure to need no
+        wait: the method has a synchronous answer (`answer_inline`), the connection is not
+        refusing or draining, the user is under the call cap, the deadline has not passed,
+        and the answer can be queued at once (`ServerSocket.answer_unary`). It does what the
+        call's task would: authorization and the audit line are the answer's own (in the
+        reader's context: the connection's identity, audit lines deferred), errors map to
+        statuses as `_status_for` maps them, statistics are counted. An answer made that
+        cannot be sent at once goes to a call task, which sends it as today's calls send
+        theirs. False: nothing was done, the call is routed as any other."""
+        if self._refusal is not None or self._draining or self._close_after_call:
+            return False
+        service = self.services.get(event.service_name)
+        method = None if service is None else service.methods.get(event.method_name)
+        if type(method) is not _InlineMethod:
+            return False
+        assert self._user is not None and self._socket is not None
+        if self._server.calls_by_user[self._user] >= self._limits.max_calls_per_user:
+            return False
+        socket = self._socket
+        stream_id = event.stream_id
+        started = trio.current_time()
+        timeout = self._deadline(event)
+        if not timeout > 0 or not socket.can_answer(stream_id):
+            return False  # DEADLINE_EXCEEDED, or waits on the windows or the queue: as today
+        body = None
+        status = _OK
+        try:
+            response = method.answer_now(method.signature.request_type.FromString(message.data))
+            if response is None:
+                return False
+            body = response.SerializeToString()
+        except Exception as exc:  # never BaseException, as in `_answer`
+            response = None
+            status = self._status_for(exc, event)
+        if not socket.answer_unary(stream_id, body, status):
+            self._start_call(socket.open_stream(event), _Ready(response, status, started + timeout))
+            return True
+        self._server.stats.call_ended(
+            self._server.stats.method_label(event.service_name, event.method_name),
+            status.status_code.name,
+            trio.current_time() - started,
+        )
+        if not self._calls:
+            self._idle_since = trio.current_time()
+        return True
 
     async def _supervise(self) -> None:
         """Return once the connection should close. Woken only by a drain and by the last call
@@ -361,12 +455,12 @@ class _Dispatcher(ConnectionHandler):  # type: ignore[misc]  # purerpc is untype
         for call in list(self._calls):
             call.abort(status)
 
-    async def request_received(self, stream: ServerStream) -> None:
+    async def request_received(self, stream: ServerStream, ready: _Ready | None = None) -> None:
         assert self._socket is not None
         started = trio.current_time()
         code = "CANCELLED"  # unless the call gets as far as a status
         try:
-            status = await self._answer(stream)
+            status = await self._answer(stream, ready)
             if status is not None:
                 code = status.status_code.name
             elif not (stream.reset_by_peer or self.peer_gone or self._h2_closed):
@@ -398,22 +492,24 @@ class _Dispatcher(ConnectionHandler):  # type: ignore[misc]  # purerpc is untype
     def open_calls(self) -> int:
         return len(self._calls)
 
-    async def _answer(self, stream: ServerStream) -> Status | None:
-        """Run the call; return the status still to send, None when it was sent already or
-        there is nobody to send it to."""
+    async def _answer(self, stream: ServerStream, ready: _Ready | None) -> Status | None:
+        """Run the call (or send its `ready` answer); return the status still to send, None
+        when it was sent already or there is nobody to send it to."""
         try:
             with stream.cancel_scope:
-                return await self._run_call(stream)
+                return await self._run_call(stream, ready)
             return stream.abort_status  # reset by the client, or ended by the server
         except Exception as exc:  # never BaseException: Cancelled, KeyboardInterrupt propagate
             if self._h2_closed or self.peer_gone:
                 # It failed because the connection did (h2 refuses to send after a GOAWAY).
                 log.debug("call on a closed connection: %r", exc)
                 return None
-            return self._status_for(exc, stream)
+            return self._status_for(exc, stream.start_stream_event)
 
-    async def _run_call(self, stream: ServerStream) -> Status | None:
+    async def _run_call(self, stream: ServerStream, ready: _Ready | None) -> Status | None:
         event: RequestReceived = await stream.receive_event()  # queued by the reader
+        if ready is not None:  # answered in the reader (under the caps); to be sent
+            return await self._send_ready(stream, ready)
         if self._refusal is not None:
             return self._refusal
         assert self._user is not None
@@ -457,12 +553,26 @@ class _Dispatcher(ConnectionHandler):  # type: ignore[misc]  # purerpc is untype
             return None
         return Status(StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
 
+    async def _send_ready(self, stream: ServerStream, ready: _Ready) -> Status | None:
+        assert self._user is not None
+        calls = self._server.calls_by_user
+        calls[self._user] += 1
+        try:
+            stream.queue_response_start()
+            with trio.move_on_at(ready.deadline):
+                return await _send_answer(ready, stream)
+            return Status(StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+        finally:
+            calls[self._user] -= 1
+            if not calls[self._user]:
+                del calls[self._user]
+
     def _deadline(self, event: RequestReceived) -> float:
         client = math.inf if event.timeout is None else event.timeout.total_seconds()
         return min(max(client, 0.0), self._limits.max_deadline)
 
     @staticmethod
-    def _status_for(exc: Exception, stream: ServerStream) -> Status:
+    def _status_for(exc: Exception, event: RequestReceived | None) -> Status:
         """The status for an exception out of a call (row 4: purerpc sent CANCELLED with the
         exception's repr)."""
         if isinstance(exc, RpcFailedError):
@@ -481,7 +591,6 @@ class _Dispatcher(ConnectionHandler):  # type: ignore[misc]  # purerpc is untype
         if isinstance(exc, GrpcProtocolError) and not isinstance(exc, MessageTooLargeError):
             # purerpc's own check of the client's messages, e.g. two on a unary call.
             return Status(StatusCode.INVALID_ARGUMENT, str(exc))
-        event = stream.start_stream_event
         method = "?" if event is None else f"{event.service_name}/{event.method_name}"
         log.error("call %s failed", method, exc_info=exc)
         return Status(StatusCode.UNKNOWN, "internal error")
