@@ -39,6 +39,7 @@ import contextlib
 import fcntl
 import logging
 import marshal
+import math
 import os
 import signal
 import subprocess
@@ -56,6 +57,13 @@ from ._types import Limits
 # How many shims wait for a job. A refill costs one fork of the zygote (~1 ms; a boot, when
 # the zygote is down, ~16 ms of CPU on a 2-core host, competing with the server).
 POOL_SIZE = 4
+# A burst that found the pool empty grows it by one shim per Start that had to make its own,
+# up to POOL_MAX (an idle shim and its PID 1 cost ~1.2 MiB Pss, two pids and a leaf in each
+# hierarchy); after POOL_SHRINK seconds without such a Start it is back to POOL_SIZE.
+POOL_MAX = 64
+POOL_SHRINK = 60.0
+# A refill asks the zygote for up to this many shims at once (one exchange for all).
+REFILL_BATCH = 8
 # After a failed refill (out of fds or processes), try again this often.
 REFILL_RETRY = 1.0
 # Bound on killing an idle shim and removing its spare leaf at shutdown.
@@ -244,9 +252,13 @@ class ShimPool:
         size: int = POOL_SIZE,
         *,
         leaf: Callable[[], JobCgroup] | None = None,
+        max_size: int | None = None,
     ) -> None:
         self._prep = prep
         self._size = size
+        self._max = max(size, POOL_MAX if max_size is None else max_size)
+        self._target = size  # grown by Starts that found it empty, back to size when idle
+        self._missed_at = -math.inf  # when a Start last found it empty
         self._leaf = leaf
         self._idle: collections.deque[Shim] = collections.deque()
         self._taken = trio.Event()
@@ -281,9 +293,18 @@ class ShimPool:
         while len(self._idle) > 1 and self._starts:
             await self._stirred.wait()
 
+    @property
+    def target(self) -> int:
+        """How many idle shims the pool refills to now (`size` .. `max_size`)."""
+        return self._target
+
     def take(self) -> Shim | None:
-        """An idle shim, or None when the pool is empty (spawn one with `spawn_shim`)."""
+        """An idle shim, or None when the pool is empty (the caller makes one with
+        `new_shim()`, and the pool grows by one for the next burst)."""
         if not self._idle:
+            self._target = min(self._max, self._target + 1)
+            self._missed_at = trio.current_time()
+            self._taken.set()
             return None
         shim = self._idle.popleft()
         self.idle_count.value = len(self._idle)
@@ -363,16 +384,51 @@ class ShimPool:
             await nursery.start(self._run_zygote)
             await self._fill(task_status)
 
+    async def _refill(self) -> None:
+        """Up to REFILL_BATCH new idle shims, asked for together (one zygote exchange)."""
+        count = min(REFILL_BATCH, self._target - len(self._idle))
+        errors: list[BaseException] = []
+
+        async def one() -> None:
+            try:
+                leaf = self._leaf() if self._leaf else None
+                shim = await self.new_shim(leaf=leaf)
+            except (OSError, CgroupError) as exc:
+                errors.append(exc)
+                return
+            self._idle.append(shim)  # no checkpoint since it was made: never lost
+            self.idle_count.value = len(self._idle)
+
+        if count <= 1:
+            await one()
+        else:
+            async with trio.open_nursery() as nursery:
+                for _ in range(count):
+                    nursery.start_soon(one)
+        if errors:
+            raise errors[0]
+
+    async def _shrink(self) -> None:
+        """Once no Start has found the pool empty for POOL_SHRINK seconds, back to `size`:
+        the extra idle shims are killed and their spare leaves removed."""
+        with trio.move_on_at(self._missed_at + POOL_SHRINK):
+            await self._taken.wait()
+            return
+        self._target = self._size
+        with trio.move_on_after(DISCARD_TIMEOUT, shield=True):
+            while len(self._idle) > self._target:
+                shim = self._idle.pop()
+                self.idle_count.value = len(self._idle)
+                await shim.discard()
+
     async def _fill(self, task_status: trio.TaskStatus[None]) -> None:
         try:
             failing, started = False, False
             while True:
                 try:
-                    while len(self._idle) < self._size:
+                    while len(self._idle) < self._target:
                         await self._wait_to_refill()
-                        leaf = self._leaf() if self._leaf else None
-                        self._idle.append(await self.new_shim(leaf=leaf))
-                        self.idle_count.value = len(self._idle)
+                        await self._refill()
                 except (OSError, CgroupError) as exc:
                     # EMFILE, EAGAIN, ENOMEM, no room for a leaf: a Start meanwhile spawns its
                     # own shim and gets RESOURCE_EXHAUSTED if that fails too; never end the
@@ -390,7 +446,10 @@ class ShimPool:
                     started = True
                     task_status.started()
                 self._taken = trio.Event()
-                await self._taken.wait()
+                if self._target > self._size:
+                    await self._shrink()
+                else:
+                    await self._taken.wait()
         finally:
             with trio.move_on_after(DISCARD_TIMEOUT, shield=True) as scope:
                 while self._idle:
