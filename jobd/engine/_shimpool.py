@@ -57,11 +57,13 @@ from ._types import Limits
 # How many shims wait for a job. A refill costs one fork of the zygote (~1 ms; a boot, when
 # the zygote is down, ~16 ms of CPU on a 2-core host, competing with the server).
 POOL_SIZE = 4
-# A burst that found the pool empty grows it by one shim per Start that had to make its own,
-# up to POOL_MAX (an idle shim and its PID 1 cost ~1.2 MiB Pss, two pids and a leaf in each
-# hierarchy); after POOL_SHRINK seconds without such a Start it is back to POOL_SIZE.
+# A burst of Starts that ran the pool dry grows it to the burst's size (the Starts under way
+# then), up to POOL_MAX: the next burst of that size finds its shims waiting. Each idle shim
+# and its PID 1 cost ~1.2 MiB Pss, two pids, five of the server's fds and a leaf in each
+# hierarchy; after POOL_SHRINK seconds with no Start finding the pool empty, the pool is back
+# to POOL_SIZE.
 POOL_MAX = 64
-POOL_SHRINK = 60.0
+POOL_SHRINK = 300.0
 # A refill asks the zygote for up to this many shims at once (one exchange for all).
 REFILL_BATCH = 8
 # After a failed refill (out of fds or processes), try again this often.
@@ -302,7 +304,9 @@ class ShimPool:
         """An idle shim, or None when the pool is empty (the caller makes one with
         `new_shim()`, and the pool grows by one for the next burst)."""
         if not self._idle:
-            self._target = min(self._max, self._target + 1)
+            # As many as the Starts under way (each took one or makes its own): the burst
+            # that ran the pool dry, which the next one of that size then finds waiting.
+            self._target = min(self._max, max(self._target, self._starts))
             self._missed_at = trio.current_time()
             self._taken.set()
             return None
@@ -418,8 +422,8 @@ class ShimPool:
         with trio.move_on_after(DISCARD_TIMEOUT, shield=True):
             while len(self._idle) > self._target:
                 shim = self._idle.pop()
-                self.idle_count.value = len(self._idle)
                 await shim.discard()
+                self.idle_count.value = len(self._idle)  # once it is gone
 
     async def _fill(self, task_status: trio.TaskStatus[None]) -> None:
         try:
