@@ -122,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.pool:
         init = _shimpool.ShimPool.__init__
-        _shimpool.ShimPool.__init__ = functools.partialmethod(  # type: ignore[method-assign]
+        _shimpool.ShimPool.__init__ = functools.partialmethod(  # type: ignore[method-assign,assignment]
             init, size=args.pool)
     for owner, name, label in PHASES:
         if hasattr(owner, name):  # (an older engine may lack a phase)

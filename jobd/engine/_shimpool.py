@@ -14,7 +14,8 @@ to it, it is only an idle child of the server. `take()` hands one out (None when
 empty: the caller gets a new one with `new_shim()`, which joins at once); `run()`, a task of
 the job manager's nursery, refills the pool whenever no Start is under way (`starting()`; at
 once when it is down to its last shim) and, when it ends, kills the idle shims and removes
-their spare leaves. A shim whose server dies reads EOF on its control pipe and exits; its
+their spare leaves. The pool holds POOL_SIZE shims, or as many as the last burst of Starts
+that ran it dry (up to POOL_MAX) until POOL_SHRINK seconds pass without one. A shim whose server dies reads EOF on its control pipe and exits; its
 spare leaf, like every leaf a dead server left, is reaped at the next start-up.
 
 New shims are forked by the zygote (`_zygote.py`: one pre-booted shim, ~1 ms a fork instead
