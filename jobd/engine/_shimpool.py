@@ -15,8 +15,9 @@ empty: the caller gets a new one with `new_shim()`, which joins at once); `run()
 the job manager's nursery, refills the pool whenever no Start is under way (`starting()`; at
 once when it is down to its last shim) and, when it ends, kills the idle shims and removes
 their spare leaves. The pool holds POOL_SIZE shims, or as many as the last burst of Starts
-that ran it dry (up to POOL_MAX) until POOL_SHRINK seconds pass without one. A shim whose server dies reads EOF on its control pipe and exits; its
-spare leaf, like every leaf a dead server left, is reaped at the next start-up.
+that ran it dry (up to POOL_MAX) until POOL_SHRINK seconds pass without one. A shim whose
+server dies reads EOF on its control pipe and exits; its spare leaf, like every leaf a dead
+server left, is reaped at the next start-up.
 
 New shims are forked by the zygote (`_zygote.py`: one pre-booted shim, ~1 ms a fork instead
 of an interpreter's boot, ~16 ms of CPU), which `run()` keeps running; a forked shim is the
@@ -390,8 +391,11 @@ class ShimPool:
             await self._fill(task_status)
 
     async def _refill(self) -> None:
-        """Up to REFILL_BATCH new idle shims, asked for together (one zygote exchange)."""
-        count = min(REFILL_BATCH, self._target - len(self._idle))
+        """A new idle shim; after a burst (more missing than `size`), up to REFILL_BATCH
+        of them, asked for together (one zygote exchange). Between Starts one at a time:
+        several shims preparing at once compete with the next Start for the cores."""
+        missing = self._target - len(self._idle)
+        count = min(REFILL_BATCH, missing) if missing > self._size else 1
         errors: list[BaseException] = []
 
         async def one() -> None:
