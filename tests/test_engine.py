@@ -729,6 +729,17 @@ async def test_a_burst_that_empties_the_pool_grows_it_until_it_idles(
     assert await job_leaves(engine, engine_config) == []
 
 
+def test_a_grown_pool_takes_at_most_a_quarter_of_the_fd_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each idle shim holds 5 of the server's descriptors: under a low limit (here 160, as
+    `test_exhaustion.py` runs a server) a burst grows the pool to 8 at most, not POOL_MAX."""
+    monkeypatch.setattr(_shimpool.resource, "getrlimit", lambda _which: (160, 160))
+    assert _shimpool.ShimPool()._max == 8
+    monkeypatch.setattr(_shimpool.resource, "getrlimit", lambda _which: (20000, 20000))
+    assert _shimpool.ShimPool()._max == _shimpool.POOL_MAX
+
+
 async def test_a_start_whose_record_fails_to_commit_runs_nothing(
     engine: JobManager,
     engine_config: EngineConfig,

@@ -43,6 +43,7 @@ import logging
 import marshal
 import math
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -62,8 +63,9 @@ POOL_SIZE = 4
 # A burst of Starts that ran the pool dry grows it to the burst's size (the Starts under way
 # then), up to POOL_MAX: the next burst of that size finds its shims waiting. Each idle shim
 # and its PID 1 cost ~1.2 MiB Pss, two pids, five of the server's fds and a leaf in each
-# hierarchy; after POOL_SHRINK seconds with no Start finding the pool empty, the pool is back
-# to POOL_SIZE.
+# hierarchy (so POOL_MAX is lowered to a twentieth of the fd limit: a grown pool never takes
+# more than a quarter of it); after POOL_SHRINK seconds with no Start finding the pool empty,
+# the pool is back to POOL_SIZE.
 POOL_MAX = 64
 POOL_SHRINK = 300.0
 # A refill asks the zygote for up to this many shims at once (one exchange for all).
@@ -260,7 +262,9 @@ class ShimPool:
     ) -> None:
         self._prep = prep
         self._size = size
-        self._max = max(size, POOL_MAX if max_size is None else max_size)
+        if max_size is None:  # its idle shims' fds (5 each) at most a quarter of the limit
+            max_size = min(POOL_MAX, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 20)
+        self._max = max(size, max_size)
         self._target = size  # grown by Starts that found it empty, back to size when idle
         self._missed_at = -math.inf  # when a Start last found it empty
         self._leaf = leaf
