@@ -62,7 +62,7 @@ from ._types import Limits
 POOL_SIZE = 4
 # A burst of Starts that ran the pool dry grows it to the burst's size (the Starts under way
 # then), up to POOL_MAX: the next burst of that size finds its shims waiting. Each idle shim
-# and its PID 1 cost ~1.2 MiB Pss, two pids, five of the server's fds and a leaf in each
+# and its PID 1 cost ~1.4 MiB Pss, two pids, five of the server's fds and a leaf in each
 # hierarchy (so POOL_MAX is lowered to a twentieth of the fd limit: a grown pool never takes
 # more than a quarter of it); after POOL_SHRINK seconds with no Start finding the pool empty,
 # the pool is back to POOL_SIZE.
@@ -308,7 +308,7 @@ class ShimPool:
 
     def take(self) -> Shim | None:
         """An idle shim, or None when the pool is empty (the caller makes one with
-        `new_shim()`, and the pool grows by one for the next burst)."""
+        `new_shim()`, and the pool grows to the number of Starts under way)."""
         if not self._idle:
             # As many as the Starts under way (each took one or makes its own): the burst
             # that ran the pool dry, which the next one of that size then finds waiting.
