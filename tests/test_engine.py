@@ -68,7 +68,7 @@ async def spare_leaves(engine: JobManager) -> set[str]:
     """The idle shims' spare leaves, once the pool is full again (no refill under way)."""
     pool = engine._shims
     assert pool is not None
-    await pool.idle_count.wait_value(_shimpool.POOL_SIZE)
+    await pool.idle_count.wait_value(lambda idle: idle >= pool.target)
     return set(pool.spare_leaves())
 
 
@@ -687,6 +687,57 @@ async def test_the_pool_refills_once_no_start_is_under_way(
         hold.set()
     await spare_leaves(engine)
     assert len(spawned) == _shimpool.POOL_SIZE - 1 and all(spawned)  # new spares, in leaves
+
+
+async def test_a_burst_that_empties_the_pool_grows_it_until_it_idles(
+    engine: JobManager, engine_config: EngineConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each Start that finds the pool empty makes its own shim and grows the pool by one (up
+    to POOL_MAX), so that the next burst of that size finds every shim waiting; once no Start
+    has found it empty for POOL_SHRINK seconds it is back to POOL_SIZE, the extra idle shims
+    killed and their spare leaves removed."""
+    pool = engine._shims
+    assert pool is not None
+    await spare_leaves(engine)
+    burst = _shimpool.POOL_SIZE + 3
+
+    async def starts() -> None:
+        async with trio.open_nursery() as nursery:
+            for _ in range(burst):
+                nursery.start_soon(partial(engine.start, "alice", ["true"]))
+
+    await starts()
+    assert pool.target == burst
+    assert len(await spare_leaves(engine)) == burst
+    await starts()  # all taken from the pool: it does not grow further
+    assert pool.target == burst
+    assert len(await spare_leaves(engine)) == burst
+    idle = list(pool._idle)
+    monkeypatch.setattr(_shimpool, "POOL_SHRINK", 0.0)
+    job = await engine.start("alice", ["true"])  # (the pool re-reads POOL_SHRINK after a take)
+    await pool.idle_count.wait_value(
+        lambda n: n == _shimpool.POOL_SIZE and pool.target == _shimpool.POOL_SIZE
+    )
+    discarded = [shim for shim in idle if shim not in pool._idle
+                 and shim.leaf is not None and shim.leaf.name != job.id]
+    assert len(discarded) >= burst - 1 - _shimpool.POOL_SIZE
+    for shim in discarded:  # killed and reaped, no leaf left in any hierarchy
+        assert shim.proc.returncode is not None and shim.leaf is not None
+        assert not any(d.exists() for d in leaf_dirs(engine_config, shim.leaf.name))
+    for job in engine.list():
+        await engine.wait(job.id)
+    assert await job_leaves(engine, engine_config) == []
+
+
+def test_a_grown_pool_takes_at_most_a_quarter_of_the_fd_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each idle shim holds 5 of the server's descriptors: under a low limit (here 160, as
+    `test_exhaustion.py` runs a server) a burst grows the pool to 8 at most, not POOL_MAX."""
+    monkeypatch.setattr(_shimpool.resource, "getrlimit", lambda _which: (160, 160))
+    assert _shimpool.ShimPool()._max == 8
+    monkeypatch.setattr(_shimpool.resource, "getrlimit", lambda _which: (20000, 20000))
+    assert _shimpool.ShimPool()._max == _shimpool.POOL_MAX
 
 
 async def test_a_start_whose_record_fails_to_commit_runs_nothing(

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from jobd.engine import (
     EngineConfig,
@@ -61,7 +62,7 @@ def _comm(pid: int) -> str:
 async def _full_pool(engine: JobManager) -> _shimpool.ShimPool:
     pool = engine._shims
     assert pool is not None
-    await pool.idle_count.wait_value(_shimpool.POOL_SIZE)
+    await pool.idle_count.wait_value(lambda idle: idle >= pool.target)
     return pool
 
 
@@ -245,3 +246,71 @@ async def test_a_zygote_that_never_boots_is_given_up(
     with pytest.raises(_zygote.ZygoteGone, match="did not boot within"):
         await _zygote.start_zygote()
     assert shim_children() == []  # killed and reaped
+
+
+async def test_forks_asked_for_together_go_in_one_exchange_and_share_no_pipe() -> None:
+    """Forks asked for while an exchange is under way go in the next one (a burst of Starts
+    waits for a couple of exchanges, not one each), and no shim of a request holds another's
+    pipes: the last shim's job reports and reaches EOF while the first one still idles."""
+    zygote = await _zygote.start_zygote()
+    shims: list[_shimpool.Shim] = []
+    try:
+
+        async def fork() -> None:
+            shims.append(await _shimpool.fork_shim(zygote))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(6):
+                nursery.start_soon(fork)
+        assert zygote.forks == 6 and zygote.exchanges <= 2
+        assert len({shim.proc.pid for shim in shims}) == 6
+        assert all(_ppid(shim.proc.pid) == os.getpid() for shim in shims)
+        # The zygote forks a request's shims in order: the first was forked while the later
+        # ones' descriptors were still open in the zygote. A job in the last one must end as
+        # usual (status EOF, output EOF) while the first idles with whatever it kept.
+        last = max(shims, key=lambda shim: shim.proc.pid)
+        await last.hand({"procs": [], "uid": None, "gid": None, "cwd": "/",
+                         "argv": ["sh", "-c", "echo out"], "env": {"PATH": os.defpath},
+                         "sandbox": None, "nofile": 0})
+        with trio.fail_after(60):  # a hang guard: a shim holding its pipes never lets go
+            assert await last.verdict() == b""
+            assert last.proc.stdout is not None
+            out = b""
+            while chunk := await last.proc.stdout.receive_some(4096):
+                out += chunk
+            assert out == b"out\n"
+            assert await last.proc.wait() == 0
+    finally:
+        with trio.CancelScope(shield=True):
+            for shim in shims:
+                await shim.discard()
+            await zygote.aclose()
+    assert shim_children() == []
+
+
+async def test_a_fork_cancelled_before_its_exchange_forks_nothing() -> None:
+    """A caller cancelled while it waits for an earlier exchange is taken out of the queue:
+    nothing is forked for it, and the forks around it are unharmed."""
+    zygote = await _zygote.start_zygote()
+    shims: list[_shimpool.Shim] = []
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def fork() -> None:
+                shims.append(await _shimpool.fork_shim(zygote))
+
+            nursery.start_soon(fork)
+            await trio.testing.wait_all_tasks_blocked()  # its exchange is under way
+            with trio.CancelScope() as cancelled:
+                cancelled.cancel()
+                await _shimpool.fork_shim(zygote)
+            assert cancelled.cancelled_caught
+            assert zygote._pending == []
+            nursery.start_soon(fork)
+        assert zygote.forks == 2 and len(shims) == 2
+    finally:
+        with trio.CancelScope(shield=True):
+            for shim in shims:
+                await shim.discard()
+            await zygote.aclose()
+    assert shim_children() == []

@@ -6,6 +6,7 @@ phase, the first 3 Starts left out. Needs root (real cgroups).
 
     sudo .venv/bin/python tools/start_phases.py --starts 40 --gap 0.15
     sudo .venv/bin/python tools/start_phases.py --starts 80          # back to back
+    sudo .venv/bin/python tools/start_phases.py --starts 150 --concurrent 50 --gap 0.3  # waves
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ PHASES = (
 )
 
 
-async def _run(starts: int, gap: float, prefix: str) -> None:
+async def _run(starts: int, gap: float, prefix: str, concurrent: int) -> None:
     with tempfile.TemporaryDirectory(prefix="jobd-start-phases-") as tmp:
         first = 3_000_000 + secrets.randbelow(1_000_000) * 1000
         config = EngineConfig(
@@ -88,22 +89,45 @@ async def _run(starts: int, gap: float, prefix: str) -> None:
             uid_registry=Path(tmp) / "uid-ranges",
         )
         async with open_job_manager(config) as engine:
-            for _ in range(starts):
-                await engine.start("alice", ["true"])
+            if concurrent <= 1:
+                for _ in range(starts):
+                    await engine.start("alice", ["true"])
+                    await trio.sleep(gap)
+                return
+            waves: list[float] = []
+            idle: list[int] = []
+            for _ in range(max(1, starts // concurrent)):
+                pool = engine._shims
+                idle.append(pool.idle_count.value if pool is not None else 0)
+                began = time.perf_counter()
+                async with trio.open_nursery() as wave:
+                    for _ in range(concurrent):
+                        wave.start_soon(engine.start, "alice", ["true"])
+                waves.append(time.perf_counter() - began)
                 await trio.sleep(gap)
+            print("waves (ms):", " ".join(f"{w * 1e3:.0f}" for w in waves),
+                  "; idle shims at each wave:", " ".join(map(str, idle)))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--starts", type=int, default=40)
     parser.add_argument("--gap", type=float, default=0.0, help="seconds between Starts")
+    parser.add_argument("--concurrent", type=int, default=1,
+                        help="Starts at once per wave (waves GAP seconds apart)")
     parser.add_argument("--cgroup-prefix", default="jobd-start-phases",
                         help="the engine's cgroup tree is named PREFIX-<random>")
+    parser.add_argument("--pool", type=int, default=0,
+                        help="the shim pool's size (default: the engine's own)")
     args = parser.parse_args(argv)
+    if args.pool:
+        init = _shimpool.ShimPool.__init__
+        _shimpool.ShimPool.__init__ = functools.partialmethod(  # type: ignore[method-assign,assignment]
+            init, size=args.pool)
     for owner, name, label in PHASES:
         if hasattr(owner, name):  # (an older engine may lack a phase)
             _timed(owner, name, label)
-    trio.run(_run, args.starts, args.gap, args.cgroup_prefix)
+    trio.run(_run, args.starts, args.gap, args.cgroup_prefix, args.concurrent)
     for _owner, _name, label in PHASES:
         values = TIMES.get(label, [])[WARM_UP:]
         if values:

@@ -409,18 +409,21 @@ def _execvpe(argv: list[str], env: dict[str, str]) -> None:
 # request (`_zygote.py` is the server's side), each in ~1 ms instead of an interpreter boot.
 CLONE_PARENT = 0x00008000
 _SYS_CLONE = {"x86_64": 56, "aarch64": 220}
-# Each request's descriptors: the shim's stdout and stderr (write ends), its control pipe
-# (read end) and its status pipe (write end).
+# Each shim's descriptors: its stdout and stderr (write ends), its control pipe (read end)
+# and its status pipe (write end).
 ZYGOTE_FDS = 4
+# At most this many shims per request (4 descriptors each: the kernel passes up to 253).
+ZYGOTE_BATCH = 32
 
 
 def _zygote(sock_fd: int) -> None:
     """Serve fork requests on SOCK_FD (a SOCK_SEQPACKET unix socket to the server) until EOF
-    (the server shut down or died). Each request is one byte and the four descriptors of a new
-    shim (SCM_RIGHTS); the answer is the new shim's pid, 4 bytes signed (-errno if the fork
-    failed). The shim is cloned with CLONE_PARENT, so it is the *server's* child, as a booted
-    shim is: the server waits for it, signals it and reads its exact wait status itself, and
-    the zygote's death loses nothing."""
+    (the server shut down or died). Each request is one byte per shim asked for and the
+    four descriptors of each (SCM_RIGHTS); the answer is one message of the new shims' pids,
+    4 bytes signed each (-errno for a fork that failed). Each shim is cloned with
+    CLONE_PARENT, so it is the *server's* child, as a booted shim is: the server waits for
+    it, signals it and reads its exact wait status itself, and the zygote's death loses
+    nothing."""
     import _socket  # (`socket` pulls in enum and selectors)
 
     for sig in _IGNORED:
@@ -431,9 +434,11 @@ def _zygote(sock_fd: int) -> None:
     clone = _SYS_CLONE[os.uname().machine]  # elsewhere: dies before it is ready (no zygote)
     _set_name(b"jobd-zygote")  # its shims show as jobd-shim (their cmdline is the zygote's)
     sock.send(b"R")  # booted: ready for requests
-    cmsg_size = _socket.CMSG_SPACE(ZYGOTE_FDS * 4)
+    cmsg_size = _socket.CMSG_SPACE(ZYGOTE_BATCH * ZYGOTE_FDS * 4)
     while True:
-        message, ancdata, _flags, _address = sock.recvmsg(1, cmsg_size, _socket.MSG_CMSG_CLOEXEC)
+        message, ancdata, flags, _address = sock.recvmsg(
+            ZYGOTE_BATCH, cmsg_size, _socket.MSG_CMSG_CLOEXEC
+        )
         fds: list[int] = []
         for level, kind, data in ancdata:
             if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
@@ -441,20 +446,31 @@ def _zygote(sock_fd: int) -> None:
                         for i in range(0, len(data) - len(data) % 4, 4)]
         if not message:
             os._exit(0)
-        pid = -errno.EINVAL
-        if len(fds) == ZYGOTE_FDS:
-            _set_name(b"jobd-shim")  # the child's name from its first instant
-            try:
-                pid = _clone_parent(libc, clone)
-            except OSError as exc:
-                pid = -(exc.errno or errno.EAGAIN)
-            if pid:
-                _set_name(b"jobd-zygote")
-            if pid == 0:
-                _forked(sock, fds)
-        for fd in fds:
-            os.close(fd)
-        sock.send(pid.to_bytes(4, sys.byteorder, signed=True))
+        if len(fds) == len(message) * ZYGOTE_FDS and not flags & _socket.MSG_CTRUNC:
+            pids = [_fork_one(libc, clone, sock, fds, i) for i in range(len(message))]
+        else:
+            pids = [-errno.EINVAL] * len(message)
+            for fd in fds:
+                os.close(fd)
+        sock.send(b"".join(pid.to_bytes(4, sys.byteorder, signed=True) for pid in pids))
+
+
+def _fork_one(libc: ctypes.CDLL, clone: int, sock: object, fds: list[int], i: int) -> int:
+    """Clone the request's i-th shim (its descriptors `fds[4i:4i+4]`); its pid or -errno.
+    Our copies of its descriptors are closed at once, so that the next shims of the request
+    do not inherit them; the shim closes those of the next ones."""
+    own = fds[ZYGOTE_FDS * i:ZYGOTE_FDS * (i + 1)]
+    _set_name(b"jobd-shim")  # the child's name from its first instant
+    try:
+        pid = _clone_parent(libc, clone)
+    except OSError as exc:
+        pid = -(exc.errno or errno.EAGAIN)
+    if pid == 0:
+        _forked(sock, own, fds[ZYGOTE_FDS * (i + 1):])
+    _set_name(b"jobd-zygote")
+    for fd in own:
+        os.close(fd)
+    return pid
 
 
 def _set_name(name: bytes) -> None:
@@ -484,12 +500,16 @@ def _clone_parent(libc: ctypes.CDLL, clone: int) -> int:
     return pid
 
 
-def _forked(sock: object, fds: list[int]) -> None:
+def _forked(sock: object, fds: list[int], others: list[int]) -> None:
     """The zygote's child becomes a shim as `_shimpool.spawn_shim` starts one: a session of
-    its own, its pipes as stdout and stderr, stdin /dev/null (the zygote's), none of the
-    zygote's descriptors (the rest are close-on-exec). Never returns."""
+    its own, its pipes `fds` as stdout and stderr, stdin /dev/null (the zygote's), none of
+    the zygote's descriptors (`others`, the next shims' of the same request, are closed: an
+    idle shim holding another shim's pipes would keep that shim's output and status pipes
+    from ever reaching EOF; the rest are close-on-exec). Never returns."""
     try:
         sock.close()  # type: ignore[attr-defined]
+        for fd in others:
+            os.close(fd)
         os.setsid()
         stdout, stderr, control, status = fds
         os.dup2(stdout, 1)

@@ -14,8 +14,10 @@ to it, it is only an idle child of the server. `take()` hands one out (None when
 empty: the caller gets a new one with `new_shim()`, which joins at once); `run()`, a task of
 the job manager's nursery, refills the pool whenever no Start is under way (`starting()`; at
 once when it is down to its last shim) and, when it ends, kills the idle shims and removes
-their spare leaves. A shim whose server dies reads EOF on its control pipe and exits; its
-spare leaf, like every leaf a dead server left, is reaped at the next start-up.
+their spare leaves. The pool holds POOL_SIZE shims, or as many as the last burst of Starts
+that ran it dry (up to POOL_MAX) until POOL_SHRINK seconds pass without one. A shim whose
+server dies reads EOF on its control pipe and exits; its spare leaf, like every leaf a dead
+server left, is reaped at the next start-up.
 
 New shims are forked by the zygote (`_zygote.py`: one pre-booted shim, ~1 ms a fork instead
 of an interpreter's boot, ~16 ms of CPU), which `run()` keeps running; a forked shim is the
@@ -39,7 +41,9 @@ import contextlib
 import fcntl
 import logging
 import marshal
+import math
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -56,6 +60,16 @@ from ._types import Limits
 # How many shims wait for a job. A refill costs one fork of the zygote (~1 ms; a boot, when
 # the zygote is down, ~16 ms of CPU on a 2-core host, competing with the server).
 POOL_SIZE = 4
+# A burst of Starts that ran the pool dry grows it to the burst's size (the Starts under way
+# then), up to POOL_MAX: the next burst of that size finds its shims waiting. Each idle shim
+# and its PID 1 cost ~1.4 MiB Pss, two pids, five of the server's fds and a leaf in each
+# hierarchy (so POOL_MAX is lowered to a twentieth of the fd limit: a grown pool never takes
+# more than a quarter of it); after POOL_SHRINK seconds with no Start finding the pool empty,
+# the pool is back to POOL_SIZE.
+POOL_MAX = 64
+POOL_SHRINK = 300.0
+# A refill asks the zygote for up to this many shims at once (one exchange for all).
+REFILL_BATCH = 8
 # After a failed refill (out of fds or processes), try again this often.
 REFILL_RETRY = 1.0
 # Bound on killing an idle shim and removing its spare leaf at shutdown.
@@ -244,9 +258,15 @@ class ShimPool:
         size: int = POOL_SIZE,
         *,
         leaf: Callable[[], JobCgroup] | None = None,
+        max_size: int | None = None,
     ) -> None:
         self._prep = prep
         self._size = size
+        if max_size is None:  # its idle shims' fds (5 each) at most a quarter of the limit
+            max_size = min(POOL_MAX, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 20)
+        self._max = max(size, max_size)
+        self._target = size  # grown by Starts that found it empty, back to size when idle
+        self._missed_at = -math.inf  # when a Start last found it empty
         self._leaf = leaf
         self._idle: collections.deque[Shim] = collections.deque()
         self._taken = trio.Event()
@@ -281,9 +301,20 @@ class ShimPool:
         while len(self._idle) > 1 and self._starts:
             await self._stirred.wait()
 
+    @property
+    def target(self) -> int:
+        """How many idle shims the pool refills to now (`size` .. `max_size`)."""
+        return self._target
+
     def take(self) -> Shim | None:
-        """An idle shim, or None when the pool is empty (spawn one with `spawn_shim`)."""
+        """An idle shim, or None when the pool is empty (the caller makes one with
+        `new_shim()`, and the pool grows to the number of Starts under way)."""
         if not self._idle:
+            # As many as the Starts under way (each took one or makes its own): the burst
+            # that ran the pool dry, which the next one of that size then finds waiting.
+            self._target = min(self._max, max(self._target, self._starts))
+            self._missed_at = trio.current_time()
+            self._taken.set()
             return None
         shim = self._idle.popleft()
         self.idle_count.value = len(self._idle)
@@ -363,16 +394,54 @@ class ShimPool:
             await nursery.start(self._run_zygote)
             await self._fill(task_status)
 
+    async def _refill(self) -> None:
+        """A new idle shim; after a burst (more missing than `size`), up to REFILL_BATCH
+        of them, asked for together (one zygote exchange). Between Starts one at a time:
+        several shims preparing at once compete with the next Start for the cores."""
+        missing = self._target - len(self._idle)
+        count = min(REFILL_BATCH, missing) if missing > self._size else 1
+        errors: list[BaseException] = []
+
+        async def one() -> None:
+            try:
+                leaf = self._leaf() if self._leaf else None
+                shim = await self.new_shim(leaf=leaf)
+            except (OSError, CgroupError) as exc:
+                errors.append(exc)
+                return
+            self._idle.append(shim)  # no checkpoint since it was made: never lost
+            self.idle_count.value = len(self._idle)
+
+        if count <= 1:
+            await one()
+        else:
+            async with trio.open_nursery() as nursery:
+                for _ in range(count):
+                    nursery.start_soon(one)
+        if errors:
+            raise errors[0]
+
+    async def _shrink(self) -> None:
+        """Once no Start has found the pool empty for POOL_SHRINK seconds, back to `size`:
+        the extra idle shims are killed and their spare leaves removed."""
+        with trio.move_on_at(self._missed_at + POOL_SHRINK):
+            await self._taken.wait()
+            return
+        self._target = self._size
+        with trio.move_on_after(DISCARD_TIMEOUT, shield=True):
+            while len(self._idle) > self._target:
+                shim = self._idle.pop()
+                await shim.discard()
+                self.idle_count.value = len(self._idle)  # once it is gone
+
     async def _fill(self, task_status: trio.TaskStatus[None]) -> None:
         try:
             failing, started = False, False
             while True:
                 try:
-                    while len(self._idle) < self._size:
+                    while len(self._idle) < self._target:
                         await self._wait_to_refill()
-                        leaf = self._leaf() if self._leaf else None
-                        self._idle.append(await self.new_shim(leaf=leaf))
-                        self.idle_count.value = len(self._idle)
+                        await self._refill()
                 except (OSError, CgroupError) as exc:
                     # EMFILE, EAGAIN, ENOMEM, no room for a leaf: a Start meanwhile spawns its
                     # own shim and gets RESOURCE_EXHAUSTED if that fails too; never end the
@@ -390,7 +459,10 @@ class ShimPool:
                     started = True
                     task_status.started()
                 self._taken = trio.Event()
-                await self._taken.wait()
+                if self._target > self._size:
+                    await self._shrink()
+                else:
+                    await self._taken.wait()
         finally:
             with trio.move_on_after(DISCARD_TIMEOUT, shield=True) as scope:
                 while self._idle:
