@@ -64,6 +64,7 @@ CLONE_NEWPID, CLONE_NEWCGROUP = 0x20000000, 0x02000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 SIOCSIFFLAGS, IFF_UP = 0x8914, 1
 _POSIX_SPAWN_RESETIDS, _POSIX_SPAWN_SETSIGDEF = 0x01, 0x04
+_LIBC_SIGNALS = (32, 33)  # SIGCANCEL and SIGSETXID of glibc's threads (below SIGRTMIN)
 # Dispositions the shim changes for itself, and the command must get back as defaults. The
 # Python runtime ignores SIGPIPE and SIGXFSZ; ignored dispositions survive exec.
 _IGNORED = (_signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP)
@@ -318,6 +319,8 @@ def _init(
         os.write(exit_w, (127 << 8).to_bytes(4, "little"))
         _report(status_fd, stage, what, exc)
     os.close(status_fd)  # the command's exec closes the last copy: the server's verdict
+    if spawner is not None and spawner.ready:
+        spawner.settle()
     _quiet_stdio()
     while True:  # orphans of the namespace are ours to reap; the command is the one
         pid, status = os.waitpid(-1, 0)
@@ -394,7 +397,15 @@ class _Spawner:
     call returns; the working dir changed in the child as the job's user (addchdir_np runs
     after RESETIDS); the PATH search in the child. glibc's search stops at an error that
     `_execvpe` would pass over, and any failure at all returns 0: `_child`, forked, then
-    does it all again step by step and reports the failing step, exactly as before."""
+    does it all again step by step and reports the failing step, exactly as before.
+
+    Between the command's exec and PID 1 putting its real uid back (a few syscalls of PID 1,
+    which the vfork wakes as the exec replaces the child's memory), PID 1 shares the job's
+    real uid: what a process may do to another of its own real uid, the job could do to PID
+    1 then: not signal it (the kernel drops a signal from inside the namespace to its PID 1,
+    which handles none), trace it, read its memory or set its rlimits (those need every id
+    to match), but set its nice value, scheduling policy or CPU affinity; `settle` puts those
+    back after the verdict."""
 
     def __init__(self, bpf: ctypes.Array[ctypes.c_char] | None) -> None:
         self.ready = False
@@ -406,10 +417,10 @@ class _Spawner:
             self._addchdir = _libc.posix_spawn_file_actions_addchdir_np  # glibc >= 2.29
         except AttributeError:
             return
-        defaults = ctypes.create_string_buffer(128)  # sigset_t
-        _libc.sigemptyset(defaults)
-        for sig in _RESET:
-            _libc.sigaddset(defaults, sig)
+        # Also glibc's own two signals, which its child would otherwise leave ignored through
+        # the exec (the fork's command got them as defaults: the handlers of PID 1's libc,
+        # reset by the exec); the set is built by hand, as sigaddset refuses those two.
+        defaults = _sigset((*_RESET, *_LIBC_SIGNALS))
         if (_libc.posix_spawnattr_init(self._attr)
                 or _libc.posix_spawnattr_setsigdefault(self._attr, defaults)
                 or _libc.posix_spawn_file_actions_init(self._actions)):
@@ -422,10 +433,23 @@ class _Spawner:
             return  # (`_child` sets them, or reports why not)
         self.ready = True
         try:  # the rehearsal: PID 1's own ids and limit, and nothing spawned
+            self._sched = (os.getpriority(os.PRIO_PROCESS, 0), os.sched_getscheduler(0),
+                           os.sched_getparam(0), os.sched_getaffinity(0))
             soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
             self._call(os.getuid(), os.getgid(), soft, ["true"], {}, "/", rehearse=True)
         except OSError:
             self.ready = False
+
+    def settle(self) -> None:
+        """PID 1's nice value, scheduling policy and CPU affinity as they were while idle
+        (see above); called once its ids are its own again."""
+        nice, policy, param, cpus = self._sched
+        with _IgnoreOSError():
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
+        with _IgnoreOSError():
+            os.sched_setscheduler(0, policy, param)
+        with _IgnoreOSError():
+            os.sched_setaffinity(0, cpus)  # (fails if the host took a CPU away since)
 
     def __call__(self, spec: dict[str, object]) -> int:
         """The command's pid, or 0 (`_child` in a fork then does it all again)."""
@@ -484,6 +508,26 @@ class _Spawner:
             _libc.posix_spawn_file_actions_destroy(self._actions)
             _libc.posix_spawn_file_actions_init(self._actions)
         return pid.value
+
+
+class _IgnoreOSError:  # (contextlib.suppress without importing contextlib: 7 ms)
+    """Ignores an OSError in its block."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, value: object, traceback: object) -> bool:
+        return isinstance(value, OSError)
+
+
+def _sigset(signals: tuple[int, ...]) -> ctypes.Array[ctypes.c_char]:
+    """A sigset_t (1024 bits in unsigned longs) of `signals`, built by hand."""
+    mask = sum(1 << (sig - 1) for sig in signals)
+    word = ctypes.sizeof(ctypes.c_ulong)
+    return ctypes.create_string_buffer(b"".join(
+        (mask >> (8 * word * i) & (1 << 8 * word) - 1).to_bytes(word, sys.byteorder)
+        for i in range(128 // word)
+    ), 128)
 
 
 def _report(status_fd: int, stage: str, what: str, exc: OSError) -> None:
