@@ -260,6 +260,64 @@ async def test_no_new_privs_and_no_user_namespaces(
         assert "unshare=0" in out, out
 
 
+STATUS_FIELDS = ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapAmb", "NoNewPrivs",
+                 "Seccomp", "SigBlk", "SigIgn")
+
+
+def _status(text: str) -> dict[str, str]:
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    return {key: " ".join(fields[key].split()) for key in STATUS_FIELDS if key in fields}
+
+
+async def test_the_command_starts_as_the_jobs_user_and_pid_1_keeps_its_own_ids(
+    engine: JobManager, engine_config: EngineConfig, shared_dir: Path
+) -> None:
+    """PID 1 starts the command with posix_spawn (`_shim._Spawner`), lending it its real ids
+    for the call: the command (here `cat` itself: a shell blocks every signal while it forks)
+    still has every uid the job's, every gid and its only group nogroup, no capability, no
+    signal ignored (glibc's own two included) or blocked, no_new_privs and the filter, the
+    job's soft open-files limit and its working dir; once the Start has returned, PID 1 has
+    its own ids and groups back, and runs with no_new_privs and the filter itself."""
+    job = await engine.start("alice", ["cat", "/proc/self/status"])
+    own = await output_of(engine, job.id)
+    uid, gid = str(job.uid), "65534"
+    assert _status(own) == {
+        "Uid": " ".join([uid] * 4), "Gid": " ".join([gid] * 4), "Groups": gid,
+        "CapInh": "0" * 16, "CapPrm": "0" * 16, "CapEff": "0" * 16, "CapAmb": "0" * 16,
+        "NoNewPrivs": "1", "Seccomp": "2", "SigBlk": "0" * 16, "SigIgn": "0" * 16,
+    }, own
+    rest = await run(engine, "ulimit -Sn; pwd", working_dir=str(shared_dir))
+    assert rest.split() == [str(engine_config.job_nofile), str(shared_dir)], rest
+    go = shared_dir / "go"
+    job = await engine.start(
+        "alice", ["sh", "-c", f"while [ ! -e {go} ]; do sleep 0.01; done; cat /proc/1/status"]
+    )
+    go.touch()  # the Start has returned: PID 1 put its ids back before its verdict
+    init = _status(await output_of(engine, job.id))
+    groups = " ".join(str(g) for g in os.getgroups())  # the server's (this process's)
+    assert (init["Uid"], init["Gid"], init.get("Groups", "")) == ("0 0 0 0", "0 0 0 0", groups)
+    assert (init["NoNewPrivs"], init["Seccomp"]) == ("1", "2"), init
+
+
+async def test_a_path_search_glibc_would_stop_at_goes_on_as_before(
+    engine: JobManager, shared_dir: Path
+) -> None:
+    """posix_spawnp's search ends at an entry that exists but cannot be executed (here not
+    a program: ENOEXEC); the shim's own goes on to the next entry, as it always did: PID 1
+    then forks and searches itself."""
+    for name, text in (("bad", "not a program\n"), ("good", "#!/bin/sh\necho second\n")):
+        (shared_dir / name).mkdir(mode=0o755)
+        (shared_dir / name / "prog-jobd").write_text(text)
+        (shared_dir / name / "prog-jobd").chmod(0o755)
+    job = await engine.start(
+        "alice", ["prog-jobd"], env={"PATH": f"{shared_dir}/bad:{shared_dir}/good"}
+    )
+    assert await output_of(engine, job.id) == "second\n"
+    assert engine.status(job.id).exit_code == 0
+    with pytest.raises(InvalidArgument, match="cannot execute 'prog-jobd'.*Exec format"):
+        await engine.start("alice", ["prog-jobd"], env={"PATH": f"{shared_dir}/bad"})
+
+
 def test_seccomp_filter_shape() -> None:
     """The filter assembles for each machine it knows, and only those."""
     for machine in ("x86_64", "aarch64"):
