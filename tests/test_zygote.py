@@ -149,8 +149,12 @@ async def test_a_dead_zygote_loses_no_job_and_shims_are_booted_until_it_restarts
     (shared_dir / "go").touch()
     final = await engine.wait(running.id)
     assert (final.state, final.exit_code) == (State.EXITED, 7)
-    died = [r for r in caplog.records if "the zygote died" in r.getMessage()]
-    assert len(died) == 1 and died[0].levelno == logging.WARNING
+    # Said once, by whichever noticed first: its wait ("the zygote died") or a refill's fork
+    # in flight when it was killed ("the zygote's socket failed").
+    died = [r for r in caplog.records if "shims boot an interpreter each until it is restarted"
+            in r.getMessage()]
+    assert len(died) == 1 and died[0].levelno == logging.WARNING, [r.getMessage() for r in died]
+    assert "the zygote died" in died[0].getMessage() or "socket failed" in died[0].getMessage()
 
 
 async def test_a_dead_zygote_is_restarted(
