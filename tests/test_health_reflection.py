@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
+from jobd.server._health import HealthService
 from jobd.server._reflection import _MESSAGES
 
 from .e2e import Pki, Server, running_server
@@ -135,6 +136,20 @@ async def test_watch_sees_not_serving_as_soon_as_shutdown_begins(
         await server.proc.wait()
     assert events[:2] == [SERVING, NOT_SERVING], events
     assert events[2:] in ([], [grpc.StatusCode.UNAVAILABLE]), events
+
+
+async def test_a_watcher_still_sending_when_shutdown_begins_is_told(autojump_clock: Any) -> None:
+    # The race the test above met now and then, made certain: shutdown begins while the
+    # watcher has yielded SERVING and not yet asked for its next message (purerpc still
+    # sending it). Before the fix that watcher waited for a wake it had already missed.
+    health = HealthService(["jobd.v1.JobService"])
+    watch = health.Watch(health_pb2.HealthCheckRequest(service="jobd.v1.JobService"))
+    assert (await anext(watch)).status == SERVING
+    health.shut_down()
+    with trio.fail_after(5):
+        assert (await anext(watch)).status == NOT_SERVING
+    assert health.status("") == NOT_SERVING
+    await watch.aclose()
 
 
 # ----------------------------------------------------------------- reflection

@@ -29,13 +29,18 @@ class HealthService:
 
     def __init__(self, services: Iterable[str]) -> None:
         self._names = frozenset(["", *services])
-        self._serving = True
-        self._changed = trio.lowlevel.ParkingLot()
+        # The only change there is: SERVING -> NOT_SERVING, once. An Event, not a ParkingLot:
+        # a watcher still sending its last message when shutdown begins parks after the wake
+        # and would never be told.
+        self._shutting_down = trio.Event()
+
+    @property
+    def _serving(self) -> bool:
+        return not self._shutting_down.is_set()
 
     def shut_down(self) -> None:
         """Shutdown has begun: every name is NOT_SERVING from now on."""
-        self._serving = False
-        self._changed.unpark_all()
+        self._shutting_down.set()
 
     def status(self, service: str) -> pb.HealthCheckResponse.ServingStatus.ValueType:
         if service not in self._names:
@@ -60,13 +65,12 @@ class HealthService:
     async def Watch(  # a server stream: an async generator; no scope spans a yield
         self, request: pb.HealthCheckRequest
     ) -> AsyncIterator[pb.HealthCheckResponse]:
-        last = None
-        while True:
-            status = self.status(request.service)
-            if status != last:
-                last = status
-                yield pb.HealthCheckResponse(status=status)
-            await self._changed.park()
+        status = self.status(request.service)
+        yield pb.HealthCheckResponse(status=status)
+        if status == _Status.SERVING:
+            await self._shutting_down.wait()  # returns at once if it began during the yield
+            yield pb.HealthCheckResponse(status=_Status.NOT_SERVING)
+        await trio.sleep_forever()  # nothing changes after that; the server ends the call
 
     @property
     def service(self) -> purerpc.Service:
