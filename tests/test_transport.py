@@ -5,6 +5,7 @@ raw h2."""
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
 import socket
@@ -962,6 +963,39 @@ async def test_answers_the_kernel_takes_only_part_of_arrive_whole_and_in_order(
                 assert data == grpc_frame(f"now-{i}:{value}"), i
     assert flushed, "no send was left unfinished"
     assert run.server.stats.calls[NOW_METHOD, "OK"] == calls
+
+
+def _request_key_update(stream: trio.SSLStream[trio.SocketStream]) -> None:
+    """Have OpenSSL send a TLS 1.3 KeyUpdate asking the peer to update its keys too, with the
+    client's next record (the ssl module has no call for it: SSL_key_update on its SSL*)."""
+    libssl = ctypes.CDLL("libssl.so.3")
+    libssl.SSL_key_update.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    ssl_socket = stream._ssl_object._sslobj  # type: ignore[attr-defined]
+    # CPython's PySSLSocket: PyObject_HEAD, the socket's weakref, then the SSL*.
+    pointer = ctypes.c_void_p.from_address(id(ssl_socket) + 3 * ctypes.sizeof(ctypes.c_void_p))
+    assert libssl.SSL_key_update(pointer.value, 1) == 1  # SSL_KEY_UPDATE_REQUESTED
+
+
+@pytest.mark.parametrize("like_grpcio", [False, True])
+async def test_a_key_update_the_peer_asks_for_is_answered_in_order(
+    pki: Pki, probe: Probe, like_grpcio: bool
+) -> None:
+    """TLS 1.3: a client's KeyUpdate asking for ours, read by the reader's own socket-then-TLS
+    read, is answered before the next record under the old keys could follow it: calls
+    answered by the reader itself, and by call tasks, go on on that connection."""
+    async with running(pki, probe) as run:
+        async with RawClient.open(run.server.port, pki) as raw:
+            first = await raw.request("Size", "warm")
+            assert (await raw.trailers(first))["grpc-status"] == "0"
+            for round_ in range(3):
+                _request_key_update(raw.stream)
+                stream_id = await raw.request("Now", f"k{round_}", like_grpcio=like_grpcio)
+                assert (await raw.trailers(stream_id))["grpc-status"] == "0"
+                stream_id = await raw.request("Size", "abc")
+                assert (await raw.trailers(stream_id))["grpc-status"] == "0"
+            data = b"".join(e.data for e in raw.events if isinstance(e, h2.events.DataReceived))
+            assert grpc_frame("now-k2") in data
+    assert run.server.stats.calls[NOW_METHOD, "OK"] == 3
 
 
 async def test_errors_answered_now_are_the_statuses_a_call_task_sends(

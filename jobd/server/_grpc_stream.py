@@ -291,13 +291,70 @@ class TrioByteStream(anyio.abc.ByteStream):
             raise _as_anyio_error(exc) from exc
 
     async def receive(self, max_bytes: int = _RECEIVE_SIZE) -> bytes:
-        try:
-            data = await self._stream.receive_some(max_bytes)
-        except _STREAM_ERRORS as exc:
-            raise _as_anyio_error(exc) from exc
+        ssl_stream = self._stream
+        if (
+            ssl_stream._state is _TLS_OK
+            and ssl_stream._handshook.done
+            and not ssl_stream._incoming.pending
+            and not ssl_stream._ssl_object.pending()
+            and not ssl_stream._inner_recv_lock.locked()
+            and not ssl_stream._outer_recv_conflict_detector._held
+        ):
+            data = await self._receive_direct(max_bytes)
+        else:
+            try:
+                data = await ssl_stream.receive_some(max_bytes)
+            except _STREAM_ERRORS as exc:
+                raise _as_anyio_error(exc) from exc
         if not data:
             raise anyio.EndOfStream
         return bytes(data)
+
+    async def _receive_direct(self, max_bytes: int) -> bytes:
+        """`trio.SSLStream.receive_some` when nothing is buffered: the socket read first, then
+        the TLS read (trio tries the TLS read first, fails, takes its receive lock, reads the
+        socket, tries again: two scheduler passes per read, one exception). One yield per read
+        as trio's, a wait for the socket when it has nothing; cancelled only before anything
+        is read. TLS bytes the read makes us owe the peer (a KeyUpdate's answer) are left in
+        the outgoing buffer, first in line, for the writer (`unsent`), never sent here."""
+        ssl_stream = self._stream
+        sock = ssl_stream.transport_stream.socket._sock
+        incoming = ssl_stream._incoming
+        await trio.lowlevel.checkpoint_if_cancelled()
+        waited = False
+        with ssl_stream._outer_recv_conflict_detector:
+            while True:
+                try:
+                    received = sock.recv(_RECEIVE_SIZE)
+                except BlockingIOError:
+                    waited = True
+                    await trio.lowlevel.wait_readable(sock)
+                    continue
+                except OSError as exc:
+                    ssl_stream._state = _TLS_BROKEN
+                    raise anyio.BrokenResourceError() from exc
+                if received:
+                    incoming.write(received)
+                else:
+                    incoming.write_eof()
+                ssl_stream._inner_recv_count += 1
+                try:
+                    data = ssl_stream._ssl_object.read(max_bytes)
+                except ssl.SSLWantReadError:
+                    if received:
+                        continue  # the rest of a record is on its way
+                    ssl_stream._state = _TLS_BROKEN
+                    raise anyio.BrokenResourceError() from None
+                except (ssl.SSLError, ssl.CertificateError) as exc:
+                    ssl_stream._state = _TLS_BROKEN
+                    raise anyio.BrokenResourceError() from exc
+                finally:
+                    if ssl_stream._outgoing.pending:
+                        self.unsent = True
+                break
+        if not waited:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        return data
 
     async def send(self, item: bytes | memoryview) -> None:
         try:
@@ -846,6 +903,8 @@ class _BoundedSocket(SocketWrapper):  # type: ignore[misc]
         on); else the writer is woken for it. Never waits: a send that the kernel could not
         take whole is left to the writer (`TrioByteStream.send_now`)."""
         self._holding = False
+        if getattr(self._stream, "unsent", False):  # the TLS stream owes the peer bytes
+            self._flush_event.set()
         if not self._chunks:
             return
         send_now = getattr(self._stream, "send_now", None)
