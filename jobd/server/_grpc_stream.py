@@ -300,7 +300,7 @@ class TrioByteStream(anyio.abc.ByteStream):
             and not ssl_stream._inner_recv_lock.locked()
             and not ssl_stream._outer_recv_conflict_detector._held
         ):
-            data = await self._receive_direct(max_bytes)
+            data: bytes | bytearray = await self._receive_direct(max_bytes)
         else:
             try:
                 data = await ssl_stream.receive_some(max_bytes)
