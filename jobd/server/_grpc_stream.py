@@ -908,12 +908,12 @@ class _BoundedSocket(SocketWrapper):  # type: ignore[misc]
         if not self._chunks:
             return
         send_now = getattr(self._stream, "send_now", None)
-        if self._writer_idle and not self.broken and send_now is not None:
+        size = self.queued
+        if self._writer_idle and size <= _SEND_NOW_MAX and not self.broken and send_now:
             chunks = self._chunks
-            size = self.queued
             data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
             try:
-                sent = size <= _SEND_NOW_MAX and send_now(bytes(data))
+                sent = send_now(bytes(data))
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 self._lose()
                 return
