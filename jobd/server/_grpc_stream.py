@@ -1,6 +1,8 @@
 """purerpc's per-connection machinery (h2 connection, socket, streams), fixed for jobd: the one
 module that touches purerpc's and h2's private internals (docs/DESIGN.md, purerpc rows 2, 5, 6,
-8, 9, 10). Knows nothing of services, identity or TLS setup; must not import jobd.engine.
+8, 9, 10), and trio's SSLStream's (its buffers, locks and state: the reader's own TLS read and
+send, `TrioByteStream`; trio is pinned exactly as purerpc and h2 are). Knows nothing of
+services, identity or TLS setup; must not import jobd.engine.
 """
 
 from __future__ import annotations
