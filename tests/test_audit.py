@@ -13,6 +13,7 @@ import pytest
 import trio
 import trio.testing
 
+from jobd.server import _audit
 from jobd.server._audit import (
     MAX_VALUE_CHARS,
     RateLimitedLog,
@@ -135,6 +136,50 @@ def test_deferred_lines_wait_keep_their_time_and_their_order(
     assert first.created <= second.created <= end.created
     assert first.audit_fields == {"method": "Status", "n": 1}  # type: ignore[attr-defined]
     assert first.audit_event == "rpc"  # type: ignore[attr-defined]
+
+
+def test_deferred_lines_are_the_records_logging_makes(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 12: a deferred line's record is copied from one logging made (cheaper than a
+    LogRecord each), and is what `makeRecord` makes, attribute for attribute but its time
+    and fields; logging's settings and an operator's record factory are followed."""
+    caplog.set_level(logging.INFO, "jobd.audit")
+    audit = logging.getLogger("jobd.audit")
+    write_deferred()
+    for n in range(3):
+        _deferred("rpc", method="Status", n=n)
+    write_deferred()
+    made = audit.makeRecord(audit.name, logging.INFO, _audit.__file__, 0, "%s", ("x",), None)
+    varying = {"created", "msecs", "relativeCreated", "args", "message", "asctime"}
+    varying |= {"audit_event", "audit_fields"}
+    standard = {k: v for k, v in made.__dict__.items() if k not in varying}
+    for n, record in enumerate(caplog.records):
+        assert record.getMessage() == f"rpc method=Status n={n}"
+        assert record.audit_fields == {"method": "Status", "n": n}  # type: ignore[attr-defined]
+        assert set(record.__dict__) - varying == set(made.__dict__) - varying
+        assert {k: record.__dict__[k] for k in standard} == standard
+        assert 0 <= record.relativeCreated - caplog.records[0].relativeCreated < 60_000
+    caplog.clear()
+    monkeypatch.setattr(logging, "logThreads", not logging.logThreads)
+    _deferred("rpc", method="Stop")
+    write_deferred()
+    assert caplog.records[0].thread == (  # a setting changed: as logging makes it now
+        audit.makeRecord(audit.name, logging.INFO, _audit.__file__, 0, "x", (), None).thread
+    )
+    factory = logging.getLogRecordFactory()
+
+    class Operators(logging.LogRecord):
+        pass
+
+    logging.setLogRecordFactory(Operators)
+    try:
+        _deferred("rpc", method="Wait")
+        write_deferred()
+    finally:
+        logging.setLogRecordFactory(factory)
+    assert type(caplog.records[-1]) is Operators
+    assert caplog.records[-1].getMessage() == "rpc method=Wait"
 
 
 async def test_deferred_lines_are_written_within_a_second_by_the_servers_timer(

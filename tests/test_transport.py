@@ -5,8 +5,10 @@ raw h2."""
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
+import socket
 import ssl
 import struct
 import threading
@@ -45,6 +47,7 @@ from purerpc import (
 
 from jobd import engine
 from jobd.pki import Issued, issue_cert, make_ca
+from jobd.server import _grpc_stream
 from jobd.server._audit import audit_event
 from jobd.server._grpc_stream import (
     LARGE_MESSAGE,
@@ -852,6 +855,147 @@ async def test_a_call_answered_now_runs_in_the_reader_without_task_or_stream(
         assert run.server.open_calls == 0
         assert run.server.calls_by_user == {}
     assert _audit_messages(caplog) == ["probe-now value=abc", "probe-now value=def"]
+
+
+async def test_an_answer_made_by_the_reader_is_sent_by_the_reader(
+    pki: Pki, probe: Probe, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 12: while the writer is idle, the reader hands what one read brought about (here
+    a call's whole answer) to the socket itself (`TrioByteStream.send_now`): no writer wake,
+    the answer leaves before the reader reads on. The call's audit line is still written
+    after the answer's bytes are in the socket."""
+    caplog.set_level(logging.INFO, "jobd.audit")
+    order: list[str] = []
+    send, send_now = TrioByteStream.send, TrioByteStream.send_now
+
+    async def recording_send(self: TrioByteStream, item: bytes | memoryview) -> None:
+        if b"now-abc" in bytes(item):
+            order.append("written by the writer")
+        await send(self, item)
+
+    def recording_send_now(self: TrioByteStream, data: bytes) -> bool:
+        sent = send_now(self, data)
+        if b"now-abc" in data:
+            order.append(f"sent by the reader: {sent}")
+        return sent
+
+    class Seen(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            order.append(record.getMessage())
+
+    monkeypatch.setattr(TrioByteStream, "send", recording_send)
+    monkeypatch.setattr(TrioByteStream, "send_now", recording_send_now)
+    seen = Seen()
+    logging.getLogger("jobd.audit").addHandler(seen)
+    try:
+        async with running(pki, probe) as run:
+            async with RawClient.open(run.server.port, pki) as raw:
+                first = await raw.request("Size", "warm")  # the SETTINGS exchange is over
+                assert (await raw.trailers(first))["grpc-status"] == "0"
+                stream_id = await raw.request("Now", "abc", like_grpcio=True)
+                assert (await raw.trailers(stream_id))["grpc-status"] == "0"
+                data = b"".join(
+                    e.data for e in raw.events if of(h2.events.DataReceived, stream_id)(e)
+                )
+                assert data == grpc_frame("now-abc")
+    finally:
+        logging.getLogger("jobd.audit").removeHandler(seen)
+    assert order == ["sent by the reader: True", "probe-now value=abc"]
+    assert run.server.stats.calls[NOW_METHOD, "OK"] == 1
+
+
+async def test_answers_the_kernel_takes_only_part_of_arrive_whole_and_in_order(
+    pki: Pki, probe: Probe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A send by the reader that the kernel does not take whole leaves the rest of its TLS
+    record first in line, sent by the writer (or the next use of the TLS stream): every
+    answer arrives whole, in order, on a TLS stream that stays intact. Made to happen here
+    with a send buffer smaller than one answer, the socket's queue hidden from `send_now`
+    (it sends only into an empty one), and a client that reads nothing for a while."""
+    monkeypatch.setattr(_grpc_stream.fcntl, "ioctl", lambda *args: b"\0\0\0\0")
+    flushed: list[int] = []
+    flush_unsent = TrioByteStream.flush_unsent
+
+    async def counting_flush(self: TrioByteStream) -> None:
+        flushed.append(1)
+        await flush_unsent(self)
+
+    monkeypatch.setattr(TrioByteStream, "flush_unsent", counting_flush)
+    set_options = _grpc_stream.SocketWrapper._set_socket_options
+
+    def small_send_buffer(stream: anyio.abc.SocketStream) -> None:
+        set_options(stream)
+        raw_socket = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+        raw_socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+
+    monkeypatch.setattr(
+        _grpc_stream.SocketWrapper, "_set_socket_options", staticmethod(small_send_buffer)
+    )
+    value = "v" * 15000  # an answer's TLS record is bigger than the socket's send buffer
+    calls = 100  # as many streams as may be open at once
+    window = 16 * 1024 * 1024  # all the answers fit: the client reads without acknowledging
+    async with running(pki, probe) as run:
+        settings = {h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window}
+        async with RawClient.open(run.server.port, pki, settings=settings) as raw:
+            raw.h2.increment_flow_control_window(window)  # the connection's window
+            first = await raw.request("Size", "warm")
+            assert (await raw.trailers(first))["grpc-status"] == "0"
+            ids: list[int] = []
+
+            async def send_all_requests() -> None:
+                for i in range(calls):
+                    ids.append(await raw.request("Now", f"{i}:{value}"))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send_all_requests)
+                await trio.testing.wait_all_tasks_blocked()  # the server's sends are stuck
+                ended = 0
+                while ended < calls:
+                    data = await raw.stream.receive_some()
+                    assert data, "connection closed"
+                    events = raw.h2.receive_data(data)  # nothing to send back: no flush
+                    raw.events.extend(events)
+                    ended += sum(isinstance(e, h2.events.StreamEnded) for e in events)
+            for i, stream_id in enumerate(ids):
+                data = b"".join(
+                    e.data for e in raw.events if of(h2.events.DataReceived, stream_id)(e)
+                )
+                assert data == grpc_frame(f"now-{i}:{value}"), i
+    assert flushed, "no send was left unfinished"
+    assert run.server.stats.calls[NOW_METHOD, "OK"] == calls
+
+
+def _request_key_update(stream: trio.SSLStream[trio.SocketStream]) -> None:
+    """Have OpenSSL send a TLS 1.3 KeyUpdate asking the peer to update its keys too, with the
+    client's next record (the ssl module has no call for it: SSL_key_update on its SSL*)."""
+    libssl = ctypes.CDLL("libssl.so.3")
+    libssl.SSL_key_update.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    ssl_socket = stream._ssl_object._sslobj  # type: ignore[attr-defined]
+    # CPython's PySSLSocket: PyObject_HEAD, the socket's weakref, then the SSL*.
+    pointer = ctypes.c_void_p.from_address(id(ssl_socket) + 3 * ctypes.sizeof(ctypes.c_void_p))
+    assert libssl.SSL_key_update(pointer.value, 1) == 1  # SSL_KEY_UPDATE_REQUESTED
+
+
+@pytest.mark.parametrize("like_grpcio", [False, True])
+async def test_a_key_update_the_peer_asks_for_is_answered_in_order(
+    pki: Pki, probe: Probe, like_grpcio: bool
+) -> None:
+    """TLS 1.3: a client's KeyUpdate asking for ours, read by the reader's own socket-then-TLS
+    read, is answered before the next record under the old keys could follow it: calls
+    answered by the reader itself, and by call tasks, go on on that connection."""
+    async with running(pki, probe) as run:
+        async with RawClient.open(run.server.port, pki) as raw:
+            first = await raw.request("Size", "warm")
+            assert (await raw.trailers(first))["grpc-status"] == "0"
+            for round_ in range(3):
+                _request_key_update(raw.stream)
+                stream_id = await raw.request("Now", f"k{round_}", like_grpcio=like_grpcio)
+                assert (await raw.trailers(stream_id))["grpc-status"] == "0"
+                stream_id = await raw.request("Size", "abc")
+                assert (await raw.trailers(stream_id))["grpc-status"] == "0"
+            data = b"".join(e.data for e in raw.events if isinstance(e, h2.events.DataReceived))
+            assert grpc_frame("now-k2") in data
+    assert run.server.stats.calls[NOW_METHOD, "OK"] == 3
 
 
 async def test_errors_answered_now_are_the_statuses_a_call_task_sends(

@@ -48,11 +48,29 @@ _BARE = re.compile(r"[A-Za-z0-9_.,:/@+%-]+")
 _ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
+# Strings quoted before (users, methods, job ids, codes repeat line after line): at most
+# _QUOTED_MAX of at most _QUOTED_CHARS characters each; when full it starts again empty.
+_QUOTED: dict[str, str] = {}
+_QUOTED_MAX = 4096
+_QUOTED_CHARS = 64
+
+
 def quote(value: object, limit: int = MAX_VALUE_CHARS) -> str:
     """`value` as one token of a log line: bare if it is plainly safe, else double-quoted
     with `"`, `\\` and every control or non-printable character escaped (`\\n`, `\\x1b`,
     `\\u2028`), so it can never end the line or look like another field. Longer than
     `limit` characters: cut, with `...(+N chars)` inside the quotes."""
+    if type(value) is str and len(value) <= _QUOTED_CHARS and limit == MAX_VALUE_CHARS:
+        quoted = _QUOTED.get(value)
+        if quoted is None:
+            if len(_QUOTED) >= _QUOTED_MAX:
+                _QUOTED.clear()
+            quoted = _QUOTED[value] = _quote(value, limit)
+        return quoted
+    return _quote(value, limit)
+
+
+def _quote(value: object, limit: int) -> str:
     text = value if isinstance(value, str) else str(value)
     cut = len(text) - limit
     if cut > 0:
@@ -154,19 +172,52 @@ def write_deferred() -> None:
             created, event, fields = _deferred.popleft()
         except IndexError:  # another thread took the last one
             return
-        record = audit.makeRecord(
-            audit.name,
-            logging.INFO,
-            __file__,
-            0,
-            "%s",
-            (AuditLine(event, fields),),
-            None,
-            extra={"audit_event": event, "audit_fields": fields},
-        )
+        record = _record(event, fields)
         record.created = created
         record.msecs = (created - int(created)) * 1000
         audit.handle(record)
+
+
+# What `audit.makeRecord` gives for every audit line but its message, fields and time, and the
+# settings it was made under; a record is a copy of it (issue 12: LogRecord's own making,
+# path splitting and all, was ~5% of a unary call's CPU).
+_template: tuple[tuple[object, ...], dict[str, object], float, float] | None = None
+
+
+def _make_record(args: tuple[object, ...], extra: dict[str, object]) -> logging.LogRecord:
+    return audit.makeRecord(audit.name, logging.INFO, __file__, 0, "%s", args, None, extra=extra)
+
+
+def _record(event: str, fields: Mapping[str, object]) -> logging.LogRecord:
+    """The record `audit.makeRecord` would make for this line (its time set by the caller).
+    Made by makeRecord itself whenever logging could make it differently: another record
+    factory or logger class, other thread or process settings, another thread."""
+    global _template
+    args = (AuditLine(event, fields),)
+    extra: dict[str, object] = {"audit_event": event, "audit_fields": fields}
+    if logging.getLogRecordFactory() is not logging.LogRecord or (
+        type(audit).makeRecord is not logging.Logger.makeRecord
+    ):
+        return _make_record(args, extra)
+    key = (
+        logging.logThreads,
+        logging.logProcesses,
+        logging.logMultiprocessing,
+        threading.get_ident(),
+        audit.name,
+    )
+    if _template is None or _template[0] != key:
+        made = _make_record(args, extra)
+        _template = (key, dict(made.__dict__), made.created, made.relativeCreated)
+        return made
+    record: logging.LogRecord = logging.LogRecord.__new__(logging.LogRecord)
+    _, attributes, made_created, made_relative = _template
+    record.__dict__.update(attributes)
+    record.args = args
+    record.__dict__.update(extra)
+    # As makeRecord would have it now (the caller sets the event's time).
+    record.relativeCreated = made_relative + (time.time() - made_created) * 1000
+    return record
 
 
 atexit.register(write_deferred)  # before logging's own atexit flush (handlers run LIFO)

@@ -1,6 +1,8 @@
 """purerpc's per-connection machinery (h2 connection, socket, streams), fixed for jobd: the one
 module that touches purerpc's and h2's private internals (docs/DESIGN.md, purerpc rows 2, 5, 6,
-8, 9, 10). Knows nothing of services, identity or TLS setup; must not import jobd.engine.
+8, 9, 10), and trio's SSLStream's (its buffers, locks and state: the reader's own TLS read and
+send, `TrioByteStream`; trio is pinned exactly as purerpc and h2 are). Knows nothing of
+services, identity or TLS setup; must not import jobd.engine.
 """
 
 from __future__ import annotations
@@ -10,11 +12,13 @@ import contextlib
 import contextvars
 import datetime
 import enum
+import fcntl
 import logging
 import math
 import re
 import ssl
 import struct
+import termios
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -30,6 +34,7 @@ import h2.settings
 import h2.stream
 import hpack  # type: ignore[import-untyped]  # h2's HPACK library: its header tuples
 import trio
+import trio._ssl  # SSLStream's state and buffers: `TrioByteStream.send_now`
 from purerpc.grpc_proto import GRPCProtoSocket, GRPCProtoStream
 from purerpc.grpc_socket import GRPCStreamState, SocketWrapper
 from purerpc.grpclib.buffers import MessageReadBuffer
@@ -210,22 +215,148 @@ def _as_anyio_error(exc: BaseException) -> BaseException:
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError)
 
 
+# `TrioByteStream.send_now` takes at most this much (the reader's answers and h2's own frames).
+_SEND_NOW_MAX = 16 * 1024
+_TLS_OK = trio._ssl._State.OK
+_TLS_BROKEN = trio._ssl._State.BROKEN
+_OUTQ = struct.Struct("i")
+
+
+def _no_tls_write() -> None:
+    """What `TrioByteStream.flush_unsent` has trio's SSLStream do: nothing, but send what its
+    outgoing buffer holds."""
+
+
 class TrioByteStream(anyio.abc.ByteStream):
     """A handshaken `trio.SSLStream` as the anyio `ByteStream` purerpc's `SocketWrapper` expects,
     with the extra attributes it asks for (`SocketAttribute.raw_socket` for its socket options)
-    and the TLS ones a handler may want."""
+    and the TLS ones a handler may want; and `send_now`, a send that never waits."""
 
     def __init__(self, stream: trio.SSLStream[Any]) -> None:  # over a SocketStream
         self._stream = stream
+        # TLS bytes `send_now` made and the kernel did not take, left at the head of the
+        # SSLStream's outgoing buffer: whoever uses the stream next sends them first.
+        self.unsent = False
 
-    async def receive(self, max_bytes: int = _RECEIVE_SIZE) -> bytes:
+    def send_now(self, data: bytes) -> bool:
+        """Encrypt and send `data` (at most _SEND_NOW_MAX bytes) at once, without waiting, if
+        nobody else is sending on the TLS stream and the kernel's send queue is empty (so it
+        takes the whole record: a TCP socket takes a small write into an empty queue). False,
+        with nothing done, if not. The TLS record is made and handed to the socket exactly as
+        `trio.SSLStream.send_all` does, minus its scheduling: its outgoing buffer must be
+        empty and its send lock free (no record may overtake another). Should the kernel
+        still take only part, the rest is left at the head of that buffer (`unsent`), to be
+        sent first by whoever uses the stream next (`flush_unsent`, the writer). A broken
+        socket raises anyio.BrokenResourceError, as `send` does."""
+        ssl_stream = self._stream
+        if (
+            ssl_stream._state is not _TLS_OK
+            or self.unsent
+            or len(data) > _SEND_NOW_MAX
+            or ssl_stream._delayed_outgoing is not None
+            or ssl_stream._outgoing.pending
+            or ssl_stream._inner_send_lock.locked()
+            or ssl_stream._outer_send_conflict_detector._held
+            or not ssl_stream._handshook.done
+        ):
+            return False
+        sock = ssl_stream.transport_stream.socket._sock
         try:
-            data = await self._stream.receive_some(max_bytes)
+            if _OUTQ.unpack(fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]:
+                return False  # bytes not yet acknowledged: it may not take the whole record
+            ssl_stream._ssl_object.write(data)
+        except (OSError, ssl.SSLError) as exc:  # as trio's SSLStream: broken for good
+            ssl_stream._state = _TLS_BROKEN
+            raise anyio.BrokenResourceError() from exc
+        record = ssl_stream._outgoing.read()
+        try:
+            sent = sock.send(record)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            ssl_stream._state = _TLS_BROKEN
+            raise anyio.BrokenResourceError() from exc
+        if sent < len(record):
+            ssl_stream._outgoing.write(record[sent:])  # the buffer was empty: first out
+            self.unsent = True
+        return True
+
+    async def flush_unsent(self) -> None:
+        """Send what `send_now` left unsent (and anything after it), as `send` would."""
+        self.unsent = False
+        ssl_stream = self._stream
+        try:
+            ssl_stream._check_status()
+            with ssl_stream._outer_send_conflict_detector:
+                await ssl_stream._retry(_no_tls_write)
         except _STREAM_ERRORS as exc:
             raise _as_anyio_error(exc) from exc
+
+    async def receive(self, max_bytes: int = _RECEIVE_SIZE) -> bytes:
+        ssl_stream = self._stream
+        if (
+            ssl_stream._state is _TLS_OK
+            and ssl_stream._handshook.done
+            and not ssl_stream._incoming.pending
+            and not ssl_stream._ssl_object.pending()
+            and not ssl_stream._inner_recv_lock.locked()
+            and not ssl_stream._outer_recv_conflict_detector._held
+        ):
+            data: bytes | bytearray = await self._receive_direct(max_bytes)
+        else:
+            try:
+                data = await ssl_stream.receive_some(max_bytes)
+            except _STREAM_ERRORS as exc:
+                raise _as_anyio_error(exc) from exc
         if not data:
             raise anyio.EndOfStream
         return bytes(data)
+
+    async def _receive_direct(self, max_bytes: int) -> bytes:
+        """`trio.SSLStream.receive_some` when nothing is buffered: the socket read first, then
+        the TLS read (trio tries the TLS read first, fails, takes its receive lock, reads the
+        socket, tries again: two scheduler passes per read, one exception). One yield per read
+        as trio's, a wait for the socket when it has nothing; cancelled only before anything
+        is read. TLS bytes the read makes us owe the peer (a KeyUpdate's answer) are left in
+        the outgoing buffer, first in line, for the writer (`unsent`), never sent here."""
+        ssl_stream = self._stream
+        sock = ssl_stream.transport_stream.socket._sock
+        incoming = ssl_stream._incoming
+        await trio.lowlevel.checkpoint_if_cancelled()
+        waited = False
+        with ssl_stream._outer_recv_conflict_detector:
+            while True:
+                try:
+                    received = sock.recv(_RECEIVE_SIZE)
+                except BlockingIOError:
+                    waited = True
+                    await trio.lowlevel.wait_readable(sock)
+                    continue
+                except OSError as exc:
+                    ssl_stream._state = _TLS_BROKEN
+                    raise anyio.BrokenResourceError() from exc
+                if received:
+                    incoming.write(received)
+                else:
+                    incoming.write_eof()
+                ssl_stream._inner_recv_count += 1
+                try:
+                    data = ssl_stream._ssl_object.read(max_bytes)
+                except ssl.SSLWantReadError:
+                    if received:
+                        continue  # the rest of a record is on its way
+                    ssl_stream._state = _TLS_BROKEN
+                    raise anyio.BrokenResourceError() from None
+                except (ssl.SSLError, ssl.CertificateError) as exc:
+                    ssl_stream._state = _TLS_BROKEN
+                    raise anyio.BrokenResourceError() from exc
+                finally:
+                    if ssl_stream._outgoing.pending:
+                        self.unsent = True
+                break
+        if not waited:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        return data
 
     async def send(self, item: bytes | memoryview) -> None:
         try:
@@ -749,12 +880,69 @@ class _BoundedSocket(SocketWrapper):  # type: ignore[misc]
         self.broken = False
         # Streams ended by the server that are finishing their message (ServerStream.abort).
         self.finishing: set[ServerStream] = set()
+        # The writer waits for something to write: nothing of ours is in the TLS stream.
+        self._writer_idle = False
+        # The reader is queueing what one read brought about: it wakes the writer (or sends
+        # it itself) once done (`hold`, `release`).
+        self._holding = False
 
     def _append(self, data: bytes | memoryview) -> None:
         self._chunks.append(data)
         self.queued += len(data)
         self._budget.take(self._user, len(data))
+        if not self._holding:
+            self._flush_event.set()
+
+    def hold(self) -> None:
+        """The reader is about to queue what a read brought about (answers, h2's acks): the
+        writer is not woken for them until `release`."""
+        self._holding = True
+
+    def release(self) -> None:
+        """What the reader queued since `hold` goes out: sent by the reader itself when the
+        writer is idle and it is small (one call back to back: issue 12, a writer wake and
+        two scheduler passes less per call, and the answer leaves before the reader reads
+        on); else the writer is woken for it. Never waits: a send that the kernel could not
+        take whole is left to the writer (`TrioByteStream.send_now`)."""
+        self._holding = False
+        if getattr(self._stream, "unsent", False):  # the TLS stream owes the peer bytes
+            self._flush_event.set()
+        if not self._chunks:
+            return
+        send_now = getattr(self._stream, "send_now", None)
+        size = self.queued
+        if self._writer_idle and size <= _SEND_NOW_MAX and not self.broken and send_now:
+            chunks = self._chunks
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            try:
+                sent = send_now(bytes(data))
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                self._lose()
+                return
+            if sent:
+                chunks.clear()
+                self._written(size)
+                if self._stream.unsent:
+                    self._flush_event.set()
+                return
         self._flush_event.set()
+
+    def _lose(self) -> None:
+        self.broken = True
+        self._drained.unpark_all()
+        self._on_broken()
+        write_deferred()
+
+    def _written(self, size: int) -> None:
+        """`size` queued bytes are in the socket."""
+        # The audit lines of the calls just answered: after their response, not before it.
+        write_deferred()
+        self.queued -= size
+        self._budget.give(self._user, size)
+        if self.queued <= self._max_queued:
+            self._drained.unpark_all()
+        for stream in self.finishing:
+            stream.extend_grace()
 
     async def reserve(self, stream: ServerStream) -> int:
         """Wait until `stream` may produce its next message, then reserve it (its body limit,
@@ -854,27 +1042,26 @@ class _BoundedSocket(SocketWrapper):  # type: ignore[misc]
 
     async def _writer_thread(self) -> None:  # purerpc's name; started by SocketWrapper.__aenter__
         while True:
-            if self._chunks:
+            if getattr(self._stream, "unsent", False):  # left by the reader's `release`
+                try:
+                    await self._stream.flush_unsent()
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    self._lose()
+                    return
+            elif self._chunks:
                 size, data = self._next_write()
                 try:
                     await self._stream.send(data)
                 except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                    self.broken = True
-                    self._drained.unpark_all()
-                    self._on_broken()
-                    write_deferred()
+                    self._lose()
                     return
-                # The audit lines of the calls just answered: after their response, not
-                # before it (their call tasks queued them).
-                write_deferred()
-                self.queued -= size
-                self._budget.give(self._user, size)
-                if self.queued <= self._max_queued:
-                    self._drained.unpark_all()
-                for stream in self.finishing:
-                    stream.extend_grace()
+                self._written(size)
             elif self._running:
-                await self._flush_event.wait()
+                self._writer_idle = True
+                try:
+                    await self._flush_event.wait()
+                finally:
+                    self._writer_idle = False
                 self._flush_event = trio.Event()
             else:
                 return
@@ -1263,33 +1450,48 @@ class ServerSocket(GRPCProtoSocket):  # type: ignore[misc]
             # Calls answered so far have their audit lines written before the next is read,
             # whether or not their responses could be written yet.
             write_deferred()
+            self._socket.hold()
             try:
-                events = self._grpc_connection.receive_data(data)
-            except Exception as exc:  # h2's or purerpc's ProtocolError, a malformed header
-                log.debug("closing connection: %s: %s", type(exc).__name__, exc)
-                # h2 has queued a GOAWAY for its own errors; purerpc's need one.
-                if self.h2.state_machine.state is not h2.connection.ConnectionState.CLOSED:
-                    self.h2.close_connection(h2.errors.ErrorCodes.PROTOCOL_ERROR)
-                self._socket.kick()
-                return ReaderEnd.PROTOCOL_ERROR
-            self._socket.kick()  # SETTINGS/PING acks, window updates
-            taken: set[int] = set()  # a message and end `answer_now` has dealt with
-            for i, event in enumerate(events):
-                if isinstance(event, PeerGoAway):
-                    return ReaderEnd.PEER_GOAWAY
-                if i in taken:
+                end = self._receive(data, start_call, answer_now)
+            finally:
+                self._socket.kick()  # refusals and resets _route produced, answers made here
+                self._socket.release()
+            if end is not None:
+                return end
+
+    def _receive(
+        self,
+        data: bytes,
+        start_call: Callable[[ServerStream], None],
+        answer_now: Callable[[RequestReceived, MessageReceived], bool] | None,
+    ) -> ReaderEnd | None:
+        """Route what one read brought; why the reader must stop, or None."""
+        try:
+            events = self._grpc_connection.receive_data(data)
+        except Exception as exc:  # h2's or purerpc's ProtocolError, a malformed header
+            log.debug("closing connection: %s: %s", type(exc).__name__, exc)
+            # h2 has queued a GOAWAY for its own errors; purerpc's need one.
+            if self.h2.state_machine.state is not h2.connection.ConnectionState.CLOSED:
+                self.h2.close_connection(h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            return ReaderEnd.PROTOCOL_ERROR
+        self._socket.kick()  # SETTINGS/PING acks, window updates
+        taken: set[int] = set()  # a message and end `answer_now` has dealt with
+        for i, event in enumerate(events):
+            if isinstance(event, PeerGoAway):
+                return ReaderEnd.PEER_GOAWAY
+            if i in taken:
+                continue
+            if (
+                answer_now is not None
+                and type(event) is RequestReceived
+                and self._goaway_last_stream_id is None
+            ):
+                found = _whole_request(events, i)
+                if found is not None and answer_now(event, events[found[0]]):
+                    taken.update(found)
                     continue
-                if (
-                    answer_now is not None
-                    and type(event) is RequestReceived
-                    and self._goaway_last_stream_id is None
-                ):
-                    found = _whole_request(events, i)
-                    if found is not None and answer_now(event, events[found[0]]):
-                        taken.update(found)
-                        continue
-                self._route(event, start_call)
-            self._socket.kick()  # refusals and resets _route produced, answers made here
+            self._route(event, start_call)
+        return None
 
     def _route(self, event: Event, start_call: Callable[[ServerStream], None]) -> None:
         stream = self._streams.get(getattr(event, "stream_id", 0))
