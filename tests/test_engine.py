@@ -745,18 +745,18 @@ async def test_a_start_whose_record_fails_to_commit_runs_nothing(
     engine_config: EngineConfig,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A Start's record commits while its leaf and output files are readied, and the command
-    may run only once it has: a commit that fails (simulated: a disk that fails only the
-    database cannot be made here) is RESOURCE_EXHAUSTED, the command never ran, and neither
-    a leaf (but the pool's spares) nor an output file is left."""
+    """A Start's record commits before its command may run: a commit that fails (simulated:
+    a disk that fails only the database cannot be made here) is RESOURCE_EXHAUSTED, the
+    command never ran, and neither a leaf (but the pool's spares) nor an output file is
+    left."""
     from jobd.engine import _store
 
     real_apply = _store.Store.apply
 
-    def failing_apply(self: _store.Store, ops: list[_store.Op]) -> None:
+    def failing_apply(self: _store.Store, ops: list[_store.Op], **kw: bool) -> None:
         if any(isinstance(op, _store.Put) for op in ops):
             raise _store.StoreError("disk I/O error")
-        real_apply(self, ops)
+        real_apply(self, ops, **kw)
 
     handed: list[object] = []
     real_hand = _shimpool.Shim.hand
