@@ -689,6 +689,33 @@ async def test_the_pool_refills_once_no_start_is_under_way(
     assert len(spawned) == _shimpool.POOL_SIZE - 1 and all(spawned)  # new spares, in leaves
 
 
+async def test_the_refill_waits_a_moment_after_a_start_has_ended(
+    engine: JobManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trio wakes the refill in the same batch as the writer of the Start's answer: the
+    refill waits REFILL_DELAY after the last Start ended, so that its first step (the spare
+    leaf's mkdirs, the fork request) comes after the answer (seen failing without: the
+    refill forked as the Start returned). Here the delay is first too long to pass."""
+    await spare_leaves(engine)
+    forked: list[object] = []
+    real_fork = _shimpool.fork_shim
+
+    async def fork_shim(*args: object, **kwargs: object) -> _shimpool.Shim:
+        forked.append(kwargs.get("leaf"))
+        return await real_fork(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_shimpool, "fork_shim", fork_shim)
+    monkeypatch.setattr(_shimpool, "REFILL_DELAY", 1e9)
+    job = await engine.start("alice", ["true"])
+    await engine.wait(job.id)
+    await trio.testing.wait_all_tasks_blocked()
+    assert forked == []
+    monkeypatch.setattr(_shimpool, "REFILL_DELAY", 0.0)
+    await engine.start("alice", ["true"])  # ends at once: the pool refills both
+    await spare_leaves(engine)
+    assert len(forked) == 2
+
+
 async def test_a_burst_that_empties_the_pool_grows_it_until_it_idles(
     engine: JobManager, engine_config: EngineConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -70,6 +70,11 @@ POOL_MAX = 64
 POOL_SHRINK = 300.0
 # A refill asks the zygote for up to this many shims at once (one exchange for all).
 REFILL_BATCH = 8
+# With more than one idle shim left, a refill waits until this long after the last Start
+# ended: its first step (the spare leaf's mkdirs, the fork request: 1-8 ms of the event
+# loop) would otherwise run before the Start's answer is written (trio wakes the refill
+# and the writer in the same batch, the writer's TLS send takes two steps).
+REFILL_DELAY = 0.01
 # After a failed refill (out of fds or processes), try again this often.
 REFILL_RETRY = 1.0
 # Bound on killing an idle shim and removing its spare leaf at shutdown.
@@ -272,6 +277,7 @@ class ShimPool:
         self._taken = trio.Event()
         self.idle_count = AsyncValue(0)  # len(idle shims), to wait on (`wait_value(size)`)
         self._starts = 0  # Starts under way (`starting()`)
+        self._quiet_at = -math.inf  # REFILL_DELAY after the last Start ended (trio time)
         self._stirred = trio.Event()  # set (and replaced) when a Start ends or takes a shim
         # The zygote while one runs (`run()` owns it), else None: shims are booted.
         self.zygote: AsyncValue[_zygote.Zygote | None] = AsyncValue(None)
@@ -280,8 +286,8 @@ class ShimPool:
     @contextlib.contextmanager
     def starting(self) -> Iterator[None]:
         """Around a Start: while more than one idle shim is left, the pool refills only once
-        no Start is under way. A refill's spawn (a thread for the fork, the GIL) and its
-        interpreter's boot (~16 ms of CPU) would otherwise compete with the Start itself
+        no Start is under way (and REFILL_DELAY after the last one ended). A refill's spawn
+        (a thread for the fork, the GIL) and its interpreter's boot (~16 ms of CPU) would otherwise compete with the Start itself
         (150 ms apart through the server, alternated: p50 26.2/26.4/25.8 ms refilling at
         once, 22.2/19.7/21.4 after). A pool down to its last shim refills at once: under a
         stream of Starts it would otherwise run dry, and each Start then waits for a whole
@@ -291,6 +297,7 @@ class ShimPool:
             yield
         finally:
             self._starts -= 1
+            self._quiet_at = trio.current_time() + REFILL_DELAY
             self._stir()
 
     def _stir(self) -> None:
@@ -298,8 +305,16 @@ class ShimPool:
         self._stirred = trio.Event()
 
     async def _wait_to_refill(self) -> None:
-        while len(self._idle) > 1 and self._starts:
-            await self._stirred.wait()
+        """While more than one idle shim is left: until no Start is under way and none
+        ended in the last REFILL_DELAY (its answer is written first)."""
+        while len(self._idle) > 1:
+            if self._starts:
+                await self._stirred.wait()
+            elif trio.current_time() < self._quiet_at:
+                with trio.move_on_at(self._quiet_at):
+                    await self._stirred.wait()  # (or a Start began or took a shim)
+            else:
+                return
 
     @property
     def target(self) -> int:
