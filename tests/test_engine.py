@@ -616,8 +616,8 @@ async def test_start_takes_a_spare_leaf_joined_ahead(
     engine: JobManager, engine_config: EngineConfig
 ) -> None:
     """An idle pooled shim waits in a spare leaf of its own, already joined by its PID 1 and
-    with no limits yet; a Start takes it (the job is named after it, its limits written then)
-    and the pool makes a new spare."""
+    with the limits of a job that asks for none; a Start takes it (the job is named after
+    it, its own limits written then if they differ) and the pool makes a new spare."""
     before = await spare_leaves(engine)
     assert len(before) == _shimpool.POOL_SIZE
     for name in before:
@@ -645,6 +645,34 @@ async def test_start_takes_a_spare_leaf_joined_ahead(
         assert (pids / "pids.max").read_text().strip() == "8"  # 7 + its PID 1
     await engine.stop(job.id, grace=0)
     assert not any(d.exists() for d in leaf_dirs(engine_config, job.id))
+
+
+def leaf_memory_limits(config: EngineConfig, name: str) -> list[int]:
+    """The memory limits a leaf has (v2: memory.max; v1: memory, memory+swap if kept)."""
+    layout = detect_layout()
+    if layout.mode is Mode.V2:
+        assert layout.unified is not None
+        return [int((layout.unified / config.cgroup_name / "jobs" / name / "memory.max")
+                    .read_text())]
+    mem = layout.v1["memory"] / config.cgroup_name / "jobs" / name
+    files = [mem / "memory.limit_in_bytes", mem / "memory.memsw.limit_in_bytes"]
+    return [int(f.read_text()) for f in files if f.exists()]
+
+
+async def test_a_spare_leaf_waits_with_the_default_limits_and_a_start_may_raise_them(
+    engine: JobManager, engine_config: EngineConfig
+) -> None:
+    """A spare leaf has the server's default limits while its shim waits, so that a Start
+    that asks for none writes nothing; one that asks for more memory raises them (cgroup v1
+    keeps memory <= memory+swap at every write: memory+swap is raised first; seen failing
+    with the lowering order, EINVAL: INVALID_ARGUMENT), one that asks for less lowers them."""
+    default = engine_config.default_limits.memory_bytes
+    for name in await spare_leaves(engine):
+        assert set(leaf_memory_limits(engine_config, name)) == {default}
+    for memory in (2 * default, default, default // 4):
+        job = await engine.start("alice", ["sleep", "1000"], limits=Limits(memory_bytes=memory))
+        assert set(leaf_memory_limits(engine_config, job.id)) == {memory}
+        await engine.stop(job.id, grace=0)
 
 
 async def test_the_pool_refills_once_no_start_is_under_way(
