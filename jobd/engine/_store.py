@@ -208,18 +208,18 @@ class Store:
             if timeout != self._busy_timeout:
                 self._db.execute(f"PRAGMA busy_timeout={timeout}")
                 self._busy_timeout = timeout
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                if not wait and exc.sqlite_errorcode == sqlite3.SQLITE_BUSY:
-                    raise StoreBusy(f"the job store {self.path} is locked: {exc}") from exc
-                raise
+            self._db.execute("BEGIN IMMEDIATE")
             try:
                 body()
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # (a failed COMMIT may leave it open)
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            if not wait and exc.sqlite_errorcode == sqlite3.SQLITE_BUSY:
+                raise StoreBusy(f"the job store {self.path} is locked: {exc}") from exc
+            raise StoreError(f"cannot write the job store {self.path}: {exc}") from exc
         except sqlite3.Error as exc:
             raise StoreError(f"cannot write the job store {self.path}: {exc}") from exc
 
