@@ -616,8 +616,8 @@ async def test_start_takes_a_spare_leaf_joined_ahead(
     engine: JobManager, engine_config: EngineConfig
 ) -> None:
     """An idle pooled shim waits in a spare leaf of its own, already joined by its PID 1 and
-    with no limits yet; a Start takes it (the job is named after it, its limits written then)
-    and the pool makes a new spare."""
+    with the limits of a job that asks for none; a Start takes it (the job is named after
+    it, its own limits written then if they differ) and the pool makes a new spare."""
     before = await spare_leaves(engine)
     assert len(before) == _shimpool.POOL_SIZE
     for name in before:
@@ -645,6 +645,34 @@ async def test_start_takes_a_spare_leaf_joined_ahead(
         assert (pids / "pids.max").read_text().strip() == "8"  # 7 + its PID 1
     await engine.stop(job.id, grace=0)
     assert not any(d.exists() for d in leaf_dirs(engine_config, job.id))
+
+
+def leaf_memory_limits(config: EngineConfig, name: str) -> list[int]:
+    """The memory limits a leaf has (v2: memory.max; v1: memory, memory+swap if kept)."""
+    layout = detect_layout()
+    if layout.mode is Mode.V2:
+        assert layout.unified is not None
+        return [int((layout.unified / config.cgroup_name / "jobs" / name / "memory.max")
+                    .read_text())]
+    mem = layout.v1["memory"] / config.cgroup_name / "jobs" / name
+    files = [mem / "memory.limit_in_bytes", mem / "memory.memsw.limit_in_bytes"]
+    return [int(f.read_text()) for f in files if f.exists()]
+
+
+async def test_a_spare_leaf_waits_with_the_default_limits_and_a_start_may_raise_them(
+    engine: JobManager, engine_config: EngineConfig
+) -> None:
+    """A spare leaf has the server's default limits while its shim waits, so that a Start
+    that asks for none writes nothing; one that asks for more memory raises them (cgroup v1
+    keeps memory <= memory+swap at every write: memory+swap is raised first; seen failing
+    with the lowering order, EINVAL: INVALID_ARGUMENT), one that asks for less lowers them."""
+    default = engine_config.default_limits.memory_bytes
+    for name in await spare_leaves(engine):
+        assert set(leaf_memory_limits(engine_config, name)) == {default}
+    for memory in (2 * default, default, default // 4):
+        job = await engine.start("alice", ["sleep", "1000"], limits=Limits(memory_bytes=memory))
+        assert set(leaf_memory_limits(engine_config, job.id)) == {memory}
+        await engine.stop(job.id, grace=0)
 
 
 async def test_the_pool_refills_once_no_start_is_under_way(
@@ -687,6 +715,33 @@ async def test_the_pool_refills_once_no_start_is_under_way(
         hold.set()
     await spare_leaves(engine)
     assert len(spawned) == _shimpool.POOL_SIZE - 1 and all(spawned)  # new spares, in leaves
+
+
+async def test_the_refill_waits_a_moment_after_a_start_has_ended(
+    engine: JobManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trio wakes the refill in the same batch as the writer of the Start's answer: the
+    refill waits REFILL_DELAY after the last Start ended, so that its first step (the spare
+    leaf's mkdirs, the fork request) comes after the answer (seen failing without: the
+    refill forked as the Start returned). Here the delay is first too long to pass."""
+    await spare_leaves(engine)
+    forked: list[object] = []
+    real_fork = _shimpool.fork_shim
+
+    async def fork_shim(*args: object, **kwargs: object) -> _shimpool.Shim:
+        forked.append(kwargs.get("leaf"))
+        return await real_fork(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_shimpool, "fork_shim", fork_shim)
+    monkeypatch.setattr(_shimpool, "REFILL_DELAY", 1e9)
+    job = await engine.start("alice", ["true"])
+    await engine.wait(job.id)
+    await trio.testing.wait_all_tasks_blocked()
+    assert forked == []
+    monkeypatch.setattr(_shimpool, "REFILL_DELAY", 0.0)
+    await engine.start("alice", ["true"])  # ends at once: the pool refills both
+    await spare_leaves(engine)
+    assert len(forked) == 2
 
 
 async def test_a_burst_that_empties_the_pool_grows_it_until_it_idles(
@@ -745,18 +800,18 @@ async def test_a_start_whose_record_fails_to_commit_runs_nothing(
     engine_config: EngineConfig,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A Start's record commits while its leaf and output files are readied, and the command
-    may run only once it has: a commit that fails (simulated: a disk that fails only the
-    database cannot be made here) is RESOURCE_EXHAUSTED, the command never ran, and neither
-    a leaf (but the pool's spares) nor an output file is left."""
+    """A Start's record commits before its command may run: a commit that fails (simulated:
+    a disk that fails only the database cannot be made here) is RESOURCE_EXHAUSTED, the
+    command never ran, and neither a leaf (but the pool's spares) nor an output file is
+    left."""
     from jobd.engine import _store
 
     real_apply = _store.Store.apply
 
-    def failing_apply(self: _store.Store, ops: list[_store.Op]) -> None:
+    def failing_apply(self: _store.Store, ops: list[_store.Op], **kw: bool) -> None:
         if any(isinstance(op, _store.Put) for op in ops):
             raise _store.StoreError("disk I/O error")
-        real_apply(self, ops)
+        real_apply(self, ops, **kw)
 
     handed: list[object] = []
     real_hand = _shimpool.Shim.hand

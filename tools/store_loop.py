@@ -1,7 +1,7 @@
 """How long the event loop is held by the job store (a measurement, not a test): an engine in
 this process runs N `true` jobs, C at a time, while a trio Instrument times every step of the
-store's writer task (queueing, dispatch to its worker thread, waking the waiters) and the
-commits in the worker thread are timed apart.
+store's writer task (queueing, its commits on the loop's thread or dispatch to a worker
+thread, waking the waiters) and the commits are timed apart.
 
     sudo .venv/bin/python tools/store_loop.py --jobs 2000
 """
@@ -40,9 +40,9 @@ async def _run(jobs: int, concurrency: int, timer: _StepTimer) -> None:
     commits: list[float] = []
     apply = _store.Store.apply
 
-    def timed(self: _store.Store, ops: Sequence[_store.Op]) -> None:
+    def timed(self: _store.Store, ops: Sequence[_store.Op], *, wait: bool = True) -> None:
         t = time.perf_counter()
-        apply(self, ops)
+        apply(self, ops, wait=wait)
         commits.append(time.perf_counter() - t)
 
     _store.Store.apply = timed  # type: ignore[method-assign]

@@ -177,6 +177,7 @@ class JobCgroup:
         self.name = name
         self.unified = tree.unified_jobs / name if tree.unified_jobs else None
         self.v1 = {ctrl: base / name for ctrl, base in tree.v1_jobs.items()}
+        self.limits = Limits()  # what was written (`create`, `apply_limits`)
 
     @property
     def dirs(self) -> list[Path]:
@@ -202,12 +203,19 @@ class JobCgroup:
             raise
 
     def apply_limits(self, limits: Limits) -> None:
-        """Write the limits of a leaf that was created empty (a pooled shim's spare leaf,
-        which its future job's PID 1 has already joined)."""
-        self._set_limits(limits)
+        """Write the limits of a leaf created earlier (a pooled shim's spare leaf, which its
+        future job's PID 1 has already joined), empty or with the server's defaults: nothing
+        when it has these already. Each limit the leaf has is replaced by one (`limits`
+        sets every limit the leaf has: effective limits always do)."""
+        if limits != self.limits:
+            self._set_limits(limits)
 
     def _set_limits(self, limits: Limits) -> None:
         tree = self._tree
+        raising_memory = bool(self.limits.memory_bytes) and (
+            limits.memory_bytes > self.limits.memory_bytes
+        )
+        self.limits = limits
         if tree.layout.mode is Mode.V2:
             assert self.unified is not None
             d = self.unified
@@ -232,10 +240,16 @@ class JobCgroup:
                 _write(cpu / "cpu.cfs_quota_us", str(round(limits.cpus * CPU_PERIOD_USEC)))
             if limits.memory_bytes:
                 mem = self.v1["memory"]
-                _write(mem / "memory.limit_in_bytes", str(limits.memory_bytes))
                 # No swap: memory+swap may not exceed memory. Absent when swap accounting is off.
-                if (mem / "memory.memsw.limit_in_bytes").exists():
-                    _write(mem / "memory.memsw.limit_in_bytes", str(limits.memory_bytes))
+                # The kernel keeps memory <= memory+swap at every write: raised, memory+swap
+                # first; lowered (or from none), memory first.
+                memsw = mem / "memory.memsw.limit_in_bytes"
+                with_swap = memsw.exists()
+                if raising_memory and with_swap:
+                    _write(memsw, str(limits.memory_bytes))
+                _write(mem / "memory.limit_in_bytes", str(limits.memory_bytes))
+                if with_swap and not raising_memory:
+                    _write(memsw, str(limits.memory_bytes))
             if limits.pids:
                 _write(self.v1["pids"] / "pids.max", str(limits.pids))
             blkio = self.v1["blkio"]

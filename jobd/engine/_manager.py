@@ -80,6 +80,11 @@ MiB = 1024 * 1024
 JOB_UID_FIRST, JOB_UID_LAST = 1_000_000, 1_999_999
 log = logging.getLogger(__name__)
 NO_LIMITS = Limits()  # every limit unset: the server's defaults apply
+# The server's default limits are written into the pooled shims' spare leaves while they
+# wait only if they are at least these (`JobManager._spare_limits`).
+SPARE_LIMITS_MIN_MEMORY = 64 * 1024 * 1024
+SPARE_LIMITS_MIN_CPUS = 0.1
+SPARE_LIMITS_MIN_PIDS = 16
 
 
 def _host_memory() -> int:
@@ -673,6 +678,19 @@ class JobManager:
         except OSError as exc:
             raise exhausted("create the job's cgroup", exc) from exc
 
+    def _spare_limits(self) -> Limits:
+        """The leaf limits of a job that asks for none, written into each pooled shim's spare
+        leaf while it waits (a Start with these writes nothing): unless they are so low that
+        they would hold up the idle shim's own preparation (its PID 1's mounts and
+        namespaces take a few MiB and milliseconds of CPU), then none until Start."""
+        limits = self._leaf_limits(self.effective_limits(NO_LIMITS))
+        roomy = (
+            (not limits.memory_bytes or limits.memory_bytes >= SPARE_LIMITS_MIN_MEMORY)
+            and (not limits.cpus or limits.cpus >= SPARE_LIMITS_MIN_CPUS)
+            and (not limits.pids or limits.pids >= SPARE_LIMITS_MIN_PIDS)
+        )
+        return limits if roomy else Limits()
+
     def _leaf_limits(self, limits: Limits) -> Limits:
         """The leaf's own limits: a sandboxed job's PID 1 is a process of its leaf that is
         not the job's own, so its pids limit counts it on top."""
@@ -1072,6 +1090,7 @@ async def open_job_manager(config: EngineConfig) -> AsyncIterator[JobManager]:
                     manager._shims = _shimpool.ShimPool(
                         manager._sandbox.prep,
                         leaf=partial(_spare_leaf, tree) if tree is not None else None,
+                        spare_limits=manager._spare_limits(),
                     )
                     await nursery.start(manager._shims.run)
                     try:

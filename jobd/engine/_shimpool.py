@@ -70,6 +70,11 @@ POOL_MAX = 64
 POOL_SHRINK = 300.0
 # A refill asks the zygote for up to this many shims at once (one exchange for all).
 REFILL_BATCH = 8
+# With more than one idle shim left, a refill waits until this long after the last Start
+# ended: its first step (the spare leaf's mkdirs, the fork request: 1-8 ms of the event
+# loop) would otherwise run before the Start's answer is written (trio wakes the refill
+# and the writer in the same batch, the writer's TLS send takes two steps).
+REFILL_DELAY = 0.01
 # After a failed refill (out of fds or processes), try again this often.
 REFILL_RETRY = 1.0
 # Bound on killing an idle shim and removing its spare leaf at shutdown.
@@ -142,26 +147,28 @@ class Shim:
 
 
 async def spawn_shim(
-    prep: Mapping[str, object] | None = None, *, stdin: bool = False, leaf: JobCgroup | None = None
+    prep: Mapping[str, object] | None = None, *, stdin: bool = False, leaf: JobCgroup | None = None,
+    limits: Limits = Limits(),  # noqa: B008  (frozen)
 ) -> Shim:
     """A new shim, told its preparation at once (length-prefixed; it fits the pipe). With
     stdin, its stdin (the job's) is a pipe whose write end is `proc.stdin`, else /dev/null.
     Pooled shims have /dev/null: a job with stdin takes a new one (a fd cannot be handed
     through the spec pipe, and this keeps the pool unchanged). With `leaf` (not yet created),
-    the leaf is created empty and the shim joins it while idle."""
-    with _spare_leaf(prep, leaf) as joining:
+    the leaf is created with `limits` (none by default) and the shim joins it while idle."""
+    with _spare_leaf(prep, leaf, limits) as joining:
         return await _spawn(joining, stdin, leaf)
 
 
 @contextlib.contextmanager
 def _spare_leaf(
-    prep: Mapping[str, object] | None, leaf: JobCgroup | None
+    prep: Mapping[str, object] | None, leaf: JobCgroup | None, limits: Limits
 ) -> Iterator[dict[str, object]]:
-    """The shim's preparation, joining `leaf` (created here, empty: the job's limits are
-    written when a job takes it) while idle; the leaf is removed if the shim is not made."""
+    """The shim's preparation, joining `leaf` (created here with `limits`: the job's own
+    are written when a job takes it, if they differ) while idle; the leaf is removed if the
+    shim is not made."""
     joining = dict(prep or {})
     if leaf is not None:
-        leaf.create(Limits())
+        leaf.create(limits)
         joining["join"] = leaf.procs_files
     try:
         yield joining
@@ -209,12 +216,12 @@ def _enlarge(pipe: int) -> None:
 
 async def fork_shim(
     zygote: _zygote.Zygote, prep: Mapping[str, object] | None = None, *,
-    leaf: JobCgroup | None = None,
+    leaf: JobCgroup | None = None, limits: Limits = Limits(),  # noqa: B008  (frozen)
 ) -> Shim:
     """`spawn_shim` without stdin, forked by the zygote: the same shim, its stdin /dev/null,
-    its preparation told at once, joining `leaf` (created now) while idle. Raises
-    `_zygote.ZygoteGone` when the zygote is gone (then spawn one)."""
-    with _spare_leaf(prep, leaf) as joining:
+    its preparation told at once, joining `leaf` (created now, with `limits`) while idle.
+    Raises `_zygote.ZygoteGone` when the zygote is gone (then spawn one)."""
+    with _spare_leaf(prep, leaf, limits) as joining:
         return await _fork(zygote, joining, leaf)
 
 
@@ -259,8 +266,12 @@ class ShimPool:
         *,
         leaf: Callable[[], JobCgroup] | None = None,
         max_size: int | None = None,
+        spare_limits: Limits = Limits(),  # noqa: B008  (frozen)
     ) -> None:
         self._prep = prep
+        # A spare leaf's limits while its shim is idle: those of a job that asks for none
+        # (written then at Start only if the job's differ), or none.
+        self._spare_limits = spare_limits
         self._size = size
         if max_size is None:  # its idle shims' fds (5 each) at most a quarter of the limit
             max_size = min(POOL_MAX, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 20)
@@ -272,6 +283,7 @@ class ShimPool:
         self._taken = trio.Event()
         self.idle_count = AsyncValue(0)  # len(idle shims), to wait on (`wait_value(size)`)
         self._starts = 0  # Starts under way (`starting()`)
+        self._quiet_at = -math.inf  # REFILL_DELAY after the last Start ended (trio time)
         self._stirred = trio.Event()  # set (and replaced) when a Start ends or takes a shim
         # The zygote while one runs (`run()` owns it), else None: shims are booted.
         self.zygote: AsyncValue[_zygote.Zygote | None] = AsyncValue(None)
@@ -280,8 +292,9 @@ class ShimPool:
     @contextlib.contextmanager
     def starting(self) -> Iterator[None]:
         """Around a Start: while more than one idle shim is left, the pool refills only once
-        no Start is under way. A refill's spawn (a thread for the fork, the GIL) and its
-        interpreter's boot (~16 ms of CPU) would otherwise compete with the Start itself
+        no Start is under way (and REFILL_DELAY after the last one ended). A refill's spawn
+        (a thread for the fork, the GIL) and its interpreter's boot (~16 ms of CPU) would
+        otherwise compete with the Start itself
         (150 ms apart through the server, alternated: p50 26.2/26.4/25.8 ms refilling at
         once, 22.2/19.7/21.4 after). A pool down to its last shim refills at once: under a
         stream of Starts it would otherwise run dry, and each Start then waits for a whole
@@ -291,6 +304,7 @@ class ShimPool:
             yield
         finally:
             self._starts -= 1
+            self._quiet_at = trio.current_time() + REFILL_DELAY
             self._stir()
 
     def _stir(self) -> None:
@@ -298,8 +312,16 @@ class ShimPool:
         self._stirred = trio.Event()
 
     async def _wait_to_refill(self) -> None:
-        while len(self._idle) > 1 and self._starts:
-            await self._stirred.wait()
+        """While more than one idle shim is left: until no Start is under way and none
+        ended in the last REFILL_DELAY (its answer is written first)."""
+        while len(self._idle) > 1:
+            if self._starts:
+                await self._stirred.wait()
+            elif trio.current_time() < self._quiet_at:
+                with trio.move_on_at(self._quiet_at):
+                    await self._stirred.wait()  # (or a Start began or took a shim)
+            else:
+                return
 
     @property
     def target(self) -> int:
@@ -324,18 +346,19 @@ class ShimPool:
 
     async def new_shim(self, *, stdin: bool = False, leaf: JobCgroup | None = None) -> Shim:
         """A new shim (see `spawn_shim`): forked by the zygote when it runs, else (a job with
-        stdin, no zygote) booted."""
+        stdin, no zygote) booted. A `leaf` gets the pool's spare limits."""
         zygote = self.zygote.value
+        limits = self._spare_limits if leaf is not None else Limits()
         if zygote is not None and not stdin:
             try:
-                return await fork_shim(zygote, self._prep, leaf=leaf)
+                return await fork_shim(zygote, self._prep, leaf=leaf, limits=limits)
             except _zygote.ZygoteGone as exc:
                 if self.zygote.value is zygote:
                     log.warning("%s; shims boot an interpreter each until it is restarted",
                                 exc)
                     self.zygote.value = None
                     self._zygote_lost.set()
-        return await spawn_shim(self._prep, stdin=stdin, leaf=leaf)
+        return await spawn_shim(self._prep, stdin=stdin, leaf=leaf, limits=limits)
 
     async def _run_zygote(self, *, task_status: trio.TaskStatus[None]) -> None:
         """Keep a zygote running (started once it has booted, or once it could not start):

@@ -1,13 +1,18 @@
 """The durable store of job records and owner->uid assignments: one SQLite database in WAL
 mode in the data dir (`jobs.sqlite3`). Its schema and every migration live here, in one place.
 
-Synchronous and blocking: call it only from one worker thread at a time (the engine's
-`_records` module runs it under `trio.to_thread.run_sync` with a limiter of one), never from
-the trio thread. Imports only the standard library; knows nothing of trio, jobs or output.
+Synchronous and blocking: use it from one thread at a time. The engine's `_records` module
+applies small batches on the trio thread with `wait=False` (in WAL mode with synchronous=NORMAL
+a commit is a write into the page cache, no fsync, and a lock held by another process is
+`StoreBusy` at once instead of a wait), and everything that may sync or wait in a worker
+thread: opening, large batches, `checkpoint` (the only syncs: the WAL is checkpointed here and
+nowhere else, wal_autocheckpoint=0) and closing. Imports only the standard library; knows
+nothing of trio, jobs or output.
 
     store = Store(data_dir / "jobs.sqlite3")     # creates or migrates
     jobs, uids = store.load()                    # every record (oldest first), uid -> owner
     store.apply([Put(info), Delete(job_id), AssignUid(uid, owner)])   # one transaction
+    store.checkpoint()                           # now and then (syncs)
     store.close()
 """
 
@@ -57,6 +62,9 @@ _MIGRATIONS: tuple[str, ...] = (
     """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
+# How long a write waits for another connection's lock (an operator's sqlite3 shell, a
+# backup) when it may wait (`apply(wait=True)`, in a worker thread).
+BUSY_TIMEOUT_MS = 5000
 
 _COLUMNS = (
     "seq id owner command working_dir name labels timeout network uid state reason exit_code "
@@ -71,6 +79,11 @@ _PUT = (
 
 class StoreError(Exception):
     """The database cannot be opened, read or written (full disk, I/O error, newer schema)."""
+
+
+class StoreBusy(StoreError):
+    """`apply(wait=False)` found the database locked by another connection: nothing was
+    written (apply again with `wait=True`, in a worker thread)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +172,11 @@ class Store:
             # a power loss may lose the last commits but never corrupts the database.
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA busy_timeout=5000")
+            # Checkpoints (which sync the WAL and the database file) only in `checkpoint`,
+            # never inside a commit: a commit on the trio thread must not sync.
+            self._db.execute("PRAGMA wal_autocheckpoint=0")
+            self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            self._busy_timeout = BUSY_TIMEOUT_MS
             self._migrate()
         except BaseException:
             self._db.close()
@@ -185,15 +202,24 @@ class Store:
                 self._db.execute("ROLLBACK")
                 raise StoreError(f"cannot migrate the job store {self.path}: {exc}") from exc
 
-    def _transaction(self, body: Callable[[], object]) -> None:
+    def _transaction(self, body: Callable[[], object], *, wait: bool = True) -> None:
+        timeout = BUSY_TIMEOUT_MS if wait else 0
         try:
+            if timeout != self._busy_timeout:
+                self._db.execute(f"PRAGMA busy_timeout={timeout}")
+                self._busy_timeout = timeout
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 body()
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # (a failed COMMIT may leave it open)
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            if not wait and exc.sqlite_errorcode == sqlite3.SQLITE_BUSY:
+                raise StoreBusy(f"the job store {self.path} is locked: {exc}") from exc
+            raise StoreError(f"cannot write the job store {self.path}: {exc}") from exc
         except sqlite3.Error as exc:
             raise StoreError(f"cannot write the job store {self.path}: {exc}") from exc
 
@@ -206,8 +232,9 @@ class Store:
             raise StoreError(f"cannot read the job store {self.path}: {exc}") from exc
         return jobs, uids
 
-    def apply(self, ops: Sequence[Op]) -> None:
-        """Carry out `ops` in one transaction: all of them or, on StoreError, none."""
+    def apply(self, ops: Sequence[Op], *, wait: bool = True) -> None:
+        """Carry out `ops` in one transaction: all of them or, on StoreError, none. With
+        `wait` False, a database locked by another connection is `StoreBusy` at once."""
 
         def body() -> None:
             for op in ops:
@@ -220,7 +247,21 @@ class Store:
                         "INSERT OR REPLACE INTO uids (uid, owner) VALUES (?, ?)", (op.uid, op.owner)
                     )
 
-        self._transaction(body)
+        self._transaction(body, wait=wait)
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database file (syncing both) and, when all of it was copied,
+        start the WAL over: the first write after that rewrites the WAL's header and syncs
+        it, so a write follows here (the schema version, unchanged), and no later commit
+        syncs. Call it from a worker thread."""
+        try:
+            busy, frames, copied = self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            if not busy and frames > 0 and copied == frames:
+                self._transaction(
+                    lambda: self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                )
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot checkpoint the job store {self.path}: {exc}") from exc
 
     def close(self) -> None:
         self._db.close()
