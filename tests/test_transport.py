@@ -1731,3 +1731,37 @@ async def test_status_of_an_ended_job_is_answered_by_the_reader(
     assert all('denied="not the owner"' in m for m in _audit_messages(caplog) if "bob" in m)
     assert run.server.stats.calls["jobd.v1.JobService/Status", "OK"] == 4
     assert run.server.stats.calls["jobd.v1.JobService/Status", "NOT_FOUND"] == 2
+
+
+class _FollowedJob(_EndedJobs):
+    """JobService's engine for Output: the ended job's one chunk, and what it was given."""
+
+    on_wait: Callable[[bool], None] | None = None
+
+    def read_output(
+        self, job_id: str, offset: int = 0, **options: Any
+    ) -> AsyncIterator[engine.Chunk]:
+        self.on_wait = options["on_wait"]
+
+        async def chunks() -> AsyncIterator[engine.Chunk]:
+            yield engine.Chunk(engine.Stream.STDOUT, 0, 1_700_000_000.0, b"hi\n")
+
+        return chunks()
+
+
+async def test_output_tells_the_transport_when_it_waits_for_new_output(
+    pki: Pki, probe: Probe
+) -> None:
+    """JobService.Output hands the engine's reader the call's `report_waits` function, so
+    that its messages count against their connection's room while they are made (issue 12,
+    fan-out); the transport honours it (the two tests above)."""
+    jobs = _FollowedJob()
+    service = JobService(jobs)  # type: ignore[arg-type]  # only status() and read_output()
+    request = pb.OutputRequest(id=jobs.job.id, follow=True).SerializeToString()
+    framed = struct.pack(">?I", False, len(request)) + request
+    async with running(pki, probe, services=[service.service]) as run:
+        async with RawClient.open(run.server.port, pki) as raw:
+            stream_id = await raw.request("/jobd.v1.JobService/Output", payload=framed)
+            assert (await raw.trailers(stream_id))["grpc-status"] == "0"
+    assert jobs.on_wait is not None
+    assert getattr(jobs.on_wait, "__func__", None) is ServerStream.waiting_for_input
