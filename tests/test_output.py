@@ -241,6 +241,42 @@ async def test_follow_waits_beyond_the_end_and_close_ends_it(tmp_path: pathlib.P
     remove(store)
 
 
+async def test_a_follower_says_when_it_waits_for_new_output_and_only_then(
+    tmp_path: pathlib.Path,
+) -> None:
+    """`on_wait` (the transport's: a message being made counts against its connection's room,
+    one waited for does not) is called with True before each wait for new output and False
+    after it, also when the wait is cancelled; never around a replay's steps."""
+    store = make_store(tmp_path, memory_tail=0)
+    await store.write(OUT, b"x" * 10_000)
+    said: list[bool] = []
+    reader = store.read(0, follow=True, max_chunk=1000, on_wait=said.append)
+    assert len((await reader.__anext__()).data) == 1000
+    got = 1000
+    while got < 10_000:
+        got += len((await reader.__anext__()).data)
+    assert said == []  # replayed without waiting
+    async with trio.open_nursery() as nursery:
+
+        async def next_chunk() -> None:
+            assert (await reader.__anext__()).data == b"more"
+
+        nursery.start_soon(next_chunk)
+        await trio.testing.wait_all_tasks_blocked()
+        assert said == [True]
+        await store.write(OUT, b"more")
+    assert said == [True, False]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader.__anext__)
+        await trio.testing.wait_all_tasks_blocked()
+        assert said == [True, False, True]
+        nursery.cancel_scope.cancel()  # the wait is cancelled
+    assert said == [True, False, True, False]
+    store.close()
+    assert [c async for c in reader] == [] and said == [True, False, True, False]
+    remove(store)
+
+
 async def test_follow_false_ends_at_the_current_end(tmp_path: pathlib.Path) -> None:
     store = make_store(tmp_path)
     await store.write(OUT, b"one\n")

@@ -53,12 +53,14 @@ from jobd.server._grpc_stream import (
     LARGE_MESSAGE,
     MESSAGE_FRAMING,
     SMALL_MESSAGE,
+    OutboundBudget,
     ServerStream,
     TrioByteStream,
     _Decoder,
     goaway_frame,
     message_limit,
     percent_encode_grpc_message,
+    report_waits,
 )
 from jobd.server._service import JobService
 from jobd.server._transport import (
@@ -254,6 +256,21 @@ class Probe:
                     await self.release.wait()
                 self.produced += 1
                 yield StringValue(value=str(message_limit.get()))
+            return
+        if count == "replay":  # "replay:COUNT:SIZE[:wait]": reports its waits, as Output does;
+            _, n, each, *wait = request.value.split(":")  # "wait": then waits for more, said so
+            waiting = report_waits()
+            assert waiting is not None
+            for _ in range(int(n)):
+                await trio.lowlevel.checkpoint()  # as OutputReader's replay before each chunk
+                self.produced += 1
+                yield StringValue(value="x" * int(each))
+            if wait:
+                waiting(True)
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    waiting(False)
             return
         completed = False
         try:
@@ -1310,6 +1327,65 @@ async def test_a_client_that_never_reads_cannot_make_the_server_buffer(
                 await probe.cancelled.wait()
 
 
+async def test_replays_on_a_connection_that_reads_nothing_hold_its_cap_not_a_message_each(
+    pki: Pki, probe: Probe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A streaming call whose handler reports its waits (the Output handler) counts the message
+    it has reserved against its connection's room while it makes it: 20 replays on a
+    connection that reads nothing hold the queue's cap and about a message, in the queue and
+    reserved, at any time. Before (issue 12, fan-out), a call was taken to be waiting all the
+    while its handler made its message, so the others reserved meanwhile: at first every call
+    held a message queued and one reserved (here 2.4 MiB)."""
+    peak = 0
+    take = OutboundBudget.take
+
+    def take_and_watch(self: OutboundBudget, user: str, size: int) -> None:
+        nonlocal peak
+        take(self, user, size)
+        peak = max(peak, self.used)
+
+    monkeypatch.setattr(OutboundBudget, "take", take_and_watch)
+    cap = 256 * 1024
+    limits = TransportLimits(max_outbound_queued_bytes=cap)
+    async with running(pki, probe, limits) as run:
+        settings = {h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: BIG}
+        async with RawClient.open(run.server.port, pki, settings=settings) as raw:
+            raw.h2.increment_flow_control_window(BIG - 65535)
+            flush = raw.flush
+            raw.flush = trio.lowlevel.checkpoint  # type: ignore[method-assign]
+            for _ in range(20):  # in one write: the calls start together
+                await raw.request("Stream", "replay:1000:60000")  # 1.2 GB: more than buffers
+            raw.flush = flush  # type: ignore[method-assign]
+            await raw.flush()
+            await trio.testing.wait_all_tasks_blocked()  # the socket is full, every call waits
+            assert 0 < probe.produced < 20 * 1000
+            message = SMALL_MESSAGE + MESSAGE_FRAMING
+            assert peak <= cap + 2 * message + 16 * 1024, peak  # and frame headers
+            await trio.aclose_forcefully(raw.stream)
+
+
+async def test_a_replay_waiting_for_more_does_not_hold_its_connections_room(
+    pki: Pki, probe: Probe
+) -> None:
+    """While such a handler says it waits (a follow waiting for new output), its reserved
+    message does not count against its connection's room: other calls on the connection are
+    served. Here the cap is below one message, so a call reserves only on an idle connection:
+    without the report, the five waiting calls would keep the connection from ever being
+    idle again."""
+    limits = TransportLimits(max_outbound_queued_bytes=SMALL_MESSAGE)
+    async with running(pki, probe, limits) as run:
+        async with RawClient.open(run.server.port, pki) as raw:
+            waiting = [await raw.request("Stream", "replay:1:10:wait") for _ in range(5)]
+            for stream_id in waiting:
+                await raw.until(of(h2.events.DataReceived, stream_id))
+            await trio.testing.wait_all_tasks_blocked()
+            assert probe.produced == 5
+            stream_id = await raw.request("Stream", "3:10")
+            assert (await raw.trailers(stream_id))["grpc-status"] == "0"
+            assert [m.value for m in grpc_messages(raw, stream_id)] == ["x" * 10] * 3
+            await trio.aclose_forcefully(raw.stream)
+
+
 async def test_a_client_that_floods_pings_and_never_reads_cannot_either(
     pki: Pki, probe: Probe
 ) -> None:
@@ -1799,3 +1875,37 @@ async def test_status_of_an_ended_job_is_answered_by_the_reader(
     assert all('denied="not the owner"' in m for m in _audit_messages(caplog) if "bob" in m)
     assert run.server.stats.calls["jobd.v1.JobService/Status", "OK"] == 4
     assert run.server.stats.calls["jobd.v1.JobService/Status", "NOT_FOUND"] == 2
+
+
+class _FollowedJob(_EndedJobs):
+    """JobService's engine for Output: the ended job's one chunk, and what it was given."""
+
+    on_wait: Callable[[bool], None] | None = None
+
+    def read_output(
+        self, job_id: str, offset: int = 0, **options: Any
+    ) -> AsyncIterator[engine.Chunk]:
+        self.on_wait = options["on_wait"]
+
+        async def chunks() -> AsyncIterator[engine.Chunk]:
+            yield engine.Chunk(engine.Stream.STDOUT, 0, 1_700_000_000.0, b"hi\n")
+
+        return chunks()
+
+
+async def test_output_tells_the_transport_when_it_waits_for_new_output(
+    pki: Pki, probe: Probe
+) -> None:
+    """JobService.Output hands the engine's reader the call's `report_waits` function, so
+    that its messages count against their connection's room while they are made (issue 12,
+    fan-out); the transport honours it (the two tests above)."""
+    jobs = _FollowedJob()
+    service = JobService(jobs)  # type: ignore[arg-type]  # only status() and read_output()
+    request = pb.OutputRequest(id=jobs.job.id, follow=True).SerializeToString()
+    framed = struct.pack(">?I", False, len(request)) + request
+    async with running(pki, probe, services=[service.service]) as run:
+        async with RawClient.open(run.server.port, pki) as raw:
+            stream_id = await raw.request("/jobd.v1.JobService/Output", payload=framed)
+            assert (await raw.trailers(stream_id))["grpc-status"] == "0"
+    assert jobs.on_wait is not None
+    assert getattr(jobs.on_wait, "__func__", None) is ServerStream.waiting_for_input

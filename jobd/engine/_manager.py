@@ -373,6 +373,7 @@ class JobManager:
         since: float | None = None,
         stream: Stream | None = None,
         max_chunk: int | Callable[[], int] = MAX_CHUNK,
+        on_wait: Callable[[bool], None] | None = None,
     ) -> AsyncIterator[Chunk]:
         """Chunks of the job's combined output from `offset` (or the last `tail_lines` lines,
         or what was written at/after `since`; only `stream` when given; see OutputStore.read);
@@ -385,7 +386,7 @@ class JobManager:
             raise NotFound(f"no job {canonical}")
         return output.read(
             offset, follow=follow, tail_lines=tail_lines, since=since, stream=stream,
-            max_chunk=max_chunk,
+            max_chunk=max_chunk, on_wait=on_wait,
         )
 
     async def wait(self, job_id: str) -> JobInfo:

@@ -646,6 +646,7 @@ class OutputStore:
         since: float | None = None,
         stream: Stream | None = None,
         max_chunk: int | Callable[[], int] = MAX_CHUNK,
+        on_wait: Callable[[bool], None] | None = None,
     ) -> OutputReader:
         """Chunks from `offset` on, as an async iterator (`async for chunk in store.read(...)`).
 
@@ -660,6 +661,8 @@ class OutputStore:
         newline ends the last line rather than starting an empty one). Seeking reads only
         the index, and the data of those last lines: never the whole output.
         `stream`: only that stream's chunks (offsets stay those of the combined stream).
+        `on_wait`, if given, is called with True before the reader waits for new output (the
+        only wait of a step besides its yield to other tasks) and with False after it.
 
         follow=False: ends at the size the store has now (an offset beyond it yields nothing).
         follow=True: then waits for more (an offset beyond the end waits for it) and ends when
@@ -681,7 +684,8 @@ class OutputStore:
                 position = max(position, self._offset_at_time(since))
             if tail_lines:
                 position = max(position, self._lines_start(tail_lines, stream))
-        return OutputReader(self, position, None if follow else self._size, stream, max_chunk)
+        end = None if follow else self._size
+        return OutputReader(self, position, end, stream, max_chunk, on_wait)
 
     def _remember(self, chunk: Chunk) -> None:
         # Keeps the tail contiguous up to `_size` (readers trust that): a chunk bigger than the
@@ -912,8 +916,10 @@ class OutputReader:
         end: int | None,
         stream: Stream | None,
         max_chunk: int | Callable[[], int],
+        on_wait: Callable[[bool], None] | None = None,
     ) -> None:
         self._store = store
+        self._on_wait = on_wait
         self._pos = offset
         self._end = end  # None: follow
         self._stream = stream
@@ -960,7 +966,14 @@ class OutputReader:
             if self._end is not None or store.closed:
                 self._done = True
                 break
-            await store._wait_for_change()
+            if self._on_wait is None:
+                await store._wait_for_change()
+                continue
+            self._on_wait(True)
+            try:
+                await store._wait_for_change()
+            finally:
+                self._on_wait(False)
         raise StopAsyncIteration
 
     async def aclose(self) -> None:

@@ -149,6 +149,28 @@ PRODUCE_RESERVE = SMALL_MESSAGE + MESSAGE_FRAMING
 message_limit: contextvars.ContextVar[int] = contextvars.ContextVar(
     "message_limit", default=SMALL_MESSAGE
 )
+# The streaming call whose task this is (set by its `reserve`), for `report_waits`.
+_calling: contextvars.ContextVar[ServerStream | None] = contextvars.ContextVar(
+    "_calling", default=None
+)
+
+
+def report_waits() -> Callable[[bool], None] | None:
+    """For a streaming handler, in its call's task, that can say when it waits for something
+    other than its connection (a follow waiting for new output): the function to call with
+    True before such a wait and False after it; None outside a streaming call. From then on
+    the message the call has reserved counts against its connection's room while the handler
+    makes it (a replay's chunks, its yields to other tasks), except during those waits. A
+    handler that does not report is taken to be waiting all the while it makes a message
+    (`ServerStream.set_waiting`): so did every handler before (issue 12, fan-out: 100 replays
+    of one job on 4 connections each reserved a message while the others made theirs, which
+    over-filled the user's share with 64 KiB messages)."""
+    stream = _calling.get()
+    if stream is None:
+        return None
+    stream.reports_waits = True
+    stream.hold_room(True)  # it is making its message now
+    return stream.waiting_for_input
 
 
 def _message_body_limit(window: int, large: bool) -> int:
@@ -875,7 +897,11 @@ class _BoundedSocket(SocketWrapper):  # type: ignore[misc]
         self._chunks: collections.deque[bytes | memoryview] = collections.deque()
         self.queued = 0  # bytes not yet handed to the TLS stream
         self._max_queued = max_queued
-        self._drained = trio.lowlevel.ParkingLot()
+        self._drained = trio.lowlevel.ParkingLot()  # `wait_queued_at_most`'s waiters
+        # Streams waiting for room to reserve their next message: woken one at a time (by each
+        # write, unreserve or stall, and by one that reserved and left room), since each takes
+        # up to a message of room; 25 woken per write cost more than the write (issue 12).
+        self._room = trio.lowlevel.ParkingLot()
         self._on_broken = on_broken
         self.broken = False
         # Streams ended by the server that are finishing their message (ServerStream.abort).
@@ -930,6 +956,7 @@ class _BoundedSocket(SocketWrapper):  # type: ignore[misc]
     def _lose(self) -> None:
         self.broken = True
         self._drained.unpark_all()
+        self._room.unpark_all()
         self._on_broken()
         write_deferred()
 
@@ -941,6 +968,7 @@ class _BoundedSocket(SocketWrapper):  # type: ignore[misc]
         self._budget.give(self._user, size)
         if self.queued <= self._max_queued:
             self._drained.unpark_all()
+            self._room.unpark()
         for stream in self.finishing:
             stream.extend_grace()
 
@@ -954,28 +982,47 @@ class _BoundedSocket(SocketWrapper):  # type: ignore[misc]
         budget = self._budget
         body = SMALL_MESSAGE
         size = body + MESSAGE_FRAMING
-        while not self.broken:  # broken: the connection's scope is cancelled already
-            window = stream.send_window
-            if window <= 0:
-                await stream._wait_flow_control_update()
-                continue
-            large = stream.peer_acknowledged and budget.has_room(
-                self._user, LARGE_MESSAGE + MESSAGE_FRAMING
-            )
-            body = _message_body_limit(window, large)
-            size = body + MESSAGE_FRAMING
-            idle = self.queued == 0 and self.active == 0
-            if not idle and self.queued + self.active + size > self._max_queued:
-                await self._drained.park()  # woken by each write, and each unreserve
-                continue
-            if not stream.peer_acknowledged and not budget.has_room(self._user, size):
-                await budget.wait()
-                continue
-            break
+        _calling.set(stream)
+        woken = False  # by `_room`: a wake-up to pass on if this stream does not use it
+        try:
+            while not self.broken:  # broken: the connection's scope is cancelled already
+                window = stream.send_window
+                if window <= 0:
+                    woken = self._pass_room(woken)
+                    await stream._wait_flow_control_update()
+                    continue
+                large = stream.peer_acknowledged and budget.has_room(
+                    self._user, LARGE_MESSAGE + MESSAGE_FRAMING
+                )
+                body = _message_body_limit(window, large)
+                size = body + MESSAGE_FRAMING
+                idle = self.queued == 0 and self.active == 0
+                if not idle and self.queued + self.active + size > self._max_queued:
+                    woken = False
+                    await self._room.park()
+                    woken = True
+                    continue
+                if not stream.peer_acknowledged and not budget.has_room(self._user, size):
+                    woken = self._pass_room(woken)
+                    await budget.wait()
+                    continue
+                break
+        finally:
+            self._pass_room(woken)
         self.active += size
         budget.take(self._user, size)
         stream.reserved = size
+        stream.room_held = True
+        if self.queued + self.active < self._max_queued:
+            self._room.unpark()  # room left: the next waiter may fit
         return body
+
+    def _pass_room(self, woken: bool) -> bool:
+        """A stream woken to reserve that does not (it waits for something else, or leaves)
+        wakes the next in its place."""
+        if woken:
+            self._room.unpark()
+        return False
 
     def stalled(self, stalled: bool, size: int) -> None:
         """A stream holding a reservation of `size` waits on flow control (or resumes): while
@@ -983,14 +1030,16 @@ class _BoundedSocket(SocketWrapper):  # type: ignore[misc]
         room; it still counts against the budgets (it holds the message)."""
         self.active += -size if stalled else size
         if stalled:
-            self._drained.unpark_all()
+            self._room.unpark()
 
     def unreserve(self, stream: ServerStream) -> None:
         if stream.reserved:
             size, stream.reserved = stream.reserved, 0
-            self.active -= size
+            if stream.room_held:
+                self.active -= size
+                stream.room_held = False
             self._budget.give(self._user, size)
-            self._drained.unpark_all()
+            self._room.unpark()
 
     async def __aexit__(self, *exc_info: object) -> bool | None:
         try:
@@ -1117,6 +1166,10 @@ class ServerStream(GRPCProtoStream):  # type: ignore[misc]
         self._abort_at_boundary = False
         self._abort_limit = math.inf
         self.reserved = 0  # bytes of the outbound budgets reserved (`reserve`), or 0
+        # Whether `reserved` counts against the connection's room now (not while the call
+        # waits for its handler or for flow control).
+        self.room_held = False
+        self.reports_waits = False  # its handler says when it waits (`report_waits`)
         # The peer has sent a WINDOW_UPDATE for this stream: it reads what it is sent.
         self.peer_acknowledged = False
 
@@ -1182,25 +1235,37 @@ class ServerStream(GRPCProtoStream):  # type: ignore[misc]
 
     def set_waiting(self, waiting: bool) -> None:
         """The call waits for its handler's next message (a follow, for new output), holding
-        its reservation: it cannot fill the queue meanwhile."""
-        if self.reserved:
-            self._socket.stalled(waiting, self.reserved)
+        its reservation: it cannot fill the queue meanwhile. A handler that reports its own
+        waits (`report_waits`) is taken at its word instead."""
+        if not (waiting and self.reports_waits):
+            self.hold_room(not waiting)
+
+    def waiting_for_input(self, waiting: bool) -> None:
+        """`report_waits`'s function: the handler waits (True) for something other than its
+        connection, or is done waiting (False)."""
+        self.hold_room(not waiting)
+
+    def hold_room(self, hold: bool) -> None:
+        """Count the reservation against the connection's room (True), or not (False)."""
+        if self.reserved and self.room_held != hold:
+            self.room_held = hold
+            self._socket.stalled(not hold, self.reserved)
 
     async def _wait_flow_control_update(self) -> None:
         """Until the peer's next WINDOW_UPDATE for this stream or the connection. Its callers
         look at the window first, with no yield in between: an update can never come between
         that look and this wait. A wait in the middle of a message while holding a
         reservation is a stall."""
-        size = self.reserved
-        if size:
-            self._socket.stalled(True, size)
+        held = self.room_held and self.reserved
+        if held:
+            self.hold_room(False)
         try:
             self._window_waiter = waiter = trio.Event()
             await waiter.wait()
         finally:
             self._window_waiter = None
-            if size:
-                self._socket.stalled(False, size)
+            if held:
+                self.hold_room(True)
 
     def wake_for_window(self) -> None:
         if self._window_waiter is not None:

@@ -24,7 +24,7 @@ from jobd.v1 import jobd_grpc
 from jobd.v1 import jobd_pb2 as pb
 
 from ._audit import audit_event
-from ._grpc_stream import FramedMessage, message_limit
+from ._grpc_stream import FramedMessage, message_limit, report_waits
 from ._transport import Identity, answer_inline, current_identity
 
 log = logging.getLogger(__name__)
@@ -463,6 +463,9 @@ class JobService(jobd_grpc.JobServiceServicer):
                 since=request.since.ToNanoseconds() / 1e9 if request.HasField("since") else None,
                 stream=_stream_filter(request.stream),
                 max_chunk=message_limit.get,  # the transport's room for the next message
+                # Its waits for new output, so that a replay's message counts against its
+                # connection's room while it is made (issue 12, fan-out).
+                on_wait=report_waits(),
             )
             try:
                 async for chunk in chunks:
