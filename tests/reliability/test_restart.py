@@ -196,19 +196,27 @@ def test_a_crashed_servers_zygote_and_idle_shims_exit(hostile_pki: Pki, tmp_path
     on their control pipes) exit by themselves; the next server reaps their spare leaves."""
     name = new_cgroup_name()
     server = ServerProcess(hostile_pki, tmp_path / "data", name).start()
+    children: list[tuple[int, str, str]] = []
+
+    def zygote_and_shims() -> bool:
+        children[:] = _children(server.pid)
+        names = [c[2] for c in children]
+        return names.count("jobd-zygote") == 1 and "jobd-shim" in names
+
     try:
-        with channel(server) as (_, alice):  # a Start: the pool is full and forked by now
-            job = alice.Start(pb.StartRequest(command=["true"]), timeout=TIMEOUT)
-            alice.Wait(pb.JobRequest(id=job.id), timeout=TIMEOUT)
-        children = _children(server.pid)
-    finally:
-        server.crash()
-    zygotes = [c for c in children if c[2] == "jobd-zygote"]
-    assert len(zygotes) == 1, children
-    shims = [c for c in children if c[2] == "jobd-shim"]
-    assert shims, children  # idle shims, forked: the server's own children
-    wait_until(lambda: not any(_alive(pid, started) for pid, started, _ in children),
-               "the zygote and the idle shims of a dead server to exit")
-    second = ServerProcess(hostile_pki, tmp_path / "data", name, uids=server.uids).start()
-    assert second.terminate() == 0, second.text
+        try:
+            with channel(server) as (_, alice):  # a Start: the pool is full and forked by now
+                job = alice.Start(pb.StartRequest(command=["true"]), timeout=TIMEOUT)
+                alice.Wait(pb.JobRequest(id=job.id), timeout=TIMEOUT)
+            # On a stalled host the zygote's boot or a fork can pass its bound (the pool then
+            # boots shims and starts a new zygote a moment later): wait for it, not one look.
+            wait_until(zygote_and_shims, "the server's zygote and idle shims")
+        finally:
+            server.crash()
+        wait_until(lambda: not any(_alive(pid, started) for pid, started, _ in children),
+                   "the zygote and the idle shims of a dead server to exit")
+    finally:  # whatever failed above, the next server reaps the dead one's tree
+        second = ServerProcess(hostile_pki, tmp_path / "data", name, uids=server.uids).start()
+        code = second.terminate()
+    assert code == 0, second.text
     assert_nothing_left(second)
