@@ -238,13 +238,19 @@ def _start_load(server: ServerProcess, jobs: int) -> list[str]:
 def _follow_until_end(server: ServerProcess, ids: list[str]) -> tuple[list[Any], threading.Thread]:
     """Admin followers of `ids`, each in a thread, until the stream ends; their end codes."""
     codes: list[Any] = []
-    started = threading.Barrier(len(ids) + 1)
+    # Bounded, and broken at once by a follower that fails to start: the test then fails
+    # instead of waiting forever for it (seen hanging once).
+    started = threading.Barrier(len(ids) + 1, timeout=TIMEOUT)
 
     def run() -> None:
         with channel(server, "admin") as (_, admin):
             def one(job_id: str) -> None:
-                stream = admin.Output(pb.OutputRequest(id=job_id, follow=True))
-                next(stream)  # following, live
+                try:
+                    stream = admin.Output(pb.OutputRequest(id=job_id, follow=True))
+                    next(stream)  # following, live
+                except BaseException:
+                    started.abort()
+                    raise
                 started.wait()
                 codes.append(code_of(lambda: stream))
 
