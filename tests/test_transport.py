@@ -689,6 +689,22 @@ def _audit_messages(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "jobd.audit"]
 
 
+@contextmanager
+def audit_lines_into(order: list[str]) -> Iterator[None]:
+    """Append each audit line's message to `order` as it is written."""
+
+    class Seen(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            order.append(record.getMessage())
+
+    seen = Seen()
+    logging.getLogger("jobd.audit").addHandler(seen)
+    try:
+        yield
+    finally:
+        logging.getLogger("jobd.audit").removeHandler(seen)
+
+
 async def test_audit_line_is_written_after_the_socket_write_of_its_response(
     pki: Pki, probe: Probe, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -703,14 +719,8 @@ async def test_audit_line_is_written_after_the_socket_write_of_its_response(
             order.append("response handed to the socket")
         await send(self, item)
 
-    class Seen(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            order.append(record.getMessage())
-
     monkeypatch.setattr(TrioByteStream, "send", recording_send)
-    seen = Seen()
-    logging.getLogger("jobd.audit").addHandler(seen)
-    try:
+    with audit_lines_into(order):
         async with running(pki, probe) as run:
             async with RawClient.open(run.server.port, pki) as raw:
                 # First a call without a line: the SETTINGS exchange is over, so the client
@@ -721,8 +731,6 @@ async def test_audit_line_is_written_after_the_socket_write_of_its_response(
                 assert (await raw.trailers(stream_id))["grpc-status"] == "0"
                 stream_id = await raw.request("Whoami")
                 assert (await raw.trailers(stream_id))["grpc-status"] == "0"
-    finally:
-        logging.getLogger("jobd.audit").removeHandler(seen)
     assert order == ["response handed to the socket", "probe value=one"]
 
 
@@ -896,15 +904,9 @@ async def test_an_answer_made_by_the_reader_is_sent_by_the_reader(
             order.append(f"sent by the reader: {sent}")
         return sent
 
-    class Seen(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            order.append(record.getMessage())
-
     monkeypatch.setattr(TrioByteStream, "send", recording_send)
     monkeypatch.setattr(TrioByteStream, "send_now", recording_send_now)
-    seen = Seen()
-    logging.getLogger("jobd.audit").addHandler(seen)
-    try:
+    with audit_lines_into(order):
         async with running(pki, probe) as run:
             async with RawClient.open(run.server.port, pki) as raw:
                 first = await raw.request("Size", "warm")  # the SETTINGS exchange is over
@@ -915,8 +917,6 @@ async def test_an_answer_made_by_the_reader_is_sent_by_the_reader(
                     e.data for e in raw.events if of(h2.events.DataReceived, stream_id)(e)
                 )
                 assert data == grpc_frame("now-abc")
-    finally:
-        logging.getLogger("jobd.audit").removeHandler(seen)
     assert order == ["sent by the reader: True", "probe-now value=abc"]
     assert run.server.stats.calls[NOW_METHOD, "OK"] == 1
 
