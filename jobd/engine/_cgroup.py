@@ -188,6 +188,8 @@ class JobCgroup:
         self.v1 = {ctrl: base / name for ctrl, base in tree.v1_jobs.items()}
         self.limits = Limits()  # what was written (`create`, `apply_limits`)
         self._final: Usage | None = None  # read by `finish` before it removes the leaf
+        # Seen empty after its job ran (`kill`, `wait_empty`): it stays so, nothing to read.
+        self._emptied = False
 
     @property
     def dirs(self) -> list[Path]:
@@ -300,14 +302,20 @@ class JobCgroup:
 
     async def wait_empty(self) -> None:
         """Return once no process is left in the job's cgroup."""
-        await _wait_until_empty(self.populated)
+        if not self._emptied:
+            await _wait_until_empty(self.populated)
+            self._emptied = True
 
     async def kill(self) -> None:
         """SIGKILL every process left in the job's leaf, in a worker thread (see "What
-        blocks"); nothing when it is empty already (an empty leaf stays empty: only jobd
-        puts processes into it)."""
-        if self.populated():
-            await trio.to_thread.run_sync(self.signal_all, signal.SIGKILL)
+        blocks"); nothing once it was seen empty (an emptied leaf stays empty: only jobd
+        puts processes into it, and only before its job runs)."""
+        if self._emptied:
+            return
+        if not self.populated():
+            self._emptied = True
+            return
+        await trio.to_thread.run_sync(self.signal_all, signal.SIGKILL)
 
     async def finish(self) -> Usage:
         """The emptied leaf's final usage, then the leaf removed, in a worker thread. A leaf
