@@ -9,12 +9,12 @@ membership, limits and kill. On the hybrid layout (v2 mounted without controller
 /sys/fs/cgroup/unified, controllers on v1 hierarchies) the v2 leaf carries membership,
 `cgroup.events` and `cgroup.kill`, and a v1 leaf per controller carries limits and usage.
 
-What blocks. A leaf's mkdir and rmdir and a write to `cgroup.kill` take the kernel's global
-cgroup mutex; a process joining a cgroup (each idle shim joins its spare leaf, in every
-hierarchy) holds that mutex while it waits for an RCU grace period (several ms, here up to
-tens of ms). On the event loop's thread those calls then stall every task: measured over
-600 back-to-back Starts, the loop slept (off the CPU, not preempted) 0.4 s in mkdirs, 0.6 s
-in kills and 0.1 s in rmdirs, p99 10-12 ms each. So the job's end (`kill`, `finish`) and the
+What blocks. A leaf's mkdir and rmdir and a write to `cgroup.kill` can sleep in the kernel:
+measured over 600 back-to-back Starts, the event loop slept (off the CPU, not preempted)
+0.4 s in mkdirs, 0.6 s in kills and 0.1 s in rmdirs, p99 10-12 ms each, and every task stood
+still meanwhile. (Likely, from the kernel's source: they take the global cgroup mutex, which a
+process joining a cgroup, as each idle shim joins its spare leaf, holds while it waits for an
+RCU grace period.) So the job's end (`kill`, `finish`) and the
 pool's spare leaves run them in a worker thread; reading files (`cgroup.events`, usage) and
 writing limits take no such lock.
 """
