@@ -155,3 +155,47 @@ def test_v2_missing_controllers_named(tmp_path: Path) -> None:
 def test_bad_tree_names(name: str) -> None:
     with pytest.raises(Exception, match="bad cgroup name"):
         CgroupTree(Layout(Mode.NONE), name)
+
+
+async def test_ended_leaves_queued_during_a_worker_call_go_in_one_call() -> None:
+    """A leaf's kill and removal run in a worker thread (they take the kernel's cgroup mutex);
+    the leaves of jobs that end while one such call runs go together in the next call, not a
+    thread hand-off each, and a failing leaf fails only its own caller (seen failing with
+    one call per leaf: [[a], [b], [c], [d]])."""
+    import threading
+
+    import trio
+    import trio.testing
+
+    from jobd.engine._cgroup import _Batched
+
+    calls: list[list[str]] = []
+    release = threading.Event()
+    in_thread = trio.Event()
+
+    def work(items: list[str]) -> list[str | Exception]:
+        calls.append(sorted(items))
+        if items == ["a"]:
+            trio.from_thread.run_sync(in_thread.set)
+            release.wait(10)
+        return [ValueError(i) if i == "c" else i.upper() for i in items]
+
+    batched: _Batched[str, str] = _Batched(work)
+    got: dict[str, object] = {}
+
+    async def one(item: str) -> None:
+        try:
+            got[item] = await batched(item)
+        except ValueError as exc:
+            got[item] = exc
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(one, "a")
+        await in_thread.wait()
+        for item in "bcd":
+            nursery.start_soon(one, item)
+        await trio.testing.wait_all_tasks_blocked()
+        release.set()
+    assert calls == [["a"], ["b", "c", "d"]]
+    assert got["a"] == "A" and got["b"] == "B" and got["d"] == "D"
+    assert isinstance(got["c"], ValueError)

@@ -8,6 +8,15 @@ the command, so nothing the job forks can start outside them. On pure v2 one lea
 membership, limits and kill. On the hybrid layout (v2 mounted without controllers at
 /sys/fs/cgroup/unified, controllers on v1 hierarchies) the v2 leaf carries membership,
 `cgroup.events` and `cgroup.kill`, and a v1 leaf per controller carries limits and usage.
+
+What blocks. A leaf's mkdir and rmdir and a write to `cgroup.kill` can sleep in the kernel:
+measured over 600 back-to-back Starts, the event loop slept (off the CPU, not preempted)
+0.4 s in mkdirs, 0.6 s in kills and 0.1 s in rmdirs, p99 10-12 ms each, and every task stood
+still meanwhile. (Likely, from the kernel's source: they take the global cgroup mutex, which a
+process joining a cgroup, as each idle shim joins its spare leaf, holds while it waits for an
+RCU grace period.) So the job's end (`kill`, `finish`) and the
+pool's spare leaves run them in a worker thread; reading files (`cgroup.events`, usage) and
+writing limits take no such lock.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Generic, TypeVar, cast
 
 import trio
 
@@ -35,6 +45,8 @@ CPU_PERIOD_USEC = 100_000
 # v1 controllers jobd uses on hybrid hosts, and what for.
 V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "blkio")
 V2_CONTROLLERS = ("cpu", "memory", "pids", "io")
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class Mode(enum.Enum):
@@ -169,6 +181,49 @@ async def _wait_until_empty(populated: Callable[[], bool]) -> None:
         delay = min(delay * 2, 0.05)
 
 
+class _Batched(Generic[T, R]):
+    """`await batched(item)`: `fn(items)` in a worker thread, for every item queued while the
+    previous call ran (one thread hand-off for a burst of ended jobs, not one each: a wave of
+    50 jobs ending spent 10% of the loop's samples handing 50 calls to threads, py-spy).
+    No task of its own: the first caller that finds no call under way makes it."""
+
+    def __init__(self, fn: Callable[[list[T]], list[R | Exception]]) -> None:
+        self._fn = fn
+        self._queue: list[list[Any]] = []  # [item, result or _PENDING]
+        self._busy = False
+        self._done = trio.Event()
+
+    async def __call__(self, item: T) -> R:
+        slot: list[Any] = [item, _PENDING]
+        self._queue.append(slot)
+        while slot[1] is _PENDING:
+            if self._busy:
+                try:
+                    await self._done.wait()  # (its slot may be in the next call)
+                except BaseException:
+                    self._queue = [q for q in self._queue if q is not slot]
+                    raise
+                continue
+            batch, self._queue = self._queue, []
+            self._busy = True
+            # What the others get if the call itself fails (it cannot be cancelled).
+            results: list[Any] = [CgroupError("a worker thread failed")] * len(batch)
+            try:
+                results = await trio.to_thread.run_sync(self._fn, [b[0] for b in batch])
+            finally:
+                self._busy = False
+                for b, result in zip(batch, results, strict=True):
+                    b[1] = result
+                done, self._done = self._done, trio.Event()
+                done.set()
+        if isinstance(slot[1], Exception):
+            raise slot[1]
+        return cast(R, slot[1])
+
+
+_PENDING = object()
+
+
 class JobCgroup:
     """The leaves of one job: one per hierarchy in use."""
 
@@ -178,6 +233,9 @@ class JobCgroup:
         self.unified = tree.unified_jobs / name if tree.unified_jobs else None
         self.v1 = {ctrl: base / name for ctrl, base in tree.v1_jobs.items()}
         self.limits = Limits()  # what was written (`create`, `apply_limits`)
+        self._final: Usage | None = None  # read by `finish` before it removes the leaf
+        # Seen empty after its job ran (`kill`, `wait_empty`): it stays so, nothing to read.
+        self._emptied = False
 
     @property
     def dirs(self) -> list[Path]:
@@ -290,14 +348,45 @@ class JobCgroup:
 
     async def wait_empty(self) -> None:
         """Return once no process is left in the job's cgroup."""
-        await _wait_until_empty(self.populated)
+        if not self._emptied:
+            await _wait_until_empty(self.populated)
+            self._emptied = True
+
+    async def kill(self) -> None:
+        """SIGKILL every process left in the job's leaf, in a worker thread (see "What
+        blocks"); nothing once it was seen empty (an emptied leaf stays empty: only jobd
+        puts processes into it, and only before its job runs)."""
+        if self._emptied:
+            return
+        if not self.populated():
+            self._emptied = True
+            return
+        await self._tree.kill_leaf(self)
+
+    async def finish(self) -> Usage:
+        """The emptied leaf's final usage, then the leaf removed, in a worker thread (with the
+        other leaves finished meanwhile). A leaf the kernel will not remove is logged and
+        left for the next start-up to reap."""
+        return await self._tree.finish_leaf(self)
+
+    def _finish(self) -> Usage:
+        usage = self._final = self.usage()
+        try:
+            self.remove()
+        except CgroupError as exc:
+            log.error("%s; it is left for the next start-up to reap", exc)
+        return usage
 
     def usage(self) -> Usage:
-        """CPU time, peak memory and OOM kills, live while running and final after."""
+        """CPU time, peak memory and OOM kills, live while running and final after (once
+        `finish` has begun, what it read: a Status meanwhile must not read a leaf that its
+        worker thread is removing)."""
+        if self._final is not None:
+            return self._final
         try:
             return self._usage()
-        except (FileNotFoundError, ValueError):
-            return Usage()
+        except (OSError, ValueError):  # ENOENT, or ENODEV from a leaf removed meanwhile
+            return self._final or Usage()
 
     def _usage(self) -> Usage:
         if self._tree.layout.mode is Mode.V2:
@@ -354,6 +443,12 @@ class ProcessGroup:
     async def wait_empty(self) -> None:
         await _wait_until_empty(self.populated)
 
+    async def kill(self) -> None:
+        self.signal_all(signal.SIGKILL)
+
+    async def finish(self) -> Usage:
+        return Usage()
+
     def usage(self) -> Usage:
         return Usage()
 
@@ -383,6 +478,10 @@ class CgroupTree:
         self._moved_self = False
         self._lock_fd: int | None = None
         self.reaped: list[str] = []  # leaves a predecessor left, removed by `open()`
+        # Ended jobs' leaves, killed, then their usage read and the leaf removed, in worker
+        # threads: a batch per call.
+        self.kill_leaf: _Batched[JobCgroup, None] = _Batched(_kill_all)
+        self.finish_leaf: _Batched[JobCgroup, Usage] = _Batched(_finish_all)
 
     @property
     def _all_roots(self) -> list[Path]:
@@ -523,6 +622,28 @@ class CgroupTree:
                     raise CgroupError(f"cannot remove cgroup {path}: {exc.strerror}") from exc
                 trio_free_sleep(0.001)
         raise CgroupError(f"cannot remove cgroup {path}: still busy")
+
+
+def _kill_all(leaves: list[JobCgroup]) -> list[None | Exception]:
+    results: list[None | Exception] = []
+    for leaf in leaves:
+        try:
+            leaf.signal_all(signal.SIGKILL)
+        except Exception as exc:  # (each leaf's own: the others are killed all the same)
+            results.append(exc)
+        else:
+            results.append(None)
+    return results
+
+
+def _finish_all(leaves: list[JobCgroup]) -> list[Usage | Exception]:
+    results: list[Usage | Exception] = []
+    for leaf in leaves:
+        try:
+            results.append(leaf._finish())
+        except Exception as exc:  # (each leaf's own: the others are finished all the same)
+            results.append(exc)
+    return results
 
 
 def trio_free_sleep(seconds: float) -> None:

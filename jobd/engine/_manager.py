@@ -773,7 +773,7 @@ class JobManager:
                         waiters.cancel_scope.cancel()
                 # The main process is gone (or the job was cancelled): kill what it left
                 # behind. The pumps see EOF once the last holder of the pipes is dead.
-                job.cgroup.signal_all(signal.SIGKILL)
+                await job.cgroup.kill()
                 await job.cgroup.wait_empty()
                 # Output still in the pipes is kept, waiting for disk room if need be; but a
                 # stopped job ends now (what cannot be stored then is lost, and logged).
@@ -845,7 +845,7 @@ class JobManager:
         usage = Usage()
         try:
             if proc is not None or not isinstance(cgroup, ProcessGroup):
-                cgroup.signal_all(signal.SIGKILL)
+                await cgroup.kill()
             await cgroup.wait_empty()
             if proc is not None:
                 await proc.wait()
@@ -861,8 +861,7 @@ class JobManager:
                                 await output.write(stream, bytes(data))
                                 self._counters.output_written += len(data)
                 self._close_streams(proc)
-            usage = cgroup.usage()
-            cgroup.remove()
+            usage = await cgroup.finish()
         finally:
             if output is not None:
                 output.close()

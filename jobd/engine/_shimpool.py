@@ -47,7 +47,7 @@ import resource
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 
 import trio
 from trio_util import AsyncValue
@@ -155,20 +155,22 @@ async def spawn_shim(
     Pooled shims have /dev/null: a job with stdin takes a new one (a fd cannot be handed
     through the spec pipe, and this keeps the pool unchanged). With `leaf` (not yet created),
     the leaf is created with `limits` (none by default) and the shim joins it while idle."""
-    with _spare_leaf(prep, leaf, limits) as joining:
+    async with _spare_leaf(prep, leaf, limits) as joining:
         return await _spawn(joining, stdin, leaf)
 
 
-@contextlib.contextmanager
-def _spare_leaf(
+@contextlib.asynccontextmanager
+async def _spare_leaf(
     prep: Mapping[str, object] | None, leaf: JobCgroup | None, limits: Limits
-) -> Iterator[dict[str, object]]:
+) -> AsyncIterator[dict[str, object]]:
     """The shim's preparation, joining `leaf` (created here with `limits`: the job's own
     are written when a job takes it, if they differ) while idle; the leaf is removed if the
-    shim is not made."""
+    shim is not made. The mkdirs run in a worker thread: they take the kernel's cgroup
+    mutex, which the shims joining their leaves hold for RCU grace periods (`_cgroup.py`,
+    "What blocks")."""
     joining = dict(prep or {})
     if leaf is not None:
-        leaf.create(limits)
+        await trio.to_thread.run_sync(leaf.create, limits)
         joining["join"] = leaf.procs_files
     try:
         yield joining
@@ -221,7 +223,7 @@ async def fork_shim(
     """`spawn_shim` without stdin, forked by the zygote: the same shim, its stdin /dev/null,
     its preparation told at once, joining `leaf` (created now, with `limits`) while idle.
     Raises `_zygote.ZygoteGone` when the zygote is gone (then spawn one)."""
-    with _spare_leaf(prep, leaf, limits) as joining:
+    async with _spare_leaf(prep, leaf, limits) as joining:
         return await _fork(zygote, joining, leaf)
 
 
