@@ -26,6 +26,7 @@ from jobd.engine import (
     Layout,
     Limits,
     Mode,
+    Network,
     NotFound,
     ResourceExhausted,
     State,
@@ -692,9 +693,9 @@ async def test_the_pool_refills_once_no_start_is_under_way(
     hold = trio.Event()
     real_hand = _shimpool.Shim.hand
 
-    async def hand(self: _shimpool.Shim, spec: dict[str, object]) -> None:
+    async def hand(self: _shimpool.Shim, spec: dict[str, object], **kwargs: bool) -> None:
         await hold.wait()  # the Start stays under way here
-        await real_hand(self, spec)
+        await real_hand(self, spec, **kwargs)
 
     monkeypatch.setattr(_shimpool, "fork_shim", fork_shim)  # refills are forked by the zygote
     monkeypatch.setattr(_shimpool.Shim, "hand", hand)
@@ -802,8 +803,9 @@ async def test_a_start_whose_record_fails_to_commit_runs_nothing(
 ) -> None:
     """A Start's record commits before its command may run: a commit that fails (simulated:
     a disk that fails only the database cannot be made here) is RESOURCE_EXHAUSTED, the
-    command never ran, and neither a leaf (but the pool's spares) nor an output file is
-    left."""
+    command never ran (the shim never got its go: a pooled shim has its spec earlier, see
+    `test_a_spec_handed_without_the_go_runs_nothing`), and neither a leaf (but the pool's
+    spares) nor an output file is left."""
     from jobd.engine import _store
 
     real_apply = _store.Store.apply
@@ -813,25 +815,51 @@ async def test_a_start_whose_record_fails_to_commit_runs_nothing(
             raise _store.StoreError("disk I/O error")
         real_apply(self, ops, **kw)
 
-    handed: list[object] = []
-    real_hand = _shimpool.Shim.hand
+    gone: list[object] = []
+    real_go = _shimpool.Shim.go
 
-    async def hand(self: _shimpool.Shim, spec: dict[str, object]) -> None:
-        handed.append(spec["argv"])  # the spec reaches the shim: from here it may run
-        await real_hand(self, spec)
+    async def go(self: _shimpool.Shim) -> None:
+        gone.append(self.proc.pid)  # the go reaches the shim: from here it may run
+        await real_go(self)
 
     monkeypatch.setattr(_store.Store, "apply", failing_apply)
-    monkeypatch.setattr(_shimpool.Shim, "hand", hand)
+    monkeypatch.setattr(_shimpool.Shim, "go", go)
     with pytest.raises(ResourceExhausted, match="cannot record the job in the data dir"):
         await engine.start("alice", ["true"])
-    assert handed == []
+    assert gone == []
     assert engine.list() == []
     assert await job_leaves(engine, engine_config) == []
     assert not any((engine_config.data_dir / "output").iterdir())
     monkeypatch.setattr(_store.Store, "apply", real_apply)
     job = await engine.start("alice", ["true"])  # the store works again
-    assert handed == [["true"]]
+    assert len(gone) == 1
     assert (await engine.wait(job.id)).state is State.EXITED
+
+
+async def test_a_spec_handed_without_the_go_runs_nothing(engine: JobManager) -> None:
+    """A pooled shim gets its job's spec before the record is committed (it prepares the call
+    meanwhile, issue 12); only the go lets the command run. A Start given up in between (the
+    control pipe closed without the go) runs nothing: the shim ends by itself, and the
+    command's output is empty."""
+    await spare_leaves(engine)
+    assert engine._shims is not None and engine._sandbox is not None
+    shim = engine._shims.take()
+    assert shim is not None and shim.proc.stdout is not None
+    spec = {"procs": [], "uid": None, "gid": None, "cwd": "/",
+            "argv": ["sh", "-c", "echo ran"], "env": {"PATH": os.defpath},
+            "sandbox": engine._sandbox.job_plan(Network.HOST), "nofile": 0}  # fmt: skip
+    try:
+        await shim.hand(spec, go=False)
+        shim.close_fds()  # no go: EOF on the control pipe
+        with trio.fail_after(60):  # a hang guard
+            out = b""
+            while chunk := await shim.proc.stdout.receive_some(4096):
+                out += chunk
+            await shim.proc.wait()
+        assert out == b""
+    finally:
+        with trio.CancelScope(shield=True):
+            await shim.discard()
 
 
 async def test_refuses_without_cgroups_unless_allowed(tmp_path: Path) -> None:

@@ -620,10 +620,18 @@ class JobManager:
         output: OutputStore | None = None
         proc: _shimpool.ShimProcess | None = None
         try:
+            # A pooled shim gets its spec first: it reads it and prepares the call while the
+            # record is committed and the output made; only `_spawn`'s go lets the job run.
+            handed = shim is not None and shim.leaf is not None
             try:
+                if handed:
+                    assert shim is not None and shim.leaf is not None
+                    await self._hand(shim, record, full_env, shim.leaf)
                 await self._records.write_durably(Put(record))
             except StoreError as exc:
                 raise ResourceExhausted(f"cannot record the job in the data dir: {exc}") from exc
+            except OSError as exc:
+                raise exhausted("start the job", exc) from exc
             try:
                 if shim is None and self._shims is not None:
                     shim = await self._shims.new_shim(stdin=stdin)  # forked, or booted
@@ -632,10 +640,9 @@ class JobManager:
                     shim = await _shimpool.spawn_shim(prep, stdin=stdin)
                 cgroup = self._leaf_for(record, shim)
                 output = self._output.create(record.id)  # ResourceExhausted when it cannot
-                proc = await self._spawn(
-                    shim, record.command, full_env, record.working_dir, cgroup, record.uid,
-                    record.network,
-                )
+                if not handed:
+                    await self._hand(shim, record, full_env, cgroup)
+                proc = await self._spawn(shim, record.command, full_env, record.working_dir)
             except OSError as exc:
                 raise exhausted("start the job", exc) from exc
         except BaseException:
@@ -699,32 +706,35 @@ class JobManager:
             return dataclasses.replace(limits, pids=limits.pids + _sandbox.HELPER_PROCESSES)
         return limits
 
-    async def _spawn(
+    async def _hand(
         self,
         shim: _shimpool.Shim,
-        argv: tuple[str, ...],
+        record: JobInfo,
         env: dict[str, str],
-        cwd: str,
         cgroup: JobCgroup | ProcessGroup,
-        uid: int | None,
-        network: Network,
-    ) -> _shimpool.ShimProcess:
-        """Hand the job to `shim`: its process then runs the command in the job's leaves and
-        namespaces (see `_shim.py`: with namespaces it is the shim, which ends exactly as the
-        command did). On any failure the caller kills the shim."""
-        run_as = self._run_as
+    ) -> None:
+        """Give `shim` the job's spec; it runs nothing before `_spawn`'s go."""
         spec = {
             "procs": [] if shim.leaf is not None else cgroup.procs_files,  # else joined ahead
-            "uid": uid,
-            "gid": run_as.gid,
-            "cwd": cwd,
-            "argv": list(argv),
+            "uid": record.uid,
+            "gid": self._run_as.gid,
+            "cwd": record.working_dir,
+            "argv": list(record.command),
             "env": env,
-            "sandbox": self._sandbox.job_plan(network) if self._sandbox else None,
+            "sandbox": self._sandbox.job_plan(record.network) if self._sandbox else None,
             "nofile": self._config.job_nofile,
         }
+        await shim.hand(spec, go=False)
+
+    async def _spawn(
+        self, shim: _shimpool.Shim, argv: tuple[str, ...], env: dict[str, str], cwd: str
+    ) -> _shimpool.ShimProcess:
+        """Let the handed job run (its record and output exist): `shim`'s process then runs
+        the command in the job's leaves and namespaces (see `_shim.py`: with namespaces it is
+        the shim, which ends exactly as the command did). On any failure the caller kills
+        the shim."""
         proc = shim.proc
-        await shim.hand(spec)
+        await shim.go()
         report = await shim.verdict()
         if report:
             await proc.wait()

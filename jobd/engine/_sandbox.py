@@ -71,6 +71,9 @@ class Sandbox:
         self.network_none = network_none
         self.userns_blocked = userns_blocked
         self.problems = problems
+        # The dirs each job has private, found once (as the idle shims' mounts were planned):
+        # their realpath and isdir took 0.1-0.3 ms of every Start.
+        self._private_dirs = _existing_private_dirs()
 
     def job_plan(self, network: Network) -> dict[str, object] | None:
         """The part of a job's spec the shim does once it is in the job's leaves."""
@@ -89,7 +92,7 @@ class Sandbox:
         if not self.namespaces:
             return
         path = os.path.normpath(cwd)  # not resolved as root: that would probe the host (issue 9)
-        for private in _existing_private_dirs():
+        for private in self._private_dirs:
             if path.startswith(private.rstrip("/") + "/"):
                 raise InvalidArgument(
                     f"working_dir {cwd!r} is inside {private}, which each job has private "
@@ -106,7 +109,7 @@ class Sandbox:
             )
             parts.append(
                 "own mount, IPC and PID namespaces (/proc shows only the job's processes), "
-                f"private tmpfs on {', '.join(_existing_private_dirs())} ({size} charged to "
+                f"private tmpfs on {', '.join(self._private_dirs)} ({size} charged to "
                 "the job's memory cgroup, gone with the job)"
             )
             parts.append(

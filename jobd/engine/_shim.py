@@ -3,9 +3,12 @@ directory and execs the command. Run as `python -I -S _shim.py CONTROL_FD STATUS
 only the standard library. It reads two marshalled messages from CONTROL_FD: at once its
 *preparation* (length-prefixed: the namespaces and mounts no job decides, `_sandbox.py`, and
 the leaves of a pooled shim, joined ahead), then,
-possibly much later (the server keeps a pool of shims, `_shimpool.py`), its job's spec, read
-to EOF: {procs, uid, gid, cwd, argv, env, sandbox}. An empty read means the server has gone
-or shut down, and it exits.
+possibly much later (the server keeps a pool of shims, `_shimpool.py`), its job's spec
+(length-prefixed too): {procs, uid, gid, cwd, argv, env, sandbox}; then the server's go, one
+byte, once the job's record is committed and its output files exist: nothing of the job runs
+before it (the spec comes early, so that the shim has read it and prepared the call while the
+server commits the record). An empty read means the server has gone, shut down or given up
+the Start, and it exits.
 
 Why a shim and not `preexec_fn`: CPython runs `preexec_fn` *after* the `user=` drop, so the
 root-owned `cgroup.procs` can no longer be written, and `preexec_fn` is unsafe in a process
@@ -165,15 +168,20 @@ def _prepare(prep: dict[str, object], dirs: dict[str, int]) -> ctypes.Array[ctyp
 
 
 def _read_spec(control_fd: int) -> dict[str, object]:
-    """The job's spec, read to EOF; an empty read (the server shut down or died) exits."""
-    parts = []
-    while chunk := os.read(control_fd, 65536):
-        parts.append(chunk)
-    os.close(control_fd)
-    if not parts:
+    """The job's spec (length-prefixed, as the preparation); EOF (the server shut down or
+    died) exits."""
+    spec = _read_prep(control_fd)  # written by the server itself
+    if spec is None:
         os._exit(0)
-    spec: dict[str, object] = marshal.loads(b"".join(parts))  # written by the server itself
     return spec
+
+
+def _await_go(control_fd: int) -> None:
+    """Until the server's go (its one byte: the job's record and output exist), then the
+    control pipe is done with; EOF (the Start failed or was given up, the server went) exits."""
+    if os.read(control_fd, 1) != b"G":
+        os._exit(0)
+    os.close(control_fd)
 
 
 def _join(spec: dict[str, object], dirs: dict[str, int]) -> None:
@@ -223,6 +231,7 @@ def _run(control_fd: int, status_fd: int) -> None:
     except OSError as exc:
         spec = _read_spec(control_fd)
         del spec
+        _await_go(control_fd)
         _report(status_fd, "namespaces", "unshare", exc)
     if init == 0:
         os.close(exit_r)
@@ -249,6 +258,7 @@ def _in_place(prep: dict[str, object], control_fd: int, status_fd: int) -> None:
     except OSError as exc:
         failure, bpf = exc, None  # reported once there is a job to report it to
     spec = _read_spec(control_fd)
+    _await_go(control_fd)
     try:
         if failure is not None:
             raise failure
@@ -285,6 +295,9 @@ def _init(
         failure = exc  # reported once there is a job to report it to
     spawner = _Spawner(bpf) if failure is None else None
     spec = _read_spec(control_fd)
+    # The call's arguments as C data now, while the server commits the job's record.
+    prepared = spawner is not None and spawner.prepare(spec)
+    _await_go(control_fd)
     stage, what = "namespaces", "unshare"
     try:
         if failure is not None:
@@ -307,7 +320,7 @@ def _init(
             what = "lo"
             _loopback_up()
         what = "fork"
-        command = spawner(spec) if spawner is not None else 0
+        command = spawner.spawn() if spawner is not None and prepared else 0
         if spawner is not None and spawner.ready:
             bpf = None  # PID 1 has it, and so will the fork
         if not command:  # `_child` in a fork does it again, step by step, and says what failed
@@ -412,6 +425,9 @@ class _Spawner:
         self._attr = ctypes.create_string_buffer(1024)  # posix_spawnattr_t (336 bytes)
         self._actions = ctypes.create_string_buffer(1024)  # posix_spawn_file_actions_t (80)
         self._pid = ctypes.c_int(0)
+        # What `prepare` made for `spawn`: ids, limit, PATH, program, argv and envp.
+        self._call: tuple[int | None, int | None, int, bytes, bytes, ctypes.Array[ctypes.c_char_p],
+                          ctypes.Array[ctypes.c_char_p]] | None = None
         try:
             self._spawnp = _libc.posix_spawnp
             self._addchdir = _libc.posix_spawn_file_actions_addchdir_np  # glibc >= 2.29
@@ -436,7 +452,8 @@ class _Spawner:
             self._sched = (os.getpriority(os.PRIO_PROCESS, 0), os.sched_getscheduler(0),
                            os.sched_getparam(0), os.sched_getaffinity(0))
             soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-            self._call(os.getuid(), os.getgid(), soft, ["true"], {}, "/", rehearse=True)
+            if self._prepare(os.getuid(), os.getgid(), soft, ["true"], {}, "/"):
+                self.spawn(rehearse=True)
         except OSError:
             self.ready = False
 
@@ -451,32 +468,46 @@ class _Spawner:
         with _IgnoreOSError():
             os.sched_setaffinity(0, cpus)  # (fails if the host took a CPU away since)
 
-    def __call__(self, spec: dict[str, object]) -> int:
-        """The command's pid, or 0 (`_child` in a fork then does it all again)."""
+    def prepare(self, spec: dict[str, object]) -> bool:
+        """Make the call's arguments, environment and working dir C data for `spawn`, before
+        the server's go (nothing here changes an id or starts a process). False: the fork
+        instead (`_child` then does it all again)."""
         argv, env, uid, gid, cwd = spec["argv"], spec["env"], spec["uid"], spec["gid"], spec["cwd"]
         nofile = spec.get("nofile") or 0
         assert isinstance(argv, list) and isinstance(env, dict) and isinstance(cwd, str)
         assert isinstance(nofile, int)
         if uid is not None:
             assert isinstance(uid, int) and isinstance(gid, int)
-        return self._call(uid, gid, nofile, argv, env, cwd)  # type: ignore[arg-type]
+        return self._prepare(uid, gid, nofile, argv, env, cwd)  # type: ignore[arg-type]
 
-    def _call(
+    def _prepare(
         self, uid: int | None, gid: int | None, nofile: int, argv: list[str],
-        env: dict[str, str], cwd: str, *, rehearse: bool = False,
-    ) -> int:
+        env: dict[str, str], cwd: str,
+    ) -> bool:
+        self._call = None
         try:
             args = [os.fsencode(arg) for arg in argv]
             envp = [os.fsencode(key) + b"=" + os.fsencode(value) for key, value in env.items()]
             path = os.fsencode(env.get("PATH", os.defpath))
             where = os.fsencode(cwd)
         except (TypeError, UnicodeError):
-            return 0
+            return False
         if (not self.ready or not args or not args[0]
                 or any(b"\0" in part for part in (*args, *envp, path, where))
                 or any(not key or "=" in key for key in env)
                 or self._addchdir(self._actions, where)):
+            return False
+        c_argv = (ctypes.c_char_p * (len(args) + 1))(*args, None)
+        c_envp = (ctypes.c_char_p * (len(envp) + 1))(*envp, None)
+        self._call = (uid, gid, nofile, path, args[0], c_argv, c_envp)
+        return True
+
+    def spawn(self, *, rehearse: bool = False) -> int:
+        """The prepared command's pid, or 0 (`_child` in a fork then does it all again)."""
+        call, self._call = self._call, None
+        if call is None:
             return 0
+        uid, gid, nofile, path, program, c_argv, c_envp = call
         limit = resource.getrlimit(resource.RLIMIT_NOFILE)
         ids = os.getresuid()[0], os.getresgid()[0], os.getgroups()
         flags = _POSIX_SPAWN_SETSIGDEF | (_POSIX_SPAWN_RESETIDS if uid is not None else 0)
@@ -490,11 +521,9 @@ class _Spawner:
                 os.setgroups([gid])
                 os.setresgid(gid, -1, -1)
                 os.setresuid(uid, -1, -1)
-            c_argv = (ctypes.c_char_p * (len(args) + 1))(*args, None)
-            c_envp = (ctypes.c_char_p * (len(envp) + 1))(*envp, None)
             if _libc.posix_spawnattr_setflags(self._attr, ctypes.c_short(flags)) or rehearse:
                 return 0
-            if self._spawnp(ctypes.byref(pid), args[0], self._actions, self._attr, c_argv, c_envp):
+            if self._spawnp(ctypes.byref(pid), program, self._actions, self._attr, c_argv, c_envp):
                 pid.value = 0
         except OSError:
             pid.value = 0

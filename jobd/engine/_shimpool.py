@@ -105,24 +105,52 @@ class Shim:
         self._status: int | None = status
         self.leaf = leaf  # its spare leaf, joined ahead (pooled shims only)
 
-    async def hand(self, spec: Mapping[str, object]) -> None:
-        """Send the job's spec; the shim joins the cgroup, drops privileges and execs."""
+    async def hand(self, spec: Mapping[str, object], *, go: bool = True) -> None:
+        """Send the job's spec (length-prefixed): the shim reads it and prepares the call, then
+        waits for `go` (sent too with go=True), upon which it joins the cgroup, drops
+        privileges and execs. Written at once, no checkpoint, when it fits the pipe (a spec
+        does, but for a huge environment); else the rest waits for room."""
+        control = self._control
+        assert control is not None
+        # marshal, not json: the shim then need not import json (and re) to read it.
+        message = marshal.dumps(dict(spec))
+        os.set_blocking(control, False)
+        await _write_all(control, len(message).to_bytes(4, "little") + message)
+        if go:
+            await self.go()
+
+    async def go(self) -> None:
+        """The job may run now (its record and output exist): one byte, and the control pipe
+        is closed. No checkpoint when the pipe has room for it (it has, but behind a spec the
+        shim has not read yet that filled it)."""
         control, self._control = self._control, None
         assert control is not None
-        async with trio.lowlevel.FdStream(control) as stream:
-            # marshal, not json: the shim then need not import json (and re) to read it.
-            await stream.send_all(marshal.dumps(dict(spec)))
+        try:
+            await _write_all(control, b"G")
+        finally:
+            os.close(control)
 
     async def verdict(self) -> bytes:
         """The shim's failure report, or b"" once the exec succeeded (the status pipe is
-        close-on-exec in the shim, so success is a bare EOF)."""
+        close-on-exec in the shim, so success is a bare EOF). Read straight from the pipe
+        (no FdStream: its checkpoints before each read and at its close were three passes of
+        the scheduler on a Start's path, each running whatever else was ready)."""
         status, self._status = self._status, None
         assert status is not None
         report = b""
-        async with trio.lowlevel.FdStream(status) as stream:
-            while chunk := await stream.receive_some(4096):
+        try:
+            os.set_blocking(status, False)
+            while True:
+                try:
+                    chunk = os.read(status, 4096)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(status)
+                    continue
+                if not chunk:
+                    return report
                 report += chunk
-        return report
+        finally:
+            os.close(status)
 
     def close_fds(self) -> None:
         for fd in (self._control, self._status):
@@ -207,6 +235,16 @@ async def _spawn(prep: dict[str, object], stdin: bool, leaf: JobCgroup | None) -
     for pipe in (proc.stdout, proc.stderr):
         _enlarge(pipe.fileno())  # type: ignore[union-attr]
     return Shim(proc, control_w, status_r, leaf)
+
+
+async def _write_all(fd: int, data: bytes) -> None:
+    """Write all of `data` to the non-blocking pipe `fd`, waiting only while it is full."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(fd)
 
 
 def _enlarge(pipe: int) -> None:
