@@ -1709,6 +1709,50 @@ async def test_messages_queued_behind_a_busy_socket_go_out_in_one_write(
     assert len(sizes) == 2 and sum(sizes) > 5 * 30000 and max(sizes) <= 256 * 1024, sizes
 
 
+async def test_a_large_message_leaves_in_one_socket_send(
+    pki: Pki, probe: Probe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A message of about 1 MiB to a peer whose frame size and windows take it goes out as one
+    DATA frame, its frame header and body encrypted together and handed to the socket in one
+    send, the body uncopied (issue 12, round 6: at 256 KiB per turn it took four frames, each
+    a TLS write and send of its 9-byte header and another of its body: eight)."""
+    writes: list[int] = []
+    send = TrioByteStream.send
+    send_pair = getattr(TrioByteStream, "send_pair", None)  # (so that it fails, not errs, before)
+
+    async def counted_send(self: TrioByteStream, item: bytes | memoryview) -> None:
+        writes.append(len(item))
+        await send(self, item)
+
+    async def counted_pair(
+        self: TrioByteStream, head: bytes | memoryview, body: bytes | memoryview
+    ) -> None:
+        writes.append(len(head) + len(body))
+        assert send_pair is not None
+        await send_pair(self, head, body)
+
+    monkeypatch.setattr(TrioByteStream, "send", counted_send)
+    monkeypatch.setattr(TrioByteStream, "send_pair", counted_pair, raising=False)
+    size = 1000 * 1024
+    window = 8 * 1024 * 1024
+    async with running(pki, probe) as run:
+        settings = {
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window,
+            h2.settings.SettingCodes.MAX_FRAME_SIZE: window,
+        }
+        async with RawClient.open(run.server.port, pki, settings=settings) as raw:
+            raw.h2.increment_flow_control_window(window)  # the connection's window
+            await raw.flush()
+            await trio.testing.wait_all_tasks_blocked()
+            writes.clear()
+            stream_id = await raw.request("Stream", f"1:{size}")
+            assert (await raw.trailers(stream_id))["grpc-status"] == "0"
+    assert [m.value for m in grpc_messages(raw, stream_id)] == ["x" * size]
+    # One write holds the message, and its frame header (9 bytes) and gRPC prefix (5) with it.
+    [big] = [w for w in writes if w >= size]
+    assert big >= size + 9 + 5, writes
+
+
 async def test_streaming_call_cut_by_shutdown_gets_a_status(pki: Pki, probe: Probe) -> None:
     async with running(pki, probe) as run:
         async with RawClient.open(run.server.port, pki) as raw:

@@ -81,9 +81,12 @@ _WRITE_ALONE = 128 * 1024
 _H2_DEFAULT_WINDOW = 65535
 # gRPC frames each message with a 1-byte compressed flag and a 4-byte length.
 _GRPC_FRAME_HEADER = 5
-# A stream hands this much to the socket per turn, then flushes (and waits if the outbound cap
-# is reached); windows permitting, several frames go at once.
-_SEND_BATCH = 256 * 1024
+# A stream hands at most this much to the socket per turn, then flushes (and waits if the
+# outbound cap is reached): a whole large message (LARGE_MESSAGE and its framing, below), as
+# one DATA frame when the peer's frame size and the windows allow (grpcio's is 8 MiB). At
+# 256 KiB per turn a 1 MiB message took four frames, each two TLS writes and socket sends
+# (its 9-byte header, then its body) and a pass of the writer (issue 12, round 6).
+_SEND_BATCH = 1024 * 1024 + 1024
 # HTTP/2 frame header: 24-bit length (as 16 + 8 bits here), type, flags, stream id.
 _FRAME_HEADER = struct.Struct(">HBBBI")
 _GRPC_PREFIX = struct.Struct(">?I")  # compressed flag, message length
@@ -394,6 +397,33 @@ class TrioByteStream(anyio.abc.ByteStream):
     async def send(self, item: bytes | memoryview) -> None:
         try:
             await self._stream.send_all(item)
+        except _STREAM_ERRORS as exc:
+            raise _as_anyio_error(exc) from exc
+
+    async def send_pair(self, head: bytes | memoryview, body: bytes | memoryview) -> None:
+        """`send(head + body)` without joining them: both are encrypted into the TLS stream's
+        outgoing buffer (head first), which then goes to the socket in one send, exactly as
+        `trio.SSLStream.send_all` sends one piece (its checks, its lock, its retry). So a
+        large message's body is never copied and its small frame header costs no socket send
+        of its own."""
+        ssl_stream = self._stream
+        ssl_object = ssl_stream._ssl_object
+        head_written = False
+
+        def write_both() -> None:
+            nonlocal head_written
+            # `_retry` calls this again after a want-read: the head must go in only once.
+            if not head_written:
+                if head:  # (an empty write would be read as an EOF)
+                    ssl_object.write(head)
+                head_written = True
+            ssl_object.write(body)
+
+        try:
+            with ssl_stream._outer_send_conflict_detector:
+                ssl_stream._check_status()
+                await ssl_stream._handshook.ensure(checkpoint=False)
+                await ssl_stream._retry(write_both)
         except _STREAM_ERRORS as exc:
             raise _as_anyio_error(exc) from exc
 
@@ -1118,9 +1148,15 @@ class _BoundedSocket(SocketWrapper):  # type: ignore[misc]
                     self._lose()
                     return
             elif self._chunks:
-                size, data = self._next_write()
+                size, data, body = self._next_write()
                 try:
-                    await self._stream.send(data)
+                    if body is None:
+                        await self._stream.send(data)
+                    elif (send_pair := getattr(self._stream, "send_pair", None)) is not None:
+                        await send_pair(data, body)
+                    else:
+                        await self._stream.send(data)
+                        await self._stream.send(body)
                 except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                     self._lose()
                     return
@@ -1135,19 +1171,26 @@ class _BoundedSocket(SocketWrapper):  # type: ignore[misc]
             else:
                 return
 
-    def _next_write(self) -> tuple[int, bytes | memoryview]:
-        """The next TLS write: a big piece (a large message's body) as it is, or smaller pieces
-        joined up to _WRITE_BATCH. Never copies a big piece: TLS encrypts straight from it."""
+    def _next_write(self) -> tuple[int, bytes | memoryview, bytes | memoryview | None]:
+        """The next socket write: a big piece (a large message's body) as it is, or smaller
+        pieces joined up to _WRITE_BATCH; and when those are followed by a big piece, that piece
+        too, separately (the stream encrypts both and sends them at once: `send_pair`). Never
+        copies a big piece: TLS encrypts straight from it. Returns (bytes in all, the piece,
+        the big piece after it or None)."""
         chunks = self._chunks
         first = chunks.popleft()
         if len(first) >= _WRITE_ALONE:
-            return len(first), first
+            return len(first), first, None
         batch = [first]
         size = len(first)
         while chunks and len(chunks[0]) < _WRITE_ALONE and size + len(chunks[0]) <= _WRITE_BATCH:
             batch.append(chunks.popleft())
             size += len(batch[-1])
-        return size, first if len(batch) == 1 else b"".join(batch)
+        joined = first if len(batch) == 1 else b"".join(batch)
+        if chunks and len(chunks[0]) >= _WRITE_ALONE:
+            body = chunks.popleft()
+            return size + len(body), joined, body
+        return size, joined, None
 
 
 class ServerStream(GRPCProtoStream):  # type: ignore[misc]
