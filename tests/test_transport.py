@@ -962,15 +962,9 @@ async def test_an_answer_made_after_a_wait_is_sent_by_its_call_task(
             order.append(f"sent by {trio.lowlevel.current_task().name.rsplit('.', 1)[-1]}: {sent}")
         return sent
 
-    class Seen(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            order.append(record.getMessage())
-
     monkeypatch.setattr(TrioByteStream, "send", recording_send)
     monkeypatch.setattr(TrioByteStream, "send_now", recording_send_now)
-    seen = Seen()
-    logging.getLogger("jobd.audit").addHandler(seen)
-    try:
+    with audit_lines_into(order):
         async with running(pki, probe) as run:
             async with RawClient.open(run.server.port, pki) as raw:
                 first = await raw.request("Size", "warm")  # the SETTINGS exchange is over
@@ -984,8 +978,6 @@ async def test_an_answer_made_after_a_wait_is_sent_by_its_call_task(
                     e.data for e in raw.events if of(h2.events.DataReceived, stream_id)(e)
                 )
                 assert data == grpc_frame("answer-block")
-    finally:
-        logging.getLogger("jobd.audit").removeHandler(seen)
     if unacknowledged == 1 << 30:  # more than any send buffer
         assert order == ["sent by request_received: False", "written by the writer",
                          "probe value=block"]
