@@ -11,6 +11,7 @@ import signal
 import sys
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -756,11 +757,28 @@ async def test_a_burst_that_empties_the_pool_grows_it_until_it_idles(
     assert pool is not None
     await spare_leaves(engine)
     burst = _shimpool.POOL_SIZE + 3
+    run_start = engine._start
 
     async def starts() -> None:
+        # The burst's Starts are all under way at once: each waits, once it has taken a shim
+        # or found none, for the others. (Without this a Start whose shim execs before the
+        # server reads its verdict runs through without a checkpoint and may end before the
+        # last one finds the pool empty: the burst is then one smaller. Seen once in CI.)
+        entered, all_in = 0, trio.Event()
+
+        async def overlapping(*args: Any, **kwargs: Any) -> Any:
+            nonlocal entered
+            entered += 1
+            if entered == burst:
+                all_in.set()
+            await all_in.wait()
+            return await run_start(*args, **kwargs)
+
+        monkeypatch.setattr(engine, "_start", overlapping)
         async with trio.open_nursery() as nursery:
             for _ in range(burst):
                 nursery.start_soon(partial(engine.start, "alice", ["true"]))
+        monkeypatch.setattr(engine, "_start", run_start)
 
     await starts()
     assert pool.target == burst
