@@ -4,6 +4,7 @@ write it as JSON."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -52,6 +53,8 @@ def table(rows: list[Row]) -> str:
 
 async def run(args: argparse.Namespace) -> int:
     sizes = QUICK if args.quick else FULL
+    if args.repeats is not None:
+        sizes = dataclasses.replace(sizes, repeats=args.repeats)
     names = args.only or list(SECTIONS)
     started = time.monotonic()
 
@@ -98,6 +101,13 @@ async def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return n
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--worker"]:
         from .workers import run_worker
@@ -114,6 +124,11 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="just bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, one repeat (CI smoke)")
     parser.add_argument("--only", nargs="+", choices=list(SECTIONS), help="run only these sections")
+    parser.add_argument(
+        "--repeats", type=_positive, metavar="N",
+        help="repeats of each case (default 3, 1 with --quick): each repeat runs jobd and its "
+        "baseline once, alternated; more repeats steady the medians of a noisy machine",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, help="JSON file (default: bench-results/...)")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
