@@ -3,6 +3,7 @@ Parses and checks options, then hands a `ServerConfig` to `jobd.server`."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 from collections.abc import Callable
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncclick as click
+import trio
 
 from jobd import __version__, pki
 from jobd.engine import EngineConfig, JobdError, Limits, Network
@@ -286,11 +288,24 @@ async def serve(
             metrics_listen=metrics,
             transport=transport,
         )
-        await run_server(config)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run_server, config)
+            _freeze_heap()
     except* (JobdError, OSError) as group:
         for exc in _leaves(group):
             click.echo(f"jobd: {exc}", err=True)
         sys.exit(1)
+
+
+def _freeze_heap() -> None:
+    """Once serving: collect, then move every object left (modules, descriptors, the server's
+    own) out of the collector's view (`gc.freeze()`). A full collection then walks only what
+    was made since, not the ~47,000 objects of startup: it took ~22 ms of the event loop's
+    time (one per ~5,000 unary calls, a pause for every call in flight), ~1 ms after. Objects
+    frozen here that later become garbage are still freed by their reference counts; only
+    cycles among them would stay, and startup's cycles were collected just before."""
+    gc.collect()
+    gc.freeze()
 
 
 # ----------------------------------------------------------------- jobd certs

@@ -11,6 +11,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -104,6 +105,39 @@ async def test_serve_notifies_systemd_ready_then_stopping(
             server.proc.send_signal(signal.SIGTERM)
             [stopping] = await _datagrams(sock, 1)
             assert stopping.splitlines()[0] == "STOPPING=1"
+
+
+# The server as `jobd serve` runs it, but `run_server` a stand-in that reports the collector's
+# permanent generation before and after the command has seen it serving.
+_FREEZE_PROBE = """
+import gc, sys, trio, trio.testing, jobd.cli as cli
+async def serving(config, *, task_status=trio.TASK_STATUS_IGNORED):
+    before = gc.get_freeze_count()
+    task_status.started()
+    await trio.testing.wait_all_tasks_blocked()
+    print(before, gc.get_freeze_count())
+cli.run_server = serving
+sys.argv = ["jobd", "serve", *sys.argv[1:]]
+cli.cli()
+"""
+
+
+def test_serve_freezes_the_startup_heap_once_serving(tmp_path: Path, pki_dir: Pki) -> None:
+    """`jobd serve` moves what startup made out of the collector's view once the server is up
+    (a full collection walked it all: a ~22 ms pause per ~5,000 unary calls), not before."""
+    certs = pki_dir.dir
+    argv = [
+        "--listen", "127.0.0.1:0", "--cert", str(certs / "server.pem"),
+        "--key", str(certs / "server.key"), "--client-ca", str(certs / "ca.pem"),
+        "--data-dir", str(tmp_path / "data"), "--no-cgroups",
+    ]  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", _FREEZE_PROBE, *argv],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    before, after = map(int, out.stdout.split())
+    assert before == 0
+    assert after > 10_000  # the modules, descriptors and the server's objects
 
 
 def test_notify_abstract_socket_and_unset() -> None:
