@@ -880,6 +880,54 @@ async def test_a_spec_handed_without_the_go_runs_nothing(engine: JobManager) -> 
             await shim.discard()
 
 
+def write_file(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+async def test_discarding_a_shim_killed_mid_join_waits_for_its_v1_leaves(
+    engine: JobManager,
+) -> None:
+    """A pooled shim's PID 1 joins its spare leaf's v1 dirs first and the v2 leaf last: killed
+    in between (a shutdown or a shrink of the pool while it prepares), the v2 leaf is empty
+    while it still dies in a v1 leaf, which no rmdir removes meanwhile. Discarding the shim
+    waits for the v1 leaves too (seen failing without: CgroupError "still busy", which ends
+    the pool's task and the manager with it). A `sleep` put in the v1 leaves only stands in
+    for that dying PID 1."""
+    await spare_leaves(engine)
+    assert engine._shims is not None
+    shim = engine._shims.take()
+    assert shim is not None and shim.leaf is not None
+    leaf = shim.leaf
+    discarded = trio.Event()
+
+    async def discard() -> None:
+        with trio.CancelScope(shield=True):
+            await shim.discard()
+        discarded.set()
+
+    stand_in = await trio.lowlevel.open_process(["sleep", "600"])
+    try:
+        for procs in leaf.procs_files[:-1]:  # every v1 leaf; the v2 one (last) not joined
+            write_file(procs, str(stand_in.pid))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(discard)
+            with trio.fail_after(60):  # a hang guard: the shim is killed, its leaf emptied
+                # (polled: the kernel tells neither by an event trio watches)
+                while shim.proc.returncode is None or leaf.populated():  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not discarded.is_set()  # the stand-in holds it
+            stand_in.kill()
+            await stand_in.wait()
+    finally:
+        with trio.CancelScope(shield=True):
+            stand_in.kill()
+            await stand_in.wait()
+    assert discarded.is_set()
+    assert not [d for d in leaf.dirs if d.exists()]
+
+
 async def test_refuses_without_cgroups_unless_allowed(tmp_path: Path) -> None:
     config = EngineConfig(data_dir=tmp_path, layout=Layout(Mode.NONE), job_uids=None)
     with pytest.raises(CgroupError, match="--no-cgroups"):

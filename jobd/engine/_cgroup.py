@@ -346,11 +346,19 @@ class JobCgroup:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
 
-    async def wait_empty(self) -> None:
-        """Return once no process is left in the job's cgroup."""
+    async def wait_empty(self, *, joining: bool = False) -> None:
+        """Return once no process is left in the job's cgroup. `joining`: a process may have
+        been killed while it joined the leaves (a shim's PID 1, in `procs_files`' order, v1
+        first and the v2 leaf last): then it can still be dying in a v1 leaf, which no rmdir
+        removes meanwhile, after the v2 leaf was seen empty; wait for the v1 leaves too."""
         if not self._emptied:
             await _wait_until_empty(self.populated)
+            if joining:
+                await _wait_until_empty(self._populated_v1)
             self._emptied = True
+
+    def _populated_v1(self) -> bool:
+        return any(_pids(d / "cgroup.procs") for d in self.v1.values())
 
     async def kill(self) -> None:
         """SIGKILL every process left in the job's leaf, in a worker thread (see "What
@@ -440,7 +448,7 @@ class ProcessGroup:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.pgid, sig)
 
-    async def wait_empty(self) -> None:
+    async def wait_empty(self, *, joining: bool = False) -> None:
         await _wait_until_empty(self.populated)
 
     async def kill(self) -> None:

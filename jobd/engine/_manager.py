@@ -856,7 +856,8 @@ class JobManager:
         try:
             if proc is not None or not isinstance(cgroup, ProcessGroup):
                 await cgroup.kill()
-            await cgroup.wait_empty()
+            # Without a process, a Start failed: its shim's PID 1 may have died mid-join.
+            await cgroup.wait_empty(joining=proc is None)
             if proc is not None:
                 await proc.wait()
                 if output is not None and job is not None:

@@ -170,7 +170,7 @@ class Shim:
             if pipe is not None:
                 await pipe.aclose()
         if self.leaf is not None:
-            await self.leaf.wait_empty()
+            await self.leaf.wait_empty(joining=True)  # it may have been killed mid-join
             self.leaf.remove()
 
 
