@@ -928,6 +928,43 @@ async def test_discarding_a_shim_killed_mid_join_waits_for_its_v1_leaves(
     assert not [d for d in leaf.dirs if d.exists()]
 
 
+async def test_a_leaf_kill_saw_empty_still_waits_for_a_process_dying_in_its_v1_leaves(
+    engine: JobManager,
+) -> None:
+    """A failed Start's teardown: `kill` sees the v2 leaf empty (and reads it no more), yet
+    the shim's PID 1, killed mid-join, can still be in a v1 leaf: `wait_empty(joining=True)`
+    waits for it (seen failing with the v1 wait skipped once the leaf was seen empty). A
+    `sleep` in the v1 leaves only stands in for that PID 1."""
+    assert engine._tree is not None
+    leaf = engine._tree.leaf("mid-join-test")
+    leaf.create(Limits())
+    done = trio.Event()
+
+    async def wait() -> None:
+        await leaf.wait_empty(joining=True)
+        done.set()
+
+    stand_in = await trio.lowlevel.open_process(["sleep", "600"])
+    try:
+        for procs in leaf.procs_files[:-1]:  # every v1 leaf; the v2 one (last) not joined
+            write_file(procs, str(stand_in.pid))
+        await leaf.kill()  # nothing in the v2 leaf: nothing to kill
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wait)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not done.is_set()  # the stand-in holds it
+            stand_in.kill()
+            await stand_in.wait()
+    finally:
+        with trio.CancelScope(shield=True):
+            stand_in.kill()
+            await stand_in.wait()
+            with trio.fail_after(60):
+                await leaf.wait_empty(joining=True)
+            leaf.remove()
+    assert done.is_set()
+
+
 async def test_refuses_without_cgroups_unless_allowed(tmp_path: Path) -> None:
     config = EngineConfig(data_dir=tmp_path, layout=Layout(Mode.NONE), job_uids=None)
     with pytest.raises(CgroupError, match="--no-cgroups"):

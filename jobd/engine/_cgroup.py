@@ -353,9 +353,9 @@ class JobCgroup:
         removes meanwhile, after the v2 leaf was seen empty; wait for the v1 leaves too."""
         if not self._emptied:
             await _wait_until_empty(self.populated)
-            if joining:
-                await _wait_until_empty(self._populated_v1)
             self._emptied = True
+        if joining:  # (also once `kill` has seen the v2 leaf empty)
+            await _wait_until_empty(self._populated_v1)
 
     def _populated_v1(self) -> bool:
         return any(_pids(d / "cgroup.procs") for d in self.v1.values())
