@@ -912,13 +912,15 @@ async def test_discarding_a_shim_killed_mid_join_waits_for_its_v1_leaves(
             write_file(procs, str(stand_in.pid))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(discard)
-            with trio.fail_after(60):  # a hang guard: the shim is killed, its leaf emptied
-                # (polled: the kernel tells neither by an event trio watches)
-                while shim.proc.returncode is None or leaf.populated():  # noqa: ASYNC110
-                    await trio.sleep(0.01)
-            await trio.testing.wait_all_tasks_blocked()
-            assert not discarded.is_set()  # the stand-in holds it
-            stand_in.kill()
+            try:
+                with trio.fail_after(60):  # a hang guard: the shim is killed, its leaf emptied
+                    # (polled: the kernel tells neither by an event trio watches)
+                    while shim.proc.returncode is None or leaf.populated():  # noqa: ASYNC110
+                        await trio.sleep(0.01)
+                await trio.testing.wait_all_tasks_blocked()
+                assert not discarded.is_set()  # the stand-in holds it
+            finally:
+                stand_in.kill()  # (also on a failure: the shielded discard waits for it)
             await stand_in.wait()
     finally:
         with trio.CancelScope(shield=True):
