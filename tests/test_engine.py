@@ -9,6 +9,8 @@ import os
 import select
 import signal
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -33,10 +35,12 @@ from jobd.engine import (
     State,
     Stream,
     Unavailable,
+    _cgroup,
     _shimpool,
     detect_layout,
     open_job_manager,
 )
+from jobd.engine._cgroup import JobCgroup
 
 from .conftest import unique_uid_range
 from .e2e import alive as e2e_alive
@@ -880,9 +884,19 @@ async def test_a_spec_handed_without_the_go_runs_nothing(engine: JobManager) -> 
             await shim.discard()
 
 
-def write_file(path: str, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
+@asynccontextmanager
+async def dying_mid_join(leaf: JobCgroup) -> AsyncIterator[trio.Process]:
+    """A `sleep` in the leaf's v1 dirs only: a stand-in for a shim's PID 1 killed while it
+    joined its leaves (v1 first, the v2 leaf last). Killed and reaped on the way out."""
+    stand_in = await trio.lowlevel.open_process(["sleep", "600"])
+    try:
+        for procs in leaf.procs_files[:-1]:  # every v1 leaf; the v2 one (last) not joined
+            _cgroup._write(Path(procs), str(stand_in.pid))
+        yield stand_in
+    finally:
+        with trio.CancelScope(shield=True):
+            stand_in.kill()
+            await stand_in.wait()
 
 
 async def test_discarding_a_shim_killed_mid_join_waits_for_its_v1_leaves(
@@ -906,26 +920,19 @@ async def test_discarding_a_shim_killed_mid_join_waits_for_its_v1_leaves(
             await shim.discard()
         discarded.set()
 
-    stand_in = await trio.lowlevel.open_process(["sleep", "600"])
-    try:
-        for procs in leaf.procs_files[:-1]:  # every v1 leaf; the v2 one (last) not joined
-            write_file(procs, str(stand_in.pid))
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(discard)
-            try:
-                with trio.fail_after(60):  # a hang guard: the shim is killed, its leaf emptied
-                    # (polled: the kernel tells neither by an event trio watches)
-                    while shim.proc.returncode is None or leaf.populated():  # noqa: ASYNC110
-                        await trio.sleep(0.01)
-                await trio.testing.wait_all_tasks_blocked()
-                assert not discarded.is_set()  # the stand-in holds it
-            finally:
-                stand_in.kill()  # (also on a failure: the shielded discard waits for it)
-            await stand_in.wait()
-    finally:
-        with trio.CancelScope(shield=True):
-            stand_in.kill()
-            await stand_in.wait()
+    async with dying_mid_join(leaf) as stand_in, trio.open_nursery() as nursery:
+        nursery.start_soon(discard)
+        try:
+            with trio.fail_after(60):  # a hang guard: the shim is killed, its leaf emptied
+                # (polled: the kernel tells neither by an event trio watches)
+                while shim.proc.returncode is None or leaf.populated():  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not discarded.is_set()  # the stand-in holds it
+        finally:
+            stand_in.kill()  # (also on a failure: the shielded discard waits for it)
+            with trio.CancelScope(shield=True):
+                await stand_in.wait()
     assert discarded.is_set()
     assert not [d for d in leaf.dirs if d.exists()]
 
@@ -946,23 +953,18 @@ async def test_a_leaf_kill_saw_empty_still_waits_for_a_process_dying_in_its_v1_l
         await leaf.wait_empty(joining=True)
         done.set()
 
-    stand_in = await trio.lowlevel.open_process(["sleep", "600"])
     try:
-        for procs in leaf.procs_files[:-1]:  # every v1 leaf; the v2 one (last) not joined
-            write_file(procs, str(stand_in.pid))
-        await leaf.kill()  # nothing in the v2 leaf: nothing to kill
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(wait)
-            await trio.testing.wait_all_tasks_blocked()
-            assert not done.is_set()  # the stand-in holds it
-            stand_in.kill()
-            await stand_in.wait()
+        async with dying_mid_join(leaf) as stand_in:
+            await leaf.kill()  # nothing in the v2 leaf: nothing to kill
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(wait)
+                await trio.testing.wait_all_tasks_blocked()
+                assert not done.is_set()  # the stand-in holds it
+                stand_in.kill()
+                await stand_in.wait()
     finally:
-        with trio.CancelScope(shield=True):
-            stand_in.kill()
-            await stand_in.wait()
-            with trio.fail_after(60):
-                await leaf.wait_empty(joining=True)
+        with trio.CancelScope(shield=True), trio.fail_after(60):
+            await leaf.wait_empty(joining=True)
             leaf.remove()
     assert done.is_set()
 
