@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import gc
 import itertools
+import mmap
 import os
 import pathlib
 import random
@@ -493,3 +495,125 @@ async def wait_for_size(store: OutputStore, size: int) -> None:
     async for _ in store.read(0, follow=True):
         if store.size >= size:
             return
+
+
+# ------------------------------------------------------------------ the page cache
+# Whether any page of a file is in the kernel's page cache: mincore(2) of a mapping that is
+# never touched (a read, even one with RWF_NOWAIT, would start a readahead). On a filesystem
+# whose pages cannot be dropped (tmpfs) these tests would fail: the suite's tmp_path is on the
+# machine's disk.
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [
+    ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long,
+]  # fmt: skip
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+
+
+def cached(path: pathlib.Path) -> bool:
+    size = path.stat().st_size
+    assert size > 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert addr not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+    finally:
+        os.close(fd)
+    try:
+        pages = (ctypes.c_ubyte * ((size + mmap.PAGESIZE - 1) // mmap.PAGESIZE))()
+        assert _libc.mincore(addr, size, pages) == 0, os.strerror(ctypes.get_errno())
+        return any(page & 1 for page in pages)
+    finally:
+        _libc.munmap(addr, size)
+
+
+async def handed_back() -> None:
+    """Wait until the worker has handed back every file queued so far."""
+    await trio.to_thread.run_sync(_output._page_cache.idle.wait)
+
+
+def paged_store(tmp_path: pathlib.Path) -> OutputStore:
+    space = OutputSpace(tmp_path, max_job_output=0, max_data=0, segment_bytes=64 * 1024)
+    return space.create("job")
+
+
+async def test_segments_behind_the_writer_leave_the_page_cache_and_replay_from_disk(
+    tmp_path: pathlib.Path,
+) -> None:
+    store = paged_store(tmp_path)
+    written = b""
+    for i in range(12):  # about 3 segments' worth
+        piece = bytes([65 + i]) * (16 * 1024)
+        await store.write(OUT, piece)
+        written += piece
+    await handed_back()
+    bases = [s.base for s in store._segments]
+    assert len(bases) >= 3
+    # Those the writer moved past, data and index, are handed back; its newest is not.
+    for base in bases[:-1]:
+        assert not cached(segment_file(tmp_path, base))
+        assert not cached(segment_file(tmp_path, base, "idx"))
+    assert cached(segment_file(tmp_path, bases[-1]))
+    # Nothing is lost: a replay reads them back from the disk.
+    chunks = await collect(store.read(0, follow=False))
+    assert b"".join(c.data for c in chunks) == written
+    store.close()  # and an ended job's last segment, once no reader is left
+    await handed_back()
+    assert not cached(segment_file(tmp_path, bases[-1]))
+    remove(store)
+
+
+async def test_a_reader_behind_keeps_its_segments_cached_until_it_is_done(
+    tmp_path: pathlib.Path,
+) -> None:
+    store = paged_store(tmp_path)
+    behind = store.read(0, follow=True)
+    for i in range(12):
+        await store.write(OUT, bytes([65 + i]) * (16 * 1024))
+    await handed_back()
+    bases = [s.base for s in store._segments]
+    assert all(cached(segment_file(tmp_path, base)) for base in bases)
+    # It reads the first segment: that one goes at the next roll, the second stays for it.
+    got = b""
+    while behind.offset < bases[1]:
+        got += (await behind.__anext__()).data
+    assert bases[1] <= behind.offset < bases[2]
+    for _ in range(4):
+        await store.write(OUT, b"z" * (16 * 1024))
+    await handed_back()
+    assert not cached(segment_file(tmp_path, bases[0]))
+    assert cached(segment_file(tmp_path, bases[1]))
+    store.close()  # ended: the rest waits for the reader
+    await handed_back()
+    assert cached(segment_file(tmp_path, bases[1]))
+    async for chunk in behind:
+        got += chunk.data
+    assert len(got) == store.size
+    await handed_back()  # done: nothing is kept for it any more
+    assert not any(cached(segment_file(tmp_path, s.base)) for s in store._segments)
+    remove(store)
+
+
+async def test_a_reader_that_is_dropped_or_closed_keeps_nothing_cached(
+    tmp_path: pathlib.Path,
+) -> None:
+    store = paged_store(tmp_path)
+    dropped = store.read(0, follow=True)
+    closed = store.read(0, follow=True)
+    for i in range(8):
+        await store.write(OUT, bytes([65 + i]) * (16 * 1024))
+    await handed_back()
+    first = store._segments[0].base
+    assert cached(segment_file(tmp_path, first))
+    await closed.aclose()
+    await handed_back()
+    assert cached(segment_file(tmp_path, first))  # `dropped` is still before it
+    del dropped
+    gc.collect()
+    segments = len(store._segments)
+    while len(store._segments) == segments:  # the next roll finds no reader behind
+        await store.write(OUT, b"z" * (16 * 1024))
+    await handed_back()
+    assert not cached(segment_file(tmp_path, first))
+    remove(store)

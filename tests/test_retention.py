@@ -561,6 +561,9 @@ async def test_an_ended_job_holds_no_descriptor(tmp_path: pathlib.Path) -> None:
         store.close()
         assert store.statistics().open_fds == 0 and store.statistics().memory_bytes == 0
         stores.append(store)
+    # (The pages of closed output go back to the kernel in a worker thread, which holds one
+    # descriptor while it hands back a file: wait for it.)
+    await trio.to_thread.run_sync(_output._page_cache.idle.wait)
     assert fds() == before
     # Readers open what they need and close it after each step, also mid-iteration.
     reader = stores[7].read(0, follow=True, max_chunk=4096)
@@ -568,6 +571,7 @@ async def test_an_ended_job_holds_no_descriptor(tmp_path: pathlib.Path) -> None:
     assert fds() == before
     assert b"".join([c.data async for c in reader]).endswith(b"7\n")
     assert (await read_all(stores[299], tail_lines=1))[1] == b"299\n"
+    await trio.to_thread.run_sync(_output._page_cache.idle.wait)
     assert fds() == before
 
 
