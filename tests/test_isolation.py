@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -316,6 +316,38 @@ async def test_a_path_search_glibc_would_stop_at_goes_on_as_before(
     assert engine.status(job.id).exit_code == 0
     with pytest.raises(InvalidArgument, match="cannot execute 'prog-jobd'.*Exec format"):
         await engine.start("alice", ["prog-jobd"], env={"PATH": f"{shared_dir}/bad"})
+
+
+@pytest.fixture
+def started_ignoring_signals() -> Iterator[None]:
+    """The server started as a shell's `jobd serve &` would start it, with SIGINT and SIGQUIT
+    ignored (here also SIGUSR1): requested before `engine`, so its zygote and shims inherit
+    the dispositions."""
+    ignored = (signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1)
+    before = [signal.signal(sig, signal.SIG_IGN) for sig in ignored]
+    try:
+        yield
+    finally:
+        for sig, handler in zip(ignored, before, strict=True):
+            signal.signal(sig, handler)
+
+
+async def test_a_command_ignores_no_signal_whatever_the_server_inherited(
+    started_ignoring_signals: None, engine: JobManager, shared_dir: Path
+) -> None:
+    """Ignored dispositions survive exec: the command gets every signal as its default, by
+    posix_spawn and by the fork PID 1 falls back to (a PATH search glibc stops at)."""
+    job = await engine.start("alice", ["cat", "/proc/self/status"])
+    assert _status(await output_of(engine, job.id))["SigIgn"] == "0" * 16
+    for name, text in (("bad", "not a program\n"), ("good", "#!/bin/cat /proc/self/status\n")):
+        (shared_dir / name).mkdir(mode=0o755)
+        (shared_dir / name / "prog-jobd").write_text(text)
+        (shared_dir / name / "prog-jobd").chmod(0o755)
+    job = await engine.start(
+        "alice", ["prog-jobd"], env={"PATH": f"{shared_dir}/bad:{shared_dir}/good"}
+    )
+    status = _status(await output_of(engine, job.id))
+    assert status["SigIgn"] == "0" * 16, status
 
 
 def test_seccomp_filter_shape() -> None:

@@ -68,10 +68,14 @@ MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 SIOCSIFFLAGS, IFF_UP = 0x8914, 1
 _POSIX_SPAWN_RESETIDS, _POSIX_SPAWN_SETSIGDEF = 0x01, 0x04
 _LIBC_SIGNALS = (32, 33)  # SIGCANCEL and SIGSETXID of glibc's threads (below SIGRTMIN)
-# Dispositions the shim changes for itself, and the command must get back as defaults. The
-# Python runtime ignores SIGPIPE and SIGXFSZ; ignored dispositions survive exec.
+# Dispositions the shim changes for itself. The command gets every signal back as its default:
+# ignored dispositions survive exec, and besides the shim's own and the Python runtime's
+# (SIGPIPE, SIGXFSZ) the server may have inherited some from whatever started it (a shell's
+# `jobd serve &` ignores SIGINT and SIGQUIT).
 _IGNORED = (_signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP)
-_RESET = (_signal.SIGPIPE, _signal.SIGXFSZ, *_IGNORED)
+_RESET = tuple(
+    sig for sig in _signal.valid_signals() if sig not in (_signal.SIGKILL, _signal.SIGSTOP)
+)
 
 
 class _SockFprog(ctypes.Structure):
