@@ -39,7 +39,7 @@ later replay), so a segment's pages are handed back (`_PageCache`: written back,
 `POSIX_FADV_DONTNEED`, in a worker thread) once the writer has moved past it and no unfinished
 reader of this store is before its end; an ended job's, once its last reader is done. What is
 read again later comes from the disk. Measured on the project's VM (docs/BENCHMARKS.md, "Round
-8: the page cache"): a writer's system time per MiB rose about sixfold once a stream had grown
+8: stream"): a writer's system time per MiB rose about sixfold once a stream had grown
 the page cache by 1.5-2.5 GiB, and stayed flat with the pages handed back.
 """
 
