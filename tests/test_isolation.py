@@ -299,18 +299,24 @@ async def test_the_command_starts_as_the_jobs_user_and_pid_1_keeps_its_own_ids(
     assert (init["NoNewPrivs"], init["Seccomp"]) == ("1", "2"), init
 
 
+def bad_then_good(shared_dir: Path, good: str) -> str:
+    """A PATH whose first `prog-jobd` is not a program (glibc's posix_spawnp stops there with
+    ENOEXEC) and whose second is the script `good`."""
+    for name, text in (("bad", "not a program\n"), ("good", good)):
+        (shared_dir / name).mkdir(mode=0o755)
+        (shared_dir / name / "prog-jobd").write_text(text)
+        (shared_dir / name / "prog-jobd").chmod(0o755)
+    return f"{shared_dir}/bad:{shared_dir}/good"
+
+
 async def test_a_path_search_glibc_would_stop_at_goes_on_as_before(
     engine: JobManager, shared_dir: Path
 ) -> None:
     """posix_spawnp's search ends at an entry that exists but cannot be executed (here not
     a program: ENOEXEC); the shim's own goes on to the next entry, as it always did: PID 1
     then forks and searches itself."""
-    for name, text in (("bad", "not a program\n"), ("good", "#!/bin/sh\necho second\n")):
-        (shared_dir / name).mkdir(mode=0o755)
-        (shared_dir / name / "prog-jobd").write_text(text)
-        (shared_dir / name / "prog-jobd").chmod(0o755)
     job = await engine.start(
-        "alice", ["prog-jobd"], env={"PATH": f"{shared_dir}/bad:{shared_dir}/good"}
+        "alice", ["prog-jobd"], env={"PATH": bad_then_good(shared_dir, "#!/bin/sh\necho second\n")}
     )
     assert await output_of(engine, job.id) == "second\n"
     assert engine.status(job.id).exit_code == 0
@@ -339,13 +345,8 @@ async def test_a_command_ignores_no_signal_whatever_the_server_inherited(
     posix_spawn and by the fork PID 1 falls back to (a PATH search glibc stops at)."""
     job = await engine.start("alice", ["cat", "/proc/self/status"])
     assert _status(await output_of(engine, job.id))["SigIgn"] == "0" * 16
-    for name, text in (("bad", "not a program\n"), ("good", "#!/bin/cat /proc/self/status\n")):
-        (shared_dir / name).mkdir(mode=0o755)
-        (shared_dir / name / "prog-jobd").write_text(text)
-        (shared_dir / name / "prog-jobd").chmod(0o755)
-    job = await engine.start(
-        "alice", ["prog-jobd"], env={"PATH": f"{shared_dir}/bad:{shared_dir}/good"}
-    )
+    job = await engine.start("alice", ["prog-jobd"], env={"PATH": bad_then_good(
+        shared_dir, "#!/bin/cat /proc/self/status\n")})
     status = _status(await output_of(engine, job.id))
     assert status["SigIgn"] == "0" * 16, status
 

@@ -538,16 +538,22 @@ def paged_store(tmp_path: pathlib.Path) -> OutputStore:
     return space.create("job")
 
 
-async def test_segments_behind_the_writer_leave_the_page_cache_and_replay_from_disk(
-    tmp_path: pathlib.Path,
-) -> None:
-    store = paged_store(tmp_path)
+async def write_pieces(store: OutputStore, n: int) -> bytes:
+    """n pieces of 16 KiB (4 fill a segment), then the hand-back of what they passed."""
     written = b""
-    for i in range(12):  # about 3 segments' worth
+    for i in range(n):
         piece = bytes([65 + i]) * (16 * 1024)
         await store.write(OUT, piece)
         written += piece
     await handed_back()
+    return written
+
+
+async def test_segments_behind_the_writer_leave_the_page_cache_and_replay_from_disk(
+    tmp_path: pathlib.Path,
+) -> None:
+    store = paged_store(tmp_path)
+    written = await write_pieces(store, 12)  # about 3 segments' worth
     bases = [s.base for s in store._segments]
     assert len(bases) >= 3
     # Those the writer moved past, data and index, are handed back; its newest is not.
@@ -569,9 +575,7 @@ async def test_a_reader_behind_keeps_its_segments_cached_until_it_is_done(
 ) -> None:
     store = paged_store(tmp_path)
     behind = store.read(0, follow=True)
-    for i in range(12):
-        await store.write(OUT, bytes([65 + i]) * (16 * 1024))
-    await handed_back()
+    await write_pieces(store, 12)
     bases = [s.base for s in store._segments]
     assert all(cached(segment_file(tmp_path, base)) for base in bases)
     # It reads the first segment: that one goes at the next roll, the second stays for it.
@@ -579,9 +583,7 @@ async def test_a_reader_behind_keeps_its_segments_cached_until_it_is_done(
     while behind.offset < bases[1]:
         got += (await behind.__anext__()).data
     assert bases[1] <= behind.offset < bases[2]
-    for _ in range(4):
-        await store.write(OUT, b"z" * (16 * 1024))
-    await handed_back()
+    await write_pieces(store, 4)
     assert not cached(segment_file(tmp_path, bases[0]))
     assert cached(segment_file(tmp_path, bases[1]))
     store.close()  # ended: the rest waits for the reader
@@ -601,9 +603,7 @@ async def test_a_reader_that_is_dropped_or_closed_keeps_nothing_cached(
     store = paged_store(tmp_path)
     dropped = store.read(0, follow=True)
     closed = store.read(0, follow=True)
-    for i in range(8):
-        await store.write(OUT, bytes([65 + i]) * (16 * 1024))
-    await handed_back()
+    await write_pieces(store, 8)
     first = store._segments[0].base
     assert cached(segment_file(tmp_path, first))
     await closed.aclose()
