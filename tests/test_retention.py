@@ -15,7 +15,7 @@ import struct
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 from unittest import mock
 
@@ -25,7 +25,7 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jobd.engine import _output
+from jobd.engine import _output, _retention
 from jobd.engine._errors import InvalidArgument, NotFound, ResourceExhausted
 from jobd.engine._output import OutputStore, segment_paths
 from jobd.engine._retention import KEEP_NEWEST, OutputSpace
@@ -544,6 +544,110 @@ async def test_no_inodes_is_resource_exhausted_on_create_and_blocks_a_roll(
             made.pop().unlink()
             space.remove("nothing-here")  # any removal wakes the writers
         assert await read_all(store) == (0, bytes(written))
+
+
+# ----------------------------------------------------------------- made ahead (staging)
+
+
+@asynccontextmanager
+async def staging_space(
+    directory: pathlib.Path, staging: pathlib.Path
+) -> AsyncIterator[OutputSpace]:
+    """An OutputSpace keeping output dirs made ahead in `staging`, as the manager runs it."""
+    space = OutputSpace(directory, max_job_output=0, max_data=0, segment_bytes=16 * KiB)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(space.keep_staged, staging)
+        yield space
+        nursery.cancel_scope.cancel()
+
+
+def inodes(directory: pathlib.Path) -> set[int]:
+    return {p.stat().st_ino for p in directory.iterdir()}
+
+
+async def test_a_new_jobs_output_is_a_dir_made_ahead_and_what_is_left_goes_at_the_end(
+    tmp_path: pathlib.Path,
+) -> None:
+    output, staging = tmp_path / "output", tmp_path / "staged"
+    output.mkdir()
+    staging.mkdir()
+    (staging / "left-by-an-earlier-server").mkdir()
+    (staging / "left-by-an-earlier-server" / "00000000000000000000.out").touch()
+    (staging / "stray").touch()
+    async with staging_space(output, staging) as space:
+        await space.staging_settled.wait_value(True)
+        assert space.staged_count.value == _retention.STAGED
+        made = inodes(staging)
+        assert len(made) == _retention.STAGED  # the leftovers went first
+        store = space.create("job")
+        assert (output / "job").stat().st_ino in made  # moved, not made now
+        assert sorted(p.name for p in (output / "job").iterdir()) == [
+            "00000000000000000000.idx", "00000000000000000000.out",
+        ]
+        await store.write(OUT, b"hello")
+        store.close()
+        assert await read_all(store) == (0, b"hello")
+        await space.staging_settled.wait_value(True)  # the one taken is replaced
+        assert len(inodes(staging)) == _retention.STAGED
+    assert list(staging.iterdir()) == []
+    assert space.on_disk() == {"job"}
+
+
+async def test_a_burst_that_finds_none_made_ahead_has_as_many_made_for_the_next(
+    tmp_path: pathlib.Path,
+) -> None:
+    output, staging = tmp_path / "output", tmp_path / "staged"
+    output.mkdir()
+    async with staging_space(output, staging) as space:
+        await space.staging_settled.wait_value(True)
+        burst = _retention.STAGED + 3
+        made = inodes(staging)
+        for i in range(burst):  # no checkpoint between them: nothing is made meanwhile
+            space.create(f"job{i}")
+        moved = {(output / f"job{i}").stat().st_ino for i in range(burst)}
+        assert len(moved & made) == _retention.STAGED  # 3 made their own
+        await space.staging_settled.wait_value(True)
+        assert space.staged_count.value == burst
+    assert space.on_disk() == {f"job{i}" for i in range(burst)}
+
+
+@pytest.mark.cgroups  # needs root (mount)
+async def test_no_inodes_refuses_a_start_though_dirs_were_made_ahead_and_they_take_no_last_inodes(
+    tmp_path: pathlib.Path,
+) -> None:
+    with tmpfs(tmp_path / "fs", "size=8m", "nr_inodes=64") as fs:
+        output, staging = fs / "output", fs / "staged"
+        output.mkdir()
+        async with staging_space(output, staging) as space:
+            await space.staging_settled.wait_value(True)
+            made = []
+            for i in itertools.count():  # use up every inode left
+                try:
+                    (fs / f"f{i}").touch()
+                except OSError:
+                    break
+                made.append(fs / f"f{i}")
+            with pytest.raises(ResourceExhausted, match=f"in {output}: No space left on device"):
+                space.create("job")  # as without staging
+            assert space.on_disk() == set()
+            assert space.staged_count.value == _retention.STAGED  # none was used
+            for path in made[:2]:
+                path.unlink()
+            with pytest.raises(ResourceExhausted):  # 2 free: not enough for a new job's 3
+                space.create("job")
+            made.pop().unlink()
+            store = space.create("job")  # 3 free: a staged one is taken
+            assert space.staged_count.value == _retention.STAGED - 1
+            await store.write(OUT, b"fine")
+            # Its replacement would leave fewer than a sixteenth of the inodes (4) free.
+            for path in made[2:10]:
+                path.unlink()
+            await space.staging_settled.wait_value(True)
+            st = os.statvfs(fs)
+            assert st.f_ffree >= st.f_files // _retention.STAGE_FREE
+            assert space.staged_count.value == _retention.STAGED  # 8 free - 3 = 5 >= 4
+            store.close()
+        assert list(staging.iterdir()) == []
 
 
 # ----------------------------------------------------------------- descriptors

@@ -74,6 +74,8 @@ SPLICE_READ = 128 * 1024
 # Bound on shielded cleanup: killing and reaping a cgroup takes milliseconds; if the kernel
 # takes longer than this something is badly wrong and we stop waiting rather than hang.
 CLEANUP_TIMEOUT = 30.0
+# Where new jobs' output dirs are made ahead (`OutputSpace.keep_staged`), in the data dir.
+STAGING = "staged-output"
 MiB = 1024 * 1024
 # Far above the ranges distributions give users (1000+), system services (61184-65519,
 # systemd's dynamic users) and containers (/etc/subuid, typically 100000-165535 and up).
@@ -1098,6 +1100,7 @@ async def open_job_manager(config: EngineConfig) -> AsyncIterator[JobManager]:
                 async with trio.open_nursery() as nursery:
                     manager._nursery = nursery
                     await nursery.start(manager._output.run)
+                    await nursery.start(manager._output.keep_staged, config.data_dir / STAGING)
                     manager._shims = _shimpool.ShimPool(
                         manager._sandbox.prep,
                         leaf=partial(_spare_leaf, tree) if tree is not None else None,

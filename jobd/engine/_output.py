@@ -174,6 +174,20 @@ class _Segment:
         return segment
 
     @classmethod
+    def open_empty(cls, directory: pathlib.Path, base: int) -> _Segment:
+        """The empty files `create` made earlier (elsewhere: a staged dir), held open for
+        writing."""
+        data_path, index_path = segment_paths(directory, base)
+        segment = cls(base, base, 0, math.inf)
+        segment.data_fd = os.open(data_path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            segment.index_fd = os.open(index_path, os.O_RDWR | os.O_CLOEXEC)
+        except BaseException:
+            segment.close_fds()
+            raise
+        return segment
+
+    @classmethod
     def recover(cls, directory: pathlib.Path, base: int) -> _Segment:
         """Load a segment left on disk, cutting a torn last write (the two files disagree) back
         to the last record both hold. Holds no descriptor afterwards."""

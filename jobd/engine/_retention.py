@@ -13,6 +13,17 @@ Policy
   says why); every drop, removal or job end wakes it, and `run` retries at `poll_interval`
   while any writer waits, for room that appears outside jobd (an operator freeing the disk).
 
+Made ahead
+----------
+`keep_staged` (a task of the manager's nursery) keeps `STAGED` new jobs' output dirs, each with
+its first segment's empty files, made ahead in a directory beside `directory` (on the same
+filesystem, outside it), by a worker thread; `create` renames one into place instead of
+making a directory and two files on the event loop. On the ext4 of the machines measured an
+inode costs ~1.2 ms of kernel time to allocate, a rename ~0.05 ms: three inodes were ~3.6 ms
+of the event loop's ~8 ms per Start. A data dir with fewer than `_JOB_INODES` inodes or no
+block free is not given a staged dir: `create` then makes its own, as without staging, and
+so makes room (ended jobs' output first) or refuses the Start exactly as before.
+
 Accounting counts whole filesystem blocks of data and index files, so the bound holds for what
 the disk really gives up, and a job writing a byte at a time cannot hide in its index.
 """
@@ -30,6 +41,7 @@ import time
 from typing import NoReturn
 
 import trio
+from trio_util import AsyncBool, AsyncValue
 
 from ._errors import JobdError, ResourceExhausted
 from ._output import DISK_FULL, MAX_CHUNK, OutputStore, _Segment, segment_paths
@@ -49,6 +61,18 @@ log = logging.getLogger("jobd.engine.output")
 # one job's flood filling the disk cannot fail another's Start (its record's commit) or keep
 # end states from being written.
 RECORDS_RESERVE = 8 * 1024 * 1024
+# New jobs' output dirs made ahead by `keep_staged` (each: a directory and two empty files),
+# and at most, after bursts of Starts (a wave of 50 concurrent Starts found 4 and made 46).
+STAGED = 4
+STAGED_MAX = 64
+# A staged dir taken is replaced once no Start took one for this long: not beside a Start.
+STAGE_DELAY = 0.01
+# Staged dirs leave at least 1/STAGE_FREE of the filesystem's inodes and blocks free.
+STAGE_FREE = 16
+# After staging failed (a full disk, no descriptors): try again this much later.
+STAGE_RETRY = 1.0
+# Inodes a new job's output takes: its directory and its first segment's two files.
+_JOB_INODES = 3
 
 
 def default_max_data(directory: pathlib.Path) -> int:
@@ -74,6 +98,26 @@ def _create_job_dir(path: pathlib.Path) -> _Segment:
     except BaseException:
         path.rmdir()
         raise
+
+
+def _stage(staging: pathlib.Path) -> str:
+    """Make a new job's output dir with its first segment's empty files in `staging` (in a
+    worker thread); its name there."""
+    name = os.urandom(8).hex()
+    _create_job_dir(staging / name).close_fds()
+    return name
+
+
+def _clear(staging: pathlib.Path) -> None:
+    """Remove what `staging` holds (staged dirs: files only inside), creating it if needed."""
+    staging.mkdir(mode=0o700, exist_ok=True)
+    for entry in staging.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            for p in entry.iterdir():
+                p.unlink()
+            entry.rmdir()
+        else:
+            entry.unlink()
 
 
 def _is_job_dir_name(name: str) -> bool:
@@ -133,6 +177,15 @@ class OutputSpace:
         self._blocked: set[OutputStore] = set()
         self._room: trio.Event | None = None  # set on any drop, removal or job end
         self._someone_blocked = trio.Event()
+        # Output dirs made ahead (`keep_staged`): their names in `_staging`, while it runs.
+        self._staging: pathlib.Path | None = None
+        self._staged: list[str] = []
+        self.staged_count = AsyncValue(0)  # len(_staged), to wait on
+        self.staging_settled = AsyncBool(False)  # True while keep_staged waits for a take
+        self._staged_taken = trio.Event()  # set (and replaced by keep_staged) by create()
+        self._staged_quiet_at = -math.inf  # STAGE_DELAY after create() last came
+        self._stage_target = STAGED
+        self._staged_missed = 0  # creates that found none staged since staging caught up
 
     # ------------------------------------------------------------------- public
 
@@ -152,14 +205,15 @@ class OutputSpace:
         return len(self._blocked)
 
     def create(self, job_id: str) -> OutputStore:
-        """A new job's output: its directory and first segment are created now, so a Start
-        on a data dir that cannot take them fails before the job exists."""
+        """A new job's output: its directory and first segment exist once this returns (made
+        ahead, or now), so a Start on a data dir that cannot take them fails before the job
+        exists."""
         self._check_name(job_id)
         path = self.directory / job_id
-        while True:
+        segment = self._take_staged(path)
+        while segment is None:
             try:
                 segment = _create_job_dir(path)
-                break
             except FileExistsError:
                 raise
             except OSError as exc:
@@ -173,6 +227,105 @@ class OutputSpace:
         self._stores[job_id] = store
         self._running[job_id] = store
         return store
+
+    def _take_staged(self, path: pathlib.Path) -> _Segment | None:
+        """A staged output dir moved to `path`, its first segment open; None (nothing done)
+        when there is none, or the data dir is so full that a Start must make its own (so
+        that it makes room or is refused as it would be without staging)."""
+        if self._staging is None:
+            return None
+        self._staged_quiet_at = trio.current_time() + STAGE_DELAY
+        self._staged_taken.set()
+        self.staging_settled.value = False
+        if not self._staged:
+            # A burst: the next one of its size finds them made.
+            self._staged_missed += 1
+            self._stage_target = min(
+                STAGED_MAX, max(self._stage_target, STAGED + self._staged_missed)
+            )
+            return None
+        st = os.statvfs(self.directory)
+        if st.f_ffree < _JOB_INODES or st.f_bfree < 1:
+            return None
+        if os.path.lexists(path):  # what mkdir would say; rename would replace an empty dir
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path))
+        name = self._staged.pop()
+        self.staged_count.value = len(self._staged)
+        try:
+            os.rename(self._staging / name, path)
+        except OSError as exc:
+            log.warning("cannot move a staged output dir into %s (%s); making one", path, exc)
+            return None
+        try:
+            return _Segment.open_empty(path, 0)
+        except OSError as exc:
+            for p in segment_paths(path, 0):
+                p.unlink(missing_ok=True)
+            path.rmdir()
+            self._refuse_start(exc)
+
+    async def keep_staged(
+        self,
+        staging: pathlib.Path,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Upkeep, in the manager's nursery: keep new jobs' output dirs made ahead in
+        `staging` (on `directory`'s filesystem, outside it; see "Made ahead"), one at a time
+        in a worker thread. STAGED of them; after a burst of Starts that found none left, as
+        many more as that burst missed (up to STAGED_MAX). A dir taken is replaced once no
+        Start has taken one for STAGE_DELAY (at once when none is left), and only while the
+        filesystem keeps a sixteenth of its inodes and blocks free (jobs' output comes
+        first). What an earlier server left in `staging` is removed first, and what is
+        staged when this ends. Staging that fails (a full disk, no descriptors) is retried
+        STAGE_RETRY later; `create` makes its own meanwhile."""
+        await trio.to_thread.run_sync(_clear, staging)
+        self._staging = staging
+        task_status.started()
+        failing = False
+        try:
+            while True:
+                while len(self._staged) < self._stage_target and self._room_to_stage():
+                    if self._staged:  # not beside a Start: once none took one for a while
+                        while trio.current_time() < self._staged_quiet_at:
+                            with trio.move_on_at(self._staged_quiet_at):
+                                await self._staged_taken.wait()
+                            self._staged_taken = trio.Event()
+                    try:
+                        name = await trio.to_thread.run_sync(_stage, staging)
+                    except OSError as exc:
+                        if not failing:
+                            log.info("cannot make output dirs ahead in %s (%s); new jobs "
+                                     "make their own until it can", staging, exc)
+                        failing = True
+                        await trio.sleep(STAGE_RETRY)
+                        continue
+                    failing = False
+                    self._staged.append(name)
+                    self.staged_count.value = len(self._staged)
+                self._staged_missed = 0
+                self._staged_taken = trio.Event()
+                self.staging_settled.value = True
+                await self._staged_taken.wait()
+                self.staging_settled.value = False
+        finally:
+            self._staging = None
+            self._staged = []
+            self.staged_count.value = 0
+            self.staging_settled.value = False
+            with trio.CancelScope(shield=True):
+                try:
+                    await trio.to_thread.run_sync(_clear, staging)
+                except OSError as exc:
+                    log.warning("cannot remove the output dirs made ahead in %s: %s "
+                                "(the next start-up removes them)", staging, exc)
+
+    def _room_to_stage(self) -> bool:
+        st = os.statvfs(self.directory)
+        return (
+            st.f_ffree - _JOB_INODES >= st.f_files // STAGE_FREE
+            and st.f_bfree - 1 >= st.f_blocks // STAGE_FREE
+        )
 
     def _refuse_start(self, exc: OSError) -> NoReturn:
         what = f"cannot create the output files of a new job in {self.directory}"
