@@ -286,11 +286,11 @@ class OutputSpace:
         try:
             while True:
                 while len(self._staged) < self._stage_target and self._room_to_stage():
-                    if self._staged:  # not beside a Start: once none took one for a while
-                        while trio.current_time() < self._staged_quiet_at:
-                            with trio.move_on_at(self._staged_quiet_at):
-                                await self._staged_taken.wait()
-                            self._staged_taken = trio.Event()
+                    # Not beside a Start: once none took one for a while, or none is left.
+                    while self._staged and trio.current_time() < self._staged_quiet_at:
+                        with trio.move_on_at(self._staged_quiet_at):
+                            await self._staged_taken.wait()
+                        self._staged_taken = trio.Event()
                     try:
                         name = await trio.to_thread.run_sync(_stage, staging)
                     except OSError as exc:
