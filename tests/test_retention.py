@@ -650,6 +650,20 @@ async def test_no_inodes_refuses_a_start_though_dirs_were_made_ahead_and_they_ta
         assert list(staging.iterdir()) == []
 
 
+@pytest.mark.cgroups  # needs root (mount)
+async def test_nothing_is_made_ahead_when_the_output_dir_is_another_filesystem(
+    tmp_path: pathlib.Path,
+) -> None:
+    staging = tmp_path / "staged"
+    with tmpfs(tmp_path / "output", "size=1m") as output:
+        async with staging_space(output, staging) as space:
+            assert not staging.exists() and space.staged_count.value == 0
+            store = space.create("job")  # made at once, as without staging
+            await store.write(OUT, b"fine")
+            store.close()
+            assert await read_all(store) == (0, b"fine")
+
+
 # ----------------------------------------------------------------- descriptors
 
 

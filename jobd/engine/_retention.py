@@ -120,6 +120,16 @@ def _clear(staging: pathlib.Path) -> None:
             entry.unlink()
 
 
+def _open_staging(staging: pathlib.Path, directory: pathlib.Path) -> bool:
+    """`staging` emptied, or removed if it is not on `directory`'s filesystem (a rename
+    cannot move a dir between filesystems: e.g. an operator mounted output/ apart)."""
+    _clear(staging)
+    if os.stat(staging).st_dev == os.stat(directory).st_dev:
+        return True
+    staging.rmdir()
+    return False
+
+
 def _is_job_dir_name(name: str) -> bool:
     return bool(name) and pathlib.PurePath(name).name == name and name not in (".", "..")
 
@@ -271,7 +281,8 @@ class OutputSpace:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Upkeep, in the manager's nursery: keep new jobs' output dirs made ahead in
-        `staging` (on `directory`'s filesystem, outside it; see "Made ahead"), one at a time
+        `staging` (outside `directory`, on its filesystem, else this returns at once: see
+        "Made ahead"), one at a time
         in a worker thread. STAGED of them; after a burst of Starts that found none left, as
         many more as that burst missed (up to STAGED_MAX). A dir taken is replaced once no
         Start has taken one for STAGE_DELAY (at once when none is left), and only while the
@@ -279,7 +290,11 @@ class OutputSpace:
         first). What an earlier server left in `staging` is removed first, and what is
         staged when this ends. Staging that fails (a full disk, no descriptors) is retried
         STAGE_RETRY later; `create` makes its own meanwhile."""
-        await trio.to_thread.run_sync(_clear, staging)
+        if not await trio.to_thread.run_sync(_open_staging, staging, self.directory):
+            log.info("%s is not on the filesystem of %s: new jobs make their output dirs at "
+                     "Start", staging, self.directory)
+            task_status.started()
+            return
         self._staging = staging
         task_status.started()
         failing = False
@@ -321,7 +336,10 @@ class OutputSpace:
                                 "(the next start-up removes them)", staging, exc)
 
     def _room_to_stage(self) -> bool:
-        st = os.statvfs(self.directory)
+        try:
+            st = os.statvfs(self.directory)
+        except OSError:
+            return False
         return (
             st.f_ffree - _JOB_INODES >= st.f_files // STAGE_FREE
             and st.f_bfree - 1 >= st.f_blocks // STAGE_FREE
