@@ -4,7 +4,6 @@ descriptor kept by ended jobs, and the Output RPC's seeking fields over real gRP
 
 from __future__ import annotations
 
-import itertools
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -28,7 +27,7 @@ from jobd.v1 import jobd_pb2 as pb
 from .conftest import unique_uid_range
 from .e2e import Pki, Server, running_server
 from .test_e2e import _code, _grpc_stub
-from .test_retention import fds, fill, tmpfs
+from .test_retention import fds, fill, tmpfs, use_up_inodes
 
 pytestmark = pytest.mark.cgroups
 
@@ -170,13 +169,7 @@ async def test_no_inodes_on_start_is_resource_exhausted_and_creates_nothing(
     async with engine_on_tmpfs(tmp_path, cgroup_name, "size=8m", "nr_inodes=64") as (
         engine, data,
     ):
-        made = []
-        for i in itertools.count():
-            try:
-                (data / f"f{i}").touch()
-            except OSError:
-                break
-            made.append(data / f"f{i}")
+        made = use_up_inodes(data)
         with pytest.raises(ResourceExhausted, match=f"in {data}/output: No space left"):
             await engine.start("alice", ["echo", "hi"])
         assert engine.list() == []
@@ -218,13 +211,7 @@ async def test_server_start_on_a_data_dir_without_inodes_is_resource_exhausted(
     with tmpfs(tmp_path / "data", "size=8m", "nr_inodes=64") as data:
         device = block_device_of(tmp_path)
         async with running_server(tmp_path, pki_, cgroup_name, "--io-device", device) as server:
-            made = []
-            for i in itertools.count():
-                try:
-                    (data / f"f{i}").touch()
-                except OSError:
-                    break
-                made.append(data / f"f{i}")
+            made = use_up_inodes(data)
             result = await server.client("start", "--", "echo", "hi")
             assert result.rc == 1
             assert "RESOURCE_EXHAUSTED" in result.err and "No space left" in result.err, result

@@ -80,6 +80,18 @@ def tmpfs(path: pathlib.Path, *options: str) -> Iterator[pathlib.Path]:
         subprocess.run(["umount", "-l", str(path)], check=True)
 
 
+def use_up_inodes(directory: pathlib.Path) -> list[pathlib.Path]:
+    """Make empty files in `directory` until its filesystem has no inode left; the files."""
+    made = []
+    for i in itertools.count():
+        try:
+            (directory / f"f{i}").touch()
+        except OSError:
+            return made
+        made.append(directory / f"f{i}")
+    raise AssertionError("unreachable")
+
+
 def fill(directory: pathlib.Path, *, leave: int = 0) -> pathlib.Path:
     """Fill the filesystem of `directory` with one foreign file (an operator's), leaving
     about `leave` bytes free; returns the file."""
@@ -498,13 +510,7 @@ async def test_a_start_on_a_full_disk_drops_ended_output_to_make_its_files(
         for _ in range(8):
             await old.write(OUT, b"o" * (16 * KiB))  # 8 segments: 16 inodes
         old.close()
-        made = []
-        for i in itertools.count():
-            try:
-                (fs / f"f{i}").touch()
-            except OSError:
-                break
-            made.append(i)
+        use_up_inodes(fs)
         new = space.create("new")  # the ended job's oldest segments gave up their inodes
         assert old.start > 0 and new.size == 0
         await new.write(OUT, b"fine")
@@ -519,13 +525,7 @@ async def test_no_inodes_is_resource_exhausted_on_create_and_blocks_a_roll(
         space = OutputSpace(fs, max_job_output=0, max_data=0, segment_bytes=16 * KiB,
                             poll_interval=0.01)
         store = space.create("job")
-        made = []
-        for i in itertools.count():  # use up every inode left
-            try:
-                (fs / f"f{i}").touch()
-            except OSError:
-                break
-            made.append(fs / f"f{i}")
+        made = use_up_inodes(fs)
         with pytest.raises(ResourceExhausted, match=f"in {fs}: No space left on device"):
             space.create("other")
         assert space.on_disk() == {"job"}  # nothing half-created
@@ -620,13 +620,7 @@ async def test_no_inodes_refuses_a_start_though_dirs_were_made_ahead_and_they_ta
         output.mkdir()
         async with staging_space(output, staging) as space:
             await space.staging_settled.wait_value(True)
-            made = []
-            for i in itertools.count():  # use up every inode left
-                try:
-                    (fs / f"f{i}").touch()
-                except OSError:
-                    break
-                made.append(fs / f"f{i}")
+            made = use_up_inodes(fs)
             with pytest.raises(ResourceExhausted, match=f"in {output}: No space left on device"):
                 space.create("job")  # as without staging
             assert space.on_disk() == set()
