@@ -631,16 +631,20 @@ async def test_no_inodes_refuses_a_start_though_dirs_were_made_ahead_and_they_ta
                 space.create("job")
             made.pop().unlink()
             store = space.create("job")  # 3 free: a staged one is taken
-            assert space.staged_count.value == _retention.STAGED - 1
-            await store.write(OUT, b"fine")
-            # Its replacement would leave fewer than a sixteenth of the inodes (4) free.
-            for path in made[2:10]:
-                path.unlink()
             await space.staging_settled.wait_value(True)
-            st = os.statvfs(fs)
-            assert st.f_ffree >= st.f_files // _retention.STAGE_FREE
-            assert space.staged_count.value == _retention.STAGED  # 8 free - 3 = 5 >= 4
+            # Its replacement would take the last 3 inodes: not made.
+            assert space.staged_count.value == _retention.STAGED - 1
+            assert os.statvfs(fs).f_ffree == 3
+            for path in made[2:7]:
+                path.unlink()
+            other = space.create("other")  # 8 free: one replacement leaves 5, a second 2
+            await space.staging_settled.wait_value(True)
+            assert space.staged_count.value == _retention.STAGED - 1  # 2 + 1
+            assert os.statvfs(fs).f_ffree == 5 >= 64 // _retention.STAGE_FREE
+            await store.write(OUT, b"fine")
+            assert await read_all(store) == (0, b"fine")
             store.close()
+            other.close()
         assert list(staging.iterdir()) == []
 
 
