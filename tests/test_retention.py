@@ -82,14 +82,14 @@ def tmpfs(path: pathlib.Path, *options: str) -> Iterator[pathlib.Path]:
 
 def use_up_inodes(directory: pathlib.Path) -> list[pathlib.Path]:
     """Make empty files in `directory` until its filesystem has no inode left; the files."""
-    made = []
-    for i in itertools.count():
+    made: list[pathlib.Path] = []
+    while True:
+        path = directory / f"f{len(made)}"
         try:
-            (directory / f"f{i}").touch()
+            path.touch()
         except OSError:
             return made
-        made.append(directory / f"f{i}")
-    raise AssertionError("unreachable")
+        made.append(path)
 
 
 def fill(directory: pathlib.Path, *, leave: int = 0) -> pathlib.Path:
@@ -574,9 +574,10 @@ async def test_a_new_jobs_output_is_a_dir_made_ahead_and_what_is_left_goes_at_th
     (staging / "left-by-an-earlier-server").mkdir()
     (staging / "left-by-an-earlier-server" / "00000000000000000000.out").touch()
     (staging / "stray").touch()
+    (staging / "an-operators" / "nested").mkdir(parents=True)
     async with staging_space(output, staging) as space:
         await space.staging_settled.wait_value(True)
-        assert space.staged_count.value == _retention.STAGED
+        assert space.staged_count == _retention.STAGED
         made = inodes(staging)
         assert len(made) == _retention.STAGED  # the leftovers went first
         store = space.create("job")
@@ -607,7 +608,7 @@ async def test_a_burst_that_finds_none_made_ahead_has_as_many_made_for_the_next(
         moved = {(output / f"job{i}").stat().st_ino for i in range(burst)}
         assert len(moved & made) == _retention.STAGED  # 3 made their own
         await space.staging_settled.wait_value(True)
-        assert space.staged_count.value == burst
+        assert space.staged_count == burst
     assert space.on_disk() == {f"job{i}" for i in range(burst)}
 
 
@@ -624,7 +625,7 @@ async def test_no_inodes_refuses_a_start_though_dirs_were_made_ahead_and_they_ta
             with pytest.raises(ResourceExhausted, match=f"in {output}: No space left on device"):
                 space.create("job")  # as without staging
             assert space.on_disk() == set()
-            assert space.staged_count.value == _retention.STAGED  # none was used
+            assert space.staged_count == _retention.STAGED  # none was used
             for path in made[:2]:
                 path.unlink()
             with pytest.raises(ResourceExhausted):  # 2 free: not enough for a new job's 3
@@ -633,13 +634,13 @@ async def test_no_inodes_refuses_a_start_though_dirs_were_made_ahead_and_they_ta
             store = space.create("job")  # 3 free: a staged one is taken
             await space.staging_settled.wait_value(True)
             # Its replacement would take the last 3 inodes: not made.
-            assert space.staged_count.value == _retention.STAGED - 1
+            assert space.staged_count == _retention.STAGED - 1
             assert os.statvfs(fs).f_ffree == 3
             for path in made[2:7]:
                 path.unlink()
             other = space.create("other")  # 8 free: one replacement leaves 5, a second 2
             await space.staging_settled.wait_value(True)
-            assert space.staged_count.value == _retention.STAGED - 1  # 2 + 1
+            assert space.staged_count == _retention.STAGED - 1  # 2 + 1
             assert os.statvfs(fs).f_ffree == 5 >= 64 // _retention.STAGE_FREE
             await store.write(OUT, b"fine")
             assert await read_all(store) == (0, b"fine")
@@ -655,11 +656,25 @@ async def test_nothing_is_made_ahead_when_the_output_dir_is_another_filesystem(
     staging = tmp_path / "staged"
     with tmpfs(tmp_path / "output", "size=1m") as output:
         async with staging_space(output, staging) as space:
-            assert not staging.exists() and space.staged_count.value == 0
+            assert not staging.exists() and space.staged_count == 0
             store = space.create("job")  # made at once, as without staging
             await store.write(OUT, b"fine")
             store.close()
             assert await read_all(store) == (0, b"fine")
+
+
+async def test_a_staging_path_that_cannot_be_used_makes_nothing_ahead_and_starts_work(
+    tmp_path: pathlib.Path,
+) -> None:
+    output, staging = tmp_path / "output", tmp_path / "staged"
+    output.mkdir()
+    staging.write_bytes(b"an operator's file")  # not a directory: it cannot be emptied
+    async with staging_space(output, staging) as space:
+        assert space.staged_count == 0
+        store = space.create("job")  # made at once, as without staging
+        store.close()
+    assert staging.read_bytes() == b"an operator's file"
+    assert space.on_disk() == {"job"}
 
 
 # ----------------------------------------------------------------- descriptors

@@ -158,32 +158,20 @@ class _Segment:
         self.data_fd = self.index_fd = -1
 
     @classmethod
-    def create(cls, directory: pathlib.Path, base: int) -> _Segment:
-        """New empty files for offsets from `base`, held open for writing."""
+    def create(cls, directory: pathlib.Path, base: int, *, made: bool = False) -> _Segment:
+        """New empty files for offsets from `base`, held open for writing; with `made`, the
+        empty files made earlier (a staged dir: `_retention.py`, "Made ahead")."""
         data_path, index_path = segment_paths(directory, base)
         # O_EXCL: two writers on one file would silently interleave two outputs.
-        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        flags = os.O_RDWR | os.O_CLOEXEC | (0 if made else os.O_CREAT | os.O_EXCL)
         segment = cls(base, base, 0, math.inf)
         segment.data_fd = os.open(data_path, flags, 0o600)
         try:
             segment.index_fd = os.open(index_path, flags, 0o600)
         except BaseException:
             segment.close_fds()
-            data_path.unlink(missing_ok=True)
-            raise
-        return segment
-
-    @classmethod
-    def open_empty(cls, directory: pathlib.Path, base: int) -> _Segment:
-        """The empty files `create` made earlier (elsewhere: a staged dir), held open for
-        writing."""
-        data_path, index_path = segment_paths(directory, base)
-        segment = cls(base, base, 0, math.inf)
-        segment.data_fd = os.open(data_path, os.O_RDWR | os.O_CLOEXEC)
-        try:
-            segment.index_fd = os.open(index_path, os.O_RDWR | os.O_CLOEXEC)
-        except BaseException:
-            segment.close_fds()
+            if not made:
+                data_path.unlink(missing_ok=True)
             raise
         return segment
 

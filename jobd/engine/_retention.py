@@ -37,11 +37,12 @@ import logging
 import math
 import os
 import pathlib
+import shutil
 import time
 from typing import NoReturn
 
 import trio
-from trio_util import AsyncBool, AsyncValue
+from trio_util import AsyncBool
 
 from ._errors import JobdError, ResourceExhausted
 from ._output import DISK_FULL, MAX_CHUNK, OutputStore, _Segment, segment_paths
@@ -109,13 +110,11 @@ def _stage(staging: pathlib.Path) -> str:
 
 
 def _clear(staging: pathlib.Path) -> None:
-    """Remove what `staging` holds (staged dirs: files only inside), creating it if needed."""
+    """Remove whatever `staging` holds, creating it if needed."""
     staging.mkdir(mode=0o700, exist_ok=True)
     for entry in staging.iterdir():
         if entry.is_dir() and not entry.is_symlink():
-            for p in entry.iterdir():
-                p.unlink()
-            entry.rmdir()
+            shutil.rmtree(entry)
         else:
             entry.unlink()
 
@@ -190,7 +189,6 @@ class OutputSpace:
         # Output dirs made ahead (`keep_staged`): their names in `_staging`, while it runs.
         self._staging: pathlib.Path | None = None
         self._staged: list[str] = []
-        self.staged_count = AsyncValue(0)  # len(_staged), to wait on
         self.staging_settled = AsyncBool(False)  # True while keep_staged waits for a take
         self._staged_taken = trio.Event()  # set (and replaced by keep_staged) by create()
         self._staged_quiet_at = -math.inf  # STAGE_DELAY after create() last came
@@ -198,6 +196,11 @@ class OutputSpace:
         self._staged_missed = 0  # creates that found none staged since staging caught up
 
     # ------------------------------------------------------------------- public
+
+    @property
+    def staged_count(self) -> int:
+        """New jobs' output dirs made ahead and waiting (`keep_staged`)."""
+        return len(self._staged)
 
     @property
     def stored_bytes(self) -> int:
@@ -259,15 +262,15 @@ class OutputSpace:
             return None
         if os.path.lexists(path):  # what mkdir would say; rename would replace an empty dir
             raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path))
-        name = self._staged.pop()
-        self.staged_count.value = len(self._staged)
+        staged = self._staging / self._staged.pop()
         try:
-            os.rename(self._staging / name, path)
+            os.rename(staged, path)
         except OSError as exc:
             log.warning("cannot move a staged output dir into %s (%s); making one", path, exc)
+            shutil.rmtree(staged, ignore_errors=True)  # not left to pile up until shutdown
             return None
         try:
-            return _Segment.open_empty(path, 0)
+            return _Segment.create(path, 0, made=True)
         except OSError as exc:
             for p in segment_paths(path, 0):
                 p.unlink(missing_ok=True)
@@ -281,18 +284,23 @@ class OutputSpace:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Upkeep, in the manager's nursery: keep new jobs' output dirs made ahead in
-        `staging` (outside `directory`, on its filesystem, else this returns at once: see
-        "Made ahead"), one at a time
-        in a worker thread. STAGED of them; after a burst of Starts that found none left, as
-        many more as that burst missed (up to STAGED_MAX). A dir taken is replaced once no
-        Start has taken one for STAGE_DELAY (at once when none is left), and only while the
+        `staging` (outside `directory`, on its filesystem; see "Made ahead"), one at a time in
+        a worker thread. STAGED of them; after a burst of Starts that found none left, as many
+        more as that burst missed (up to STAGED_MAX). A dir taken is replaced once no Start
+        has taken one for STAGE_DELAY (at once when none is left), and only while the
         filesystem keeps a sixteenth of its inodes and blocks free (jobs' output comes
         first). What an earlier server left in `staging` is removed first, and what is
         staged when this ends. Staging that fails (a full disk, no descriptors) is retried
-        STAGE_RETRY later; `create` makes its own meanwhile."""
-        if not await trio.to_thread.run_sync(_open_staging, staging, self.directory):
-            log.info("%s is not on the filesystem of %s: new jobs make their output dirs at "
-                     "Start", staging, self.directory)
+        STAGE_RETRY later; `create` makes its own meanwhile. A `staging` on another
+        filesystem, or one that cannot be emptied, is not used: this returns at once."""
+        try:
+            usable = await trio.to_thread.run_sync(_open_staging, staging, self.directory)
+            why = f"it is not on the filesystem of {self.directory}"
+        except OSError as exc:
+            usable, why = False, str(exc)
+        if not usable:
+            log.info("no output dirs are made ahead in %s (%s): new jobs make theirs at Start",
+                     staging, why)
             task_status.started()
             return
         self._staging = staging
@@ -317,7 +325,6 @@ class OutputSpace:
                         continue
                     failing = False
                     self._staged.append(name)
-                    self.staged_count.value = len(self._staged)
                 self._staged_missed = 0
                 self._staged_taken = trio.Event()
                 self.staging_settled.value = True
@@ -326,7 +333,6 @@ class OutputSpace:
         finally:
             self._staging = None
             self._staged = []
-            self.staged_count.value = 0
             self.staging_settled.value = False
             with trio.CancelScope(shield=True):
                 try:
